@@ -1,0 +1,151 @@
+"""What every part does each iteration, whatever the algorithm.
+
+An algorithm is a class whose instance drives ONE part: it owns the part's module and optimizer
+and exposes two calls per iteration t, which any executor (one process, or one process per part)
+calls in this order for each part:
+
+    out = algo.forward(h_in, target, t)   # the play: h_in from part k-1, out goes to part k+1
+    delta_out = algo.backward(delta_in, t) # update; delta_out goes to part k-1
+
+``expects_delta(t)`` / ``sends_delta(t)`` tell the executor whether a delta message flows at
+iteration t, so that both ends of a link agree on the message count without talking. Deltas are
+FIFO per link: the executor hands part k the oldest delta part k+1 sent it that it has not used.
+That single rule gives Features Replay its one-iteration delay (part k+1's delta of iteration t is
+used by part k at t+1) and plain backprop its zero delay (used in the same iteration), because
+the executors run backward from the last part to the first.
+
+Algorithms know nothing of configs, processes, devices of other parts or logging.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class ForwardResult:
+    """What a part's forward returns: the activation for the next part, or (last part) the loss
+    value and the logits, detached, for metrics."""
+    output: Optional[Tensor] = None
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+
+
+def step_seed(seed: int, step: int, part_index: int) -> int:
+    """The RNG seed of part k's forward of sample `step`.
+
+    Seeding every forward from (run seed, sample, part) makes dropout/drop-path masks identical
+    in the play and the replay of a sample, identical whether the parts share a process or not,
+    and identical after a resume, without storing any RNG state.
+    """
+    return (seed * 1_000_003 + step * 131 + part_index) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the CPU (and this CUDA device's) generator seeded, then restore them."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[devices[0]].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm in train mode (batch statistics) without updating running statistics.
+
+    Turning ``track_running_stats`` off makes BatchNorm pass no running buffers to the kernel, so
+    the output is the same batch-statistics normalisation and nothing is accumulated.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+class PartAlgorithm:
+    """Shared mechanics of one part: its module, optimizer, loss and RNG seeding."""
+
+    #: True when part k needs part k+1's delta of the SAME iteration (plain backprop).
+    synchronous: bool = False
+
+    def __init__(self, part: nn.Module, optimizer: torch.optim.Optimizer, *, index: int,
+                 num_parts: int, device: torch.device, loss_fn: LossFn, seed: int = 0,
+                 **options: Any) -> None:
+        self.part = part
+        self.optimizer = optimizer
+        self.index = index  # 0-based: part k of the paper is index k-1
+        self.num_parts = num_parts
+        self.device = device
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.is_first = index == 0
+        self.is_last = index == num_parts - 1
+        if options:
+            raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
+
+    # -- the iteration API (see module docstring)
+    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+        raise NotImplementedError
+
+    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def expects_delta(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def sends_delta(self, step: int) -> bool:
+        raise NotImplementedError
+
+    @property
+    def staleness(self) -> int:
+        """How many iterations old the sample is that this part's gradient is computed on."""
+        return 0
+
+    @property
+    def history_length(self) -> int:
+        """Inputs this part keeps between iterations."""
+        return 0
+
+    # -- helpers for subclasses
+    def _run(self, h_in: Tensor, sample_step: int) -> Tensor:
+        """The part's forward on `h_in` with the RNG of sample `sample_step`."""
+        with seeded(step_seed(self.seed, sample_step, self.index), self.device):
+            return self.part(h_in)
+
+    def _last_part_forward(self, h_in: Tensor, target: Tensor, step: int) -> ForwardResult:
+        """The last part computes the loss with a graph and keeps it for backward()."""
+        self._input = h_in.detach().requires_grad_(not self.is_first)
+        logits = self._run(self._input, step)
+        self._loss = self.loss_fn(logits, target)
+        return ForwardResult(loss=self._loss.detach(), logits=logits.detach())
+
+    def _apply_update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpointing of what the algorithm carries between iterations
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} carries no state, got {sorted(state)}")
+
+
+def tensors_to(items: Sequence[Any], device: torch.device) -> List[Any]:
+    return [t.to(device) if isinstance(t, Tensor) else t for t in items]

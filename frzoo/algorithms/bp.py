@@ -1,0 +1,46 @@
+"""Plain backprop over the same parts: the exact-gradient baseline (naive model parallelism)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..registry import register_algorithm
+from .base import ForwardResult, PartAlgorithm
+
+
+@register_algorithm("bp")
+class Backprop(PartAlgorithm):
+    """Each part keeps its graph and backpropagates the delta of the same iteration.
+
+    Over K parts this computes exactly what one training loop over the unsplit model computes;
+    the parts just wait for each other (forward and backward locked).
+    """
+
+    synchronous = True
+
+    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+        if self.is_last:
+            assert target is not None
+            return self._last_part_forward(h_in, target, step)
+        self._input = h_in.detach().requires_grad_(not self.is_first)
+        self._output = self._run(self._input, step)
+        return ForwardResult(output=self._output.detach())
+
+    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+        if self.is_last:
+            self._loss.backward()
+        else:
+            self._output.backward(delta)
+        grad_in = None if self.is_first else self._input.grad
+        self._apply_update()
+        del self._input  # drop the graph now, not at the next forward
+        self.__dict__.pop("_output", None)
+        self.__dict__.pop("_loss", None)
+        return grad_in
+
+    def expects_delta(self, step: int) -> bool:
+        return not self.is_last
+
+    def sends_delta(self, step: int) -> bool:
+        return not self.is_first

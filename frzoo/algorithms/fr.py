@@ -1,0 +1,106 @@
+"""Features Replay (Huo, Gu, Huang, NeurIPS 2018), Algorithm 1, for one part.
+
+Part k of K (paper numbering) at iteration t:
+  play    forward the fresh input h^t_{k-1} WITHOUT a graph, keep only that input (history);
+  replay  forward the input of iteration t-(K-k) again, with the CURRENT weights w^t_k;
+  backward the delta part k+1 sent at iteration t-1 through the replay; the gradient w.r.t. the
+          replayed input (taken at w^t, before the update) goes to part k-1 for iteration t+1;
+  update  w^{t+1}_k = w^t_k - lr * g^t_k.
+The last part (k = K, staleness 0) is ordinary backprop of the loss on the current sample.
+See shared/docs/ALGORITHM.md for the index check and the authors' unstated details.
+"""
+from __future__ import annotations
+
+from collections import deque
+from contextlib import nullcontext
+from typing import Any, Deque, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..registry import register_algorithm
+from .base import ForwardResult, PartAlgorithm, frozen_bn_stats
+
+
+@register_algorithm("fr")
+class FeaturesReplay(PartAlgorithm):
+    """One part under Features Replay.
+
+    Options:
+      warmup: 'skip'  (authors' code) the part makes no update while no stale sample exists,
+                      i.e. for its first K-k iterations;
+              'zeros' (paper) those iterations replay a zero input with a zero delta: the loss
+                      gradient is exactly zero, so the step applies only weight decay/momentum.
+                      The zero replay itself is not run (its gradient is known to be zero and it
+                      would feed zeros into BatchNorm's running statistics).
+      replay_bn: 'once'  running BatchNorm statistics are updated by the play only;
+                 'twice' by the play and the replay (authors' code).
+    """
+
+    def __init__(self, *args: Any, warmup: str = "skip", replay_bn: str = "once",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if warmup not in ("skip", "zeros") or replay_bn not in ("once", "twice"):
+            raise ValueError(f"bad option warmup={warmup!r} replay_bn={replay_bn!r}")
+        self.warmup = warmup
+        self.replay_bn = replay_bn
+        self.delay = self.num_parts - 1 - self.index  # K - k: how stale this part's gradient is
+        self.history: Deque[Tuple[int, Tensor]] = deque()  # (iteration, input), oldest first
+
+    @property
+    def staleness(self) -> int:
+        return self.delay
+
+    @property
+    def history_length(self) -> int:
+        return self.delay + 1 if not self.is_last else 0
+
+    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+        if self.is_last:
+            assert target is not None
+            return self._last_part_forward(h_in, target, step)
+        self.history.append((step, h_in))  # the only thing the play keeps
+        with torch.no_grad():
+            return ForwardResult(output=self._run(h_in, step))
+
+    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+        """The Features Replay step of this part at iteration `step`."""
+        if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
+            self._loss.backward()
+            grad_in = None if self.is_first else self._input.grad
+            self._apply_update()
+            del self._input, self._loss
+            return grad_in
+
+        stale_step = step - self.delay  # the sample whose delta arrived: t - (K - k)
+        if stale_step < 0:  # warm-up: no stale sample exists yet
+            if self.warmup == "zeros":
+                for p in self.part.parameters():
+                    p.grad = torch.zeros_like(p)
+                self._apply_update()
+            return None
+
+        sample_step, h_stale = self.history.popleft()
+        assert sample_step == stale_step, (sample_step, stale_step)  # history is in step order
+        h_stale.requires_grad_(not self.is_first)  # its play ran without a graph: a fresh leaf
+        bn_policy = frozen_bn_stats(self.part) if self.replay_bn == "once" else nullcontext()
+        with bn_policy:
+            replayed = self._run(h_stale, sample_step)  # current weights, the play's RNG masks
+        replayed.backward(delta)  # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1
+        grad_in = None if self.is_first else h_stale.grad  # taken at w^t, before the update
+        self._apply_update()
+        return grad_in
+
+    def expects_delta(self, step: int) -> bool:
+        return not self.is_last and step - self.delay >= 0
+
+    def sends_delta(self, step: int) -> bool:
+        return not self.is_first and step - self.delay >= 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"history_steps": [s for s, _ in self.history],
+                "history": [h.detach().cpu() for _, h in self.history]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history = deque((int(s), h.to(self.device))
+                             for s, h in zip(state["history_steps"], state["history"]))

@@ -1,0 +1,164 @@
+"""From a resolved recipe to runnable parts: model, partition, devices, optimizers, algorithms.
+
+Each step reads only its own recipe section. The split is checked against the whole model
+before anything trains (see :func:`frzoo.partition.check_equivalence`).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from . import algorithms as _algorithms  # noqa: F401  (registers bp, fr)
+from .algorithms.base import PartAlgorithm
+from .data import DataInfo
+from .errors import FrzooError
+from .models import create_model, load_init_checkpoint
+from .optim import build_optimizer, part_lr_scales
+from .partition import (EquivalenceReport, Part, Partition, build_parts, check_equivalence,
+                        resolve_partition)
+from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
+
+
+@dataclass
+class Job:
+    """Everything a trainer or a planner needs, built once from a recipe."""
+    model: nn.Module
+    partition: Partition
+    parts: List[Part]
+    devices: List[torch.device]
+    report: EquivalenceReport
+    algorithms: List[PartAlgorithm]
+    lr_scales: List[float]
+
+
+def load_plugins(names: Sequence[str]) -> None:
+    for name in names:
+        load_plugin(name)
+
+
+def available_devices() -> List[str]:
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+def resolve_devices(devices: Optional[Sequence[str]], num_parts: int) -> List[torch.device]:
+    """One device per part; every device must exist here."""
+    if devices is None:
+        return [torch.device("cpu")] * num_parts
+    devices = list(devices)
+    if len(devices) != num_parts:
+        raise FrzooError(f"devices lists {len(devices)} devices ({', '.join(devices)}) but the "
+                         f"split has {num_parts} parts; give exactly one device per part.")
+    here = available_devices()
+    out = []
+    for name in devices:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise FrzooError(f"device '{name}' is not a device name; available here: "
+                             f"{', '.join(here)}.") from None
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", 0)
+        if str(dev) not in here:
+            raise FrzooError(f"device '{name}' does not exist on this machine; available here: "
+                             f"{', '.join(here)}.")
+        out.append(dev)
+    return out
+
+
+def _accepts(fn: Any, key: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == key or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def model_kwargs(cfg_model: DictConfig, info: DataInfo) -> Dict[str, Any]:
+    """The recipe's kwargs, with num_classes / in_chans taken from the data when not given."""
+    kwargs = dict(cfg_model.kwargs)
+    builder = ARCHITECTURES.get(cfg_model.name) if cfg_model.name in ARCHITECTURES else None
+    for key, value in (("num_classes", info.num_classes), ("in_chans", info.channels)):
+        if key not in kwargs and (builder is None or _accepts(builder, key)):
+            kwargs[key] = value
+    return kwargs
+
+
+def build_model(cfg_model: DictConfig, info: DataInfo, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # every process builds the same initial weights
+    model = create_model(cfg_model.name, model_kwargs(cfg_model, info))
+    if cfg_model.init_checkpoint:
+        load_init_checkpoint(model, cfg_model.init_checkpoint)
+    return model
+
+
+def num_parts_requested(cfg: DictConfig) -> Optional[int]:
+    """K as the split section gives it, or the number of devices when the split says nothing."""
+    split = cfg.split
+    if split.parts is not None:
+        return len(split.parts)
+    if split.points is not None:
+        return len(split.points) + 1
+    if split.k is not None:
+        return split.k
+    return len(cfg.devices) if cfg.devices is not None else None
+
+
+def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
+    split = cfg.split
+    k = num_parts_requested(cfg)
+    presets = SPLIT_PRESETS.get(cfg.model.name) if cfg.model.name in SPLIT_PRESETS else None
+    return resolve_partition(
+        model, cfg.model.name,
+        points=list(split.points) if split.points is not None else None,
+        parts=[list(p) for p in split.parts] if split.parts is not None else None,
+        k=k, presets=presets)
+
+
+def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True) -> Job:
+    """Model -> partition -> equivalence check -> parts on devices -> one algorithm per part."""
+    load_plugins(cfg.plugins)
+    model = build_model(cfg.model, info, cfg.train.seed)
+    partition = build_partition(model, cfg)
+    parts = build_parts(model, partition)
+    sample = torch.randn(2, info.channels, info.image_size, info.image_size,
+                         generator=torch.Generator().manual_seed(cfg.train.seed))
+    report = check_equivalence(model, parts, sample) if check else EquivalenceReport()
+    if check and not report.exact:
+        bad = report.first_bad_part()
+        where = (report.problem if report.problem else
+                 f"part {bad + 1} ({parts[bad].names[0]} .. {parts[bad].names[-1]}) differs by "
+                 f"up to {report.max_abs_diff[bad]:.3g}")
+        raise FrzooError(
+            f"the split parts of '{cfg.model.name}' do not compute what the whole model "
+            f"computes: {where}. Its forward is probably not a chain of its children (functional "
+            f"code or root-owned parameters between them); cut elsewhere, or train it unsplit.")
+    devices = resolve_devices(cfg.devices, partition.num_parts)
+    scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
+    algo_cls = ALGORITHMS.get(cfg.algorithm.name)
+    options = {k: v for k, v in cfg.algorithm.items() if k != "name"}
+    algos: List[PartAlgorithm] = []
+    for index, (part, device) in enumerate(zip(parts, devices)):
+        part.to(device).train()
+        optimizer = build_optimizer(part.parameters(), cfg.optimizer)
+        algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
+                                     device, cfg.train.seed, options))
+    return Job(model, partition, parts, devices, report, algos, scales)
+
+
+def _make_algorithm(cls: Any, part: Part, optimizer: torch.optim.Optimizer, index: int,
+                    num_parts: int, device: torch.device, seed: int,
+                    options: Dict[str, Any]) -> PartAlgorithm:
+    # Pass each algorithm only the options it names (fr takes warmup/replay_bn, bp takes none).
+    named = inspect.signature(cls.__init__).parameters
+    accepted = {k: v for k, v in options.items()
+                if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
+    return cls(part, optimizer, index=index, num_parts=num_parts, device=device,
+               loss_fn=torch.nn.functional.cross_entropy, seed=seed, **accepted)

@@ -1,0 +1,109 @@
+"""Save and restore a run, and export the trained model in its own parameter names.
+
+A checkpoint holds everything the next iteration depends on: per part the weights, optimizer
+state and the algorithm's carried state (Features Replay's history), the deltas in flight
+between parts, the step and the data position. RNG state is not needed: dropout masks and
+augmentation are seeded from (seed, step) (see frzoo.algorithms.base.step_seed and frzoo.data).
+Files are written to a temporary name and renamed, so a killed run keeps its last complete one.
+Loading never executes code from the file (``weights_only=True``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from .algorithms.base import PartAlgorithm
+from .config import recipe_diff
+from .errors import FrzooError
+from .partition import original_key
+
+FORMAT_VERSION = 1
+# Recipe keys that may change between a run and its resumption without changing the maths.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
+                     "train.checkpoint_every", "train.threads", "train.progress", "run.",
+                     "logging.", "devices", "data.root", "data.download", "data.num_workers",
+                     "data.eval_batch_size", "data.limit_test", "plugins", "executor")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_file(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise FrzooError(f"checkpoint '{path}' does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
+        raise FrzooError(f"checkpoint '{path}' is unreadable ({str(exc).splitlines()[0]}); "
+                         f"it may be truncated or not a frzoo checkpoint.") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise FrzooError(f"checkpoint '{path}' is not a frzoo checkpoint of format "
+                         f"{FORMAT_VERSION}.")
+    return state
+
+
+def checkpoint_state(*, recipe: Dict[str, Any], partition: List[List[str]],
+                     algorithms: Sequence[PartAlgorithm], executor_state: Dict[str, Any],
+                     progress: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "recipe": recipe,
+        "partition": partition,
+        "progress": progress,  # step, epoch, batch (next to run), best accuracy ...
+        "parts": [{"model": a.part.state_dict(), "optimizer": a.optimizer.state_dict(),
+                   "algorithm": a.state_dict()} for a in algorithms],
+        "executor": executor_state,
+    }
+
+
+def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
+                     partition: List[List[str]], path: Path) -> None:
+    """Refuse to resume with a different model, split, algorithm or data, saying what differs."""
+    diff = {k: v for k, v in recipe_diff(state["recipe"], recipe).items()
+            if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)}
+    if state["partition"] != partition:
+        diff["partition"] = (state["partition"], partition)
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, b_a in
+                          list(diff.items())[:6] for a, b in [b_a])
+        raise FrzooError(f"cannot resume from '{path}': it was made with a different recipe "
+                         f"({lines}). Resume with the run's own recipe ({path.parent.parent}/"
+                         f"recipe.yaml) or start a new run.")
+
+
+def restore(state: Dict[str, Any], algorithms: Sequence[PartAlgorithm]) -> None:
+    for algo, part_state in zip(algorithms, state["parts"]):
+        algo.part.load_state_dict(part_state["model"])
+        algo.optimizer.load_state_dict(part_state["optimizer"])
+        algo.load_state_dict(part_state["algorithm"])
+
+
+def export_state_dict(parts_states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Merge per-part states (already in original names) into one CPU state_dict."""
+    out: Dict[str, torch.Tensor] = {}
+    for state in parts_states:
+        for key, value in state.items():
+            out[key] = value.detach().cpu().clone()
+    return out
+
+
+def export_from_checkpoint(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model's state_dict in its own parameter names, from a frzoo checkpoint."""
+    return {original_key(names, key): value
+            for names, part in zip(state["partition"], state["parts"])
+            for key, value in part["model"].items()}

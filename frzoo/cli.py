@@ -1,0 +1,184 @@
+"""`frzoo run | plan | models | eval | export`.
+
+Errors that are the user's to fix (FrzooError) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from .errors import FrzooError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # frzoo never fetches weights: fail fast, not in 47 s
+
+
+def _split_args(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """RECIPE is the first argument that is not a dotted.key=value override."""
+    recipe = None
+    overrides = []
+    for item in items:
+        if "=" not in item and recipe is None:
+            recipe = item
+        else:
+            overrides.append(item)
+    return recipe, overrides
+
+
+def _load(items: Sequence[str], resume: Optional[str] = None):
+    from .config import load_recipe
+    recipe, overrides = _split_args(items)
+    if recipe is None and resume:
+        recipe = str(Path(resume) / "recipe.yaml")
+    if recipe is None:
+        raise FrzooError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR.")
+    return recipe, load_recipe(recipe, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+    from .trainer import train
+    recipe_path, cfg = _load(args.args, args.resume)
+    resume = args.resume or cfg.run.resume
+    if resume:
+        out_dir = Path(resume)
+    elif cfg.run.out_dir:
+        out_dir = Path(cfg.run.out_dir)
+    else:
+        out_dir = Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = OmegaConf.merge(cfg, {"run": {"out_dir": str(out_dir), "resume": None}})
+    print(f"frzoo: training {cfg.model.name} with '{cfg.algorithm.name}' into {out_dir}",
+          file=sys.stderr)
+    summary = train(cfg, out_dir, resume=bool(resume),
+                    echo=lambda msg: print(f"frzoo: {msg}", file=sys.stderr))
+    acc = summary.get("final_test_acc1")
+    print(f"done: {summary['steps']} steps, {summary['train_seconds']:.1f} s training, "
+          f"{summary['images_per_s']:.0f} img/s, test acc {acc:.2f}% (best "
+          f"{summary['best_test_acc1']:.2f}%), outputs in {out_dir}" if acc is not None else
+          f"stopped after {summary['steps']} steps; outputs in {out_dir}")
+    return 130 if summary.get("interrupted") else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+    from .build import build_job
+    from .data import build_data
+    from .partition import all_cut_points
+    from .trainer import partition_table
+    _, cfg = _load(args.args)
+    print("# resolved recipe")
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info)
+    if args.points:
+        print("# valid split points, in execution order")
+        print("\n".join(all_cut_points(job.model)))
+        print()
+    rows = partition_table(job)
+    print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}")
+    header = f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} {'history':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        names = row["modules"]
+        label = ("<whole model>" if names == [""] else
+                 names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})")
+        shape = "x".join(map(str, row["output_shape"] or [])) or "?"
+        print(f"{row['part']:>4}  {label:<44} {row['params']:>11,}  {shape:<18} "
+              f"{row['device']:<8} {row['history']:>7}")
+    diffs = ", ".join(f"{d:g}" for d in job.report.max_abs_diff)
+    print(f"\nsplit check: the chained parts equal the whole model exactly "
+          f"(max |diff| per part: {diffs}; eval mode, random input)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+    from .registry import ARCHITECTURES
+    names = list_models(args.pattern)
+    for name in names:
+        print(f"{name}  [{ARCHITECTURES.origin(name)}]" if name in ARCHITECTURES else name)
+    print(f"# {len(names)} models", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from .build import build_job
+    from .checkpoint import load_file
+    from .config import load_recipe
+    from .data import build_data
+    from .executors import LocalExecutor
+    from .trainer import checkpoint_path, evaluate
+    run_dir = Path(args.run_dir)
+    cfg = load_recipe(run_dir / "recipe.yaml", args.overrides)
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info)
+    weights = Path(args.weights) if args.weights else run_dir / "final.pt"
+    if weights.exists():
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        job.model.load_state_dict(state)
+    else:
+        from .checkpoint import restore
+        restore(load_file(checkpoint_path(run_dir)), job.algorithms)
+    print(json.dumps(evaluate(LocalExecutor(job.algorithms), data), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_save, export_from_checkpoint, load_file
+    from .trainer import checkpoint_path
+    run_dir = Path(args.run_dir)
+    state = load_file(checkpoint_path(run_dir))
+    out = Path(args.output) if args.output else run_dir / "final.pt"
+    atomic_save(export_from_checkpoint(state), out)
+    print(f"wrote {out} (step {state['progress']['step']}; load it with "
+          f"timm.create_model('{state['recipe']['model']['name']}', ...).load_state_dict)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frzoo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train a recipe")
+    p.add_argument("args", nargs="*", metavar="RECIPE [key=value ...]")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("plan", help="print the resolved recipe and partition; train nothing")
+    p.add_argument("args", nargs="+", metavar="RECIPE [key=value ...]")
+    p.add_argument("--points", action="store_true", help="also list every valid split point")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("models", help="list architectures (timm's and plugins')")
+    p.add_argument("pattern", nargs="?", help="substring or glob, e.g. 'resnet*'")
+    p.set_defaults(fn=cmd_models)
+    p = sub.add_parser("eval", help="evaluate a run's final.pt (or last checkpoint) on its test set")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--weights", help="a state_dict file to evaluate instead of RUN_DIR/final.pt")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write a run's last checkpoint as a state_dict in the "
+                                      "model's own parameter names")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", help="file to write (default RUN_DIR/final.pt)")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except FrzooError as exc:
+        print(f"frzoo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("frzoo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Create a model by name: registered plugin architectures first, then timm."""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import FrzooError
+from .registry import ARCHITECTURES, suggest
+
+
+def list_models(pattern: Optional[str] = None) -> List[str]:
+    """Registered architectures and timm's, sorted, optionally filtered by a glob pattern."""
+    import timm
+    names = sorted(set(ARCHITECTURES.names()) | set(timm.list_models()))
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, glob)]
+    return names
+
+
+def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Build ``name`` with ``kwargs``. Unknown names suggest the closest known ones."""
+    kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}  # as timm: None = default
+    if kwargs.get("pretrained"):
+        raise FrzooError("model.kwargs.pretrained=true needs a model hub, which frzoo does not "
+                         "contact; download the weights yourself and set model.init_checkpoint.")
+    if name in ARCHITECTURES:
+        builder = ARCHITECTURES.get(name)
+    else:
+        import timm
+        if not timm.is_model(name):
+            raise FrzooError(f"unknown model '{name}'.{suggest(name, list_models(), n=5)} "
+                             f"List models with `frzoo models PATTERN`.")
+        builder = lambda **kw: timm.create_model(name, pretrained=False, **kw)  # noqa: E731
+    try:
+        return builder(**kwargs)
+    except TypeError as exc:
+        raise FrzooError(f"model '{name}' rejected model.kwargs {kwargs}: {exc}") from exc
+
+
+def load_init_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state_dict in the model's own parameter names, without executing pickled code."""
+    file = Path(path)
+    if not file.is_file():
+        raise FrzooError(f"model.init_checkpoint '{path}' does not exist.")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise FrzooError(f"model.init_checkpoint '{path}' could not be read as a weights-only "
+                         f"checkpoint: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FrzooError(f"model.init_checkpoint '{path}' holds a {type(state).__name__}, "
+                         f"not a state_dict.")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FrzooError(
+            f"model.init_checkpoint '{path}' does not match the model: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}).")

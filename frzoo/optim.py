@@ -1,0 +1,63 @@
+"""Per-part optimizers and the learning-rate schedule.
+
+The schedule is a pure function of the global step, so resuming needs no scheduler state and
+every part (in any process) computes the same rate for the same step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from .errors import RecipeError
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+    """One optimizer for one part's parameters (the authors' code uses one per part too)."""
+    params = list(params)
+    if cfg.name == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        if len(cfg.betas) != 2:
+            raise RecipeError(f"optimizer.betas={list(cfg.betas)} must have two values.")
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    raise RecipeError(f"optimizer.name={cfg.name!r} is not one of sgd, adamw.")
+
+
+def lr_multiplier(step: int, steps_per_epoch: int, total_steps: int, cfg: DictConfig) -> float:
+    """Factor on the base lr at `step` (0-based), from the `optimizer.schedule` section."""
+    epoch = step / max(steps_per_epoch, 1)
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "multistep":
+        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+    if cfg.name == "cosine":
+        start = cfg.warmup_epochs * steps_per_epoch
+        progress = min(1.0, (step - start) / max(total_steps - start, 1))
+        floor = cfg.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise RecipeError(f"optimizer.schedule.name={cfg.name!r} is not one of constant, multistep, cosine.")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def part_lr_scales(scales: Optional[Iterable[float]], num_parts: int) -> list:
+    if scales is None:
+        return [1.0] * num_parts
+    scales = list(scales)
+    if len(scales) != num_parts:
+        raise RecipeError(f"optimizer.part_lr_scale has {len(scales)} values but the split has "
+                          f"{num_parts} parts; give one multiplier per part (e.g. "
+                          f"{[2.0] + [1.0] * (num_parts - 1)}).")
+    return [float(s) for s in scales]

@@ -1,0 +1,3 @@
+"""The zoo: frzoo's own plugin (architectures, split presets), written against the public API."""
+
+from . import cifar_resnet  # noqa: F401  (registers the cifar_resnet* architectures)

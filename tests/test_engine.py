@@ -1,0 +1,276 @@
+"""The engine against references that cannot drift.
+
+- Features Replay with K=1 is plain backprop, bit for bit.
+- Plain backprop over K parts is one training loop over the unsplit model, bit for bit.
+- Features Replay with K=3 is Algorithm 1 of the paper, re-implemented here from
+  shared/docs/ALGORITHM.md without any frzoo engine code, bit for bit.
+- History lengths, warm-up policies, BatchNorm replay policies, dropout masks in the replay.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frzoo.algorithms import ForwardResult
+from frzoo.algorithms.bp import Backprop
+from frzoo.algorithms.fr import FeaturesReplay
+from frzoo.executors import LocalExecutor
+from frzoo.partition import Part
+
+torch.use_deterministic_algorithms(True)
+
+
+def tiny_model(dropout: float = 0.0) -> nn.Sequential:
+    """Conv/BN/ReLU blocks and a classifier: six chain entries, so K=1..3 cut anywhere."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Dropout(dropout),
+        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Linear(16, 5),
+    )
+
+
+CUTS = {1: [[0, 1, 2, 3, 4, 5]], 2: [[0, 1, 2], [3, 4, 5]], 3: [[0, 1], [2, 3], [4, 5]]}
+
+
+def batches(n: int, batch: int = 6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 5, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def optimizer(params, lr=0.05) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def make_executor(model: nn.Sequential, k: int, algo_cls, lr=0.05, **options) -> LocalExecutor:
+    algos = []
+    for index, ids in enumerate(CUTS[k]):
+        part = Part([str(i) for i in ids], [model[i] for i in ids])
+        algos.append(algo_cls(part, optimizer(part.parameters(), lr), index=index, num_parts=k,
+                              device=torch.device("cpu"), loss_fn=F.cross_entropy, seed=0,
+                              **options))
+    return LocalExecutor(algos)
+
+
+def train(executor: LocalExecutor, data) -> List[float]:
+    return [float(executor.train_step(x, y, t).loss) for t, (x, y) in enumerate(data)]
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+
+
+def test_fr_with_one_part_is_backprop_bit_for_bit():
+    data = batches(5)
+    a, b = tiny_model(), tiny_model()
+    loss_a = train(make_executor(a, 1, FeaturesReplay), data)
+    loss_b = train(make_executor(b, 1, Backprop), data)
+    assert loss_a == loss_b
+    assert_same_weights(a, b)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_bp_over_parts_is_one_training_loop_bit_for_bit(k):
+    data = batches(5)
+    split, whole = tiny_model(), tiny_model()
+    losses = train(make_executor(split, k, Backprop), data)
+    opt = optimizer(whole.parameters())
+    plain = []
+    for x, y in data:
+        loss = F.cross_entropy(whole(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        plain.append(loss.item())
+    assert losses == plain
+    assert_same_weights(split, whole)
+
+
+def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str) -> List[float]:
+    """Features Replay as ALGORITHM.md states it, written plainly (warm-up: skip)."""
+    chunks = [nn.Sequential(*[model[i] for i in ids]) for ids in CUTS[k_parts]]
+    opts = [optimizer(c.parameters()) for c in chunks]
+    K = k_parts
+    history: List[List[torch.Tensor]] = [[] for _ in range(K)]
+    delta_from_above = [None] * K  # delta for part k sent at iteration t-1
+    losses = []
+    for t, (x, y) in enumerate(data):
+        # play: forward-locked, no graph in parts 1..K-1, each keeps its input
+        h = x
+        for k in range(K - 1):
+            history[k].append(h)
+            with torch.no_grad():
+                h = chunks[k](h)
+        h_last = h.clone().requires_grad_(K > 1)
+        loss = F.cross_entropy(chunks[K - 1](h_last), y)
+        losses.append(loss.item())
+        sent = [None] * K
+        # part K: ordinary backprop on sample t
+        loss.backward()
+        if K > 1:
+            sent[K - 2] = h_last.grad
+        opts[K - 1].step()
+        opts[K - 1].zero_grad(set_to_none=True)
+        # parts k < K: replay the input of iteration t-(K-k) with the current weights
+        for k in range(K - 1):
+            delay = K - 1 - k
+            if t - delay < 0:
+                continue  # warm-up (authors' code): no update yet
+            h_old = history[k].pop(0).clone().requires_grad_(k > 0)
+            saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                     for m in chunks[k].modules() if isinstance(m, nn.BatchNorm2d)]
+            out = chunks[k](h_old)
+            out.backward(delta_from_above[k])
+            if replay_bn == "once":  # undo the replay's running-statistics update
+                for m, mean, var, n in saved:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(n)
+            if k > 0:
+                sent[k - 1] = h_old.grad
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        delta_from_above = sent
+    return losses
+
+
+@pytest.mark.parametrize("replay_bn", ["once", "twice"])
+def test_fr_k3_is_algorithm_1_bit_for_bit(replay_bn):
+    data = batches(8)  # warm-up of part 1 is 2 iterations; 6 more in steady state
+    ours, reference = tiny_model(), tiny_model()
+    losses = train(make_executor(ours, 3, FeaturesReplay, replay_bn=replay_bn), data)
+    assert losses == algorithm1(reference, data, 3, replay_bn)
+    assert_same_weights(ours, reference)
+
+
+def test_fr_differs_from_bp_once_staleness_starts():
+    data = batches(4)
+    a, b = tiny_model(), tiny_model()
+    fr = train(make_executor(a, 2, FeaturesReplay), data)
+    bp = train(make_executor(b, 2, Backprop), data)
+    assert fr[0] == bp[0]  # same initial weights, same first forward
+    assert fr[2:] != bp[2:]
+
+
+def test_history_lengths_and_deltas_in_flight():
+    ex = make_executor(tiny_model(), 3, FeaturesReplay)
+    peaks = [0, 0, 0]
+    for t, (x, y) in enumerate(batches(6)):
+        h = x
+        for algo in ex.algorithms:  # play by hand to observe the history at its peak
+            res = algo.forward(h, y if algo.is_last else None, t)
+            h = res.output
+        for i, algo in enumerate(ex.algorithms):
+            if not algo.is_last:
+                peaks[i] = max(peaks[i], len(algo.history))
+        for k in reversed(range(3)):
+            algo = ex.algorithms[k]
+            delta = ex.mailboxes[k].popleft() if algo.expects_delta(t) else None
+            g = algo.backward(delta, t)
+            if algo.sends_delta(t):
+                ex.mailboxes[k - 1].append(g)
+        assert [len(a.history) for a in ex.algorithms[:2]] == [min(t + 1, 2), min(t + 1, 1)]
+    # part k keeps K-k+1 inputs at its peak (K for part 1); the last part keeps none
+    assert peaks[:2] == [3, 2]
+    assert [a.history_length for a in ex.algorithms] == [3, 2, 0]
+    assert [a.staleness for a in ex.algorithms] == [2, 1, 0]
+    # between iterations, each link holds exactly one delta (sent at t, used at t+1)
+    assert [len(b) for b in ex.mailboxes] == [1, 1, 0]
+
+
+def test_warmup_skip_makes_no_update_until_a_stale_sample_exists():
+    model = tiny_model()
+    ex = make_executor(model, 3, FeaturesReplay, warmup="skip")
+    first = [p.detach().clone() for p in ex.algorithms[0].part.parameters()]
+    for t, (x, y) in enumerate(batches(3)):
+        ex.train_step(x, y, t)
+        now = [p.detach() for p in ex.algorithms[0].part.parameters()]
+        unchanged = all(torch.equal(a, b) for a, b in zip(first, now))
+        assert unchanged == (t < 2), t  # part 1 of 3 first updates at iteration 2
+
+
+def test_warmup_zeros_applies_a_zero_gradient_step():
+    model = tiny_model()
+    ex = make_executor(model, 2, FeaturesReplay, warmup="zeros")
+    before = [p.detach().clone() for p in ex.algorithms[0].part.parameters()]
+    x, y = batches(1)[0]
+    ex.train_step(x, y, 0)
+    after = list(ex.algorithms[0].part.parameters())
+    # SGD on a zero loss gradient: only weight decay acts (first step, momentum buffer = grad)
+    lr, wd = 0.05, 5e-4
+    for b, a in zip(before, after):
+        g = wd * b
+        expected = b - lr * (g + 0.9 * g)  # nesterov: g + momentum * buf, buf = g
+        assert torch.equal(a.detach(), expected)
+
+
+@pytest.mark.parametrize("policy,per_step", [("once", 1), ("twice", 2)])
+def test_replay_bn_policy_counts_running_stat_updates(policy, per_step):
+    model = tiny_model()
+    ex = make_executor(model, 2, FeaturesReplay, replay_bn=policy)
+    steps = 4
+    for t, (x, y) in enumerate(batches(steps)):
+        ex.train_step(x, y, t)
+    bn = model[0][1]
+    replays = steps - 1  # part 1 of 2 replays from iteration 1 on
+    assert int(bn.num_batches_tracked) == steps + (replays if per_step == 2 else 0)
+
+
+def test_replay_uses_the_dropout_masks_of_the_play():
+    model = tiny_model(dropout=0.5)
+    # lr=0: weights frozen, so a replay that reused the play's masks gives identical outputs
+    ex = make_executor(model, 2, FeaturesReplay, lr=0.0, replay_bn="once")
+    outputs: List[torch.Tensor] = []
+    handle = ex.algorithms[0].part.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    for t, (x, y) in enumerate(batches(3)):
+        ex.train_step(x, y, t)
+    handle.remove()
+    # calls: play(0), play(1), replay(0), play(2), replay(1)
+    assert torch.equal(outputs[0], outputs[2])
+    assert torch.equal(outputs[1], outputs[4])
+    assert not torch.equal(outputs[0], outputs[1])
+    # the masks really are random: zeros appear where dropout dropped
+    assert (outputs[0] == 0).float().mean() > 0.3
+
+
+def test_forward_result_of_last_part_has_loss_and_logits():
+    ex = make_executor(tiny_model(), 2, FeaturesReplay)
+    x, y = batches(1)[0]
+    res = ex.train_step(x, y, 0)
+    assert isinstance(res, ForwardResult) and res.logits.shape == (6, 5)
+    assert not res.loss.requires_grad
+
+
+def test_executor_state_roundtrip_continues_identically():
+    data = batches(7)
+    a = tiny_model()
+    ex_a = make_executor(a, 3, FeaturesReplay)
+    train(ex_a, data)
+    # run 4 steps, snapshot everything, rebuild from scratch, restore, run the rest
+    b = tiny_model()
+    ex_b = make_executor(b, 3, FeaturesReplay)
+    for t, (x, y) in enumerate(data[:4]):
+        ex_b.train_step(x, y, t)
+    snap = copy.deepcopy({"exec": ex_b.state_dict(),
+                          "parts": [(al.part.state_dict(), al.optimizer.state_dict(), al.state_dict())
+                                    for al in ex_b.algorithms]})
+    c = tiny_model()
+    ex_c = make_executor(c, 3, FeaturesReplay)
+    ex_c.load_state_dict(snap["exec"])
+    for al, (ps, os_, st) in zip(ex_c.algorithms, snap["parts"]):
+        al.part.load_state_dict(ps)
+        al.optimizer.load_state_dict(os_)
+        al.load_state_dict(st)
+    for t, (x, y) in enumerate(data[4:], start=4):
+        ex_c.train_step(x, y, t)
+    assert_same_weights(a, c)
