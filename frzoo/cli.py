@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from .errors import FrzooError
 
@@ -29,14 +29,13 @@ def _split_args(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     return recipe, overrides
 
 
-def _load(items: Sequence[str], resume: Optional[str] = None):
+def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]:
     from .config import load_recipe
     recipe, overrides = _split_args(items)
     if recipe is None and resume:
         recipe = str(Path(resume) / "recipe.yaml")
-    if recipe is None:
-        raise FrzooError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR.")
-    return recipe, load_recipe(recipe, overrides)
+    # No recipe file: the schema defaults plus the overrides (handy for quick experiments).
+    return recipe or "run", load_recipe(recipe, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -109,7 +109,7 @@ def _chain_including(model: nn.Module, names: Sequence[str]) -> List[str]:
         if name not in modules or name == "":
             raise FrzooError(f"split point '{name}' is not a module of {type(model).__name__}."
                              f"{suggest(name, valid)} {_list_valid(valid)}")
-        while name not in chain:
+        while name not in chain and not any(c.startswith(name + ".") for c in chain):
             owner = next((c for c in chain if name.startswith(c + ".")), None)
             if owner is None:  # a module that is not reachable through the chain
                 raise FrzooError(f"split point '{name}' is not on the model's forward chain. "
@@ -152,18 +152,25 @@ def partition_from_points(model: nn.Module, points: Sequence[str]) -> Partition:
     if not points:
         return Partition(((WHOLE_MODEL,),))
     chain = _chain_including(model, points)
-    positions = [chain.index(p) for p in points]
+    positions = [_position(chain, p) for p in points]
     valid = all_cut_points(model)
-    for prev, cur, name in zip([0] + positions, positions, points):
+    for i, (cur, name) in enumerate(zip(positions, points)):
         if cur == 0:
             raise FrzooError(f"split point '{name}' is the model's first module: the first part "
                              f"would be empty. {_list_valid(valid)}")
-        if cur <= prev and name != points[0]:
+        if i and cur <= positions[i - 1]:
             raise FrzooError(f"split points must be in execution order without repeats; "
                              f"'{name}' comes at or before the point before it "
                              f"(order given: {', '.join(points)}). {_list_valid(valid)}")
     bounds = [0] + positions + [len(chain)]
     return Partition(tuple(tuple(chain[a:b]) for a, b in zip(bounds, bounds[1:])))
+
+
+def _position(chain: List[str], name: str) -> int:
+    """Index of `name` in the chain; a container opened for a deeper point starts at its first child."""
+    if name in chain:
+        return chain.index(name)
+    return next(i for i, entry in enumerate(chain) if entry.startswith(name + "."))
 
 
 def partition_from_parts(model: nn.Module, parts: Sequence[Sequence[str]]) -> Partition:

@@ -1,0 +1,138 @@
+"""Split points -> parts, and the check that the parts compute what the whole model computes."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from frzoo.errors import FrzooError
+from frzoo.partition import (Partition, all_cut_points, build_parts, check_equivalence,
+                             partition_from_parts, partition_from_points, points_for_k)
+
+RESNETS = [
+    ("resnet18", ["layer2", "layer3.1", "layer4"]),
+    ("resnet10t", ["layer2"]),  # deep tiered stem (conv1 is a Sequential)
+    ("resnet26d", ["layer3.0", "layer3.1"]),  # avg-pool downsample shortcut
+    ("seresnet18", ["layer3"]),  # squeeze-excitation blocks
+    ("resnet50", ["layer2.1", "layer3.4", "layer4.2"]),  # bottleneck, K=4
+    ("test_resnet", ["layer3"]),
+]
+
+
+@pytest.mark.parametrize("name,points", RESNETS)
+def test_split_equals_whole_model(name, points):
+    model = timm.create_model(name, num_classes=7)
+    parts = build_parts(model, partition_from_points(model, points))
+    assert len(parts) == len(points) + 1
+    x = torch.randn(2, 3, 48, 48)
+    report = check_equivalence(model, parts, x)
+    assert report.exact, report
+    # and in train mode (BatchNorm batch statistics), chaining the parts by hand
+    model.train()
+    torch.manual_seed(0)
+    whole = model(x)
+    torch.manual_seed(0)
+    h = x
+    for part in parts:
+        h = part(h)
+    assert torch.equal(h, whole)
+
+
+def test_every_parameter_lands_in_exactly_one_part_and_export_keeps_names():
+    model = timm.create_model("resnet18", num_classes=3)
+    parts = build_parts(model, partition_from_points(model, ["layer3.1"]))
+    merged = {}
+    for part in parts:
+        merged.update(part.original_state_dict())
+    assert list(merged) == list(model.state_dict())
+    fresh = timm.create_model("resnet18", num_classes=3)
+    fresh.load_state_dict(merged)  # strict
+
+
+def test_explicit_parts_equal_points():
+    model = timm.create_model("test_resnet", num_classes=3)
+    by_points = partition_from_points(model, ["layer3"])
+    names = [list(p) for p in by_points.parts]
+    assert partition_from_parts(model, names) == by_points
+    with pytest.raises(FrzooError, match="missing: fc"):
+        partition_from_parts(model, [names[0], names[1][:-1]])
+    with pytest.raises(FrzooError, match="execution order"):
+        partition_from_parts(model, [names[1], names[0]])
+
+
+def test_unknown_point_suggests_close_names_and_lists_valid_ones():
+    model = timm.create_model("resnet18", num_classes=3)
+    with pytest.raises(FrzooError, match=r"'layer5' is not a module.*Did you mean: layer.*Valid points"):
+        partition_from_points(model, ["layer5"])
+
+
+def test_cut_inside_a_residual_block_is_refused_with_nearby_points():
+    model = timm.create_model("resnet18", num_classes=3)
+    with pytest.raises(FrzooError, match=r"inside 'layer3.1' \(BasicBlock\).*near it: .*layer3.1"):
+        partition_from_points(model, ["layer3.1.conv2"])
+
+
+def test_points_out_of_order_or_first_module_are_refused():
+    model = timm.create_model("resnet18", num_classes=3)
+    with pytest.raises(FrzooError, match="execution order"):
+        partition_from_points(model, ["layer3", "layer2"])
+    with pytest.raises(FrzooError, match="execution order"):
+        partition_from_points(model, ["layer3", "layer3"])
+    with pytest.raises(FrzooError, match="first part would be empty"):
+        partition_from_points(model, ["conv1"])
+
+
+def test_cut_points_are_listed_in_execution_order_at_every_depth():
+    model = timm.create_model("resnet18", num_classes=3)
+    points = all_cut_points(model)
+    assert points[:4] == ["bn1", "act1", "maxpool", "layer1"]
+    assert points.index("layer3") < points.index("layer3.0") < points.index("layer3.1") < points.index("layer4")
+    assert "layer3.1.conv1" not in points
+
+
+def test_k_rule_is_ceil_chunks_of_blocks():
+    model = timm.create_model("resnet18", num_classes=3)  # 8 blocks
+    assert points_for_k(model, 2) == ["layer3.0"]
+    assert points_for_k(model, 4) == ["layer2.0", "layer3.0", "layer4.0"]
+    with pytest.raises(FrzooError, match="only 8 blocks"):
+        points_for_k(model, 9)
+
+
+def test_model_whose_forward_is_not_a_chain_is_refused():
+    vit = timm.create_model("test_vit", num_classes=3)
+    with pytest.raises(FrzooError, match="outside the modules of its forward chain"):
+        build_parts(vit, partition_from_points(vit, ["blocks"]))
+
+
+def test_functional_code_between_children_is_caught_by_the_check():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) * 2)  # not a chain of children
+
+    model = Scaled()
+    parts = build_parts(model, partition_from_points(model, ["b"]))
+    report = check_equivalence(model, parts, torch.randn(3, 4))
+    assert not report.exact and report.first_bad_part() == 0
+
+
+def test_whole_model_partition_is_the_model_itself():
+    vit = timm.create_model("test_vit", num_classes=3)
+    parts = build_parts(vit, Partition((("",),)))
+    assert parts[0].blocks[0] is vit
+    assert check_equivalence(vit, parts, torch.randn(2, 3, 32, 32)).exact
+    assert list(parts[0].original_state_dict()) == list(vit.state_dict())
+
+
+def test_cut_before_a_container_and_inside_it():
+    model = timm.create_model("resnet18", num_classes=3)
+    partition = partition_from_points(model, ["layer3", "layer3.1"])
+    assert partition.parts[1] == ("layer3.0",)
+    assert partition.parts[2][0] == "layer3.1"
+    parts = build_parts(model, partition)
+    assert check_equivalence(model, parts, torch.randn(2, 3, 32, 32)).exact
