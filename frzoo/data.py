@@ -32,9 +32,12 @@ split must be the same for every run. It returns a :class:`DatasetSplits` (or th
   tensor (``uint8`` or float in [0, 1]) of one fixed size and ``label`` an int. Use this for data
   that does not fit in memory; ``data.num_workers`` then decodes in parallel.
 
-frzoo then applies ``data.limit_*``, resizes to ``data.image_size`` when set (bilinear),
-computes mean/std from the training set unless the builder gives ``mean``/``std``, and batches.
-Raise :class:`frzoo.FrzooError` for bad input, naming the file, the problem and the fix.
+frzoo then resizes to ``data.image_size`` when set (bilinear; otherwise the images' own size,
+which must be square), computes mean/std from the whole training set unless the builder gives
+``mean``/``std`` (Dataset splits: from at most 1024 evenly spaced samples), applies
+``data.limit_train``/``data.limit_test`` (the first N samples, in the builder's order), checks
+labels against ``num_classes``, and batches. Raise :class:`frzoo.FrzooError` for bad input,
+naming the file, the problem and the fix.
 
 Built-in data sets: ``cifar10``, ``cifar100`` (torchvision loaders, authors' mean/std),
 ``digits`` (scikit-learn's 8x8 digits, fixed 80/20 split, upsampled to 32), ``npz``,
@@ -54,10 +57,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
-from torch import Tensor
 import torchvision.datasets as tvd
 import torchvision.transforms as T
+from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
@@ -382,16 +385,17 @@ def _dataset_stats(ds: Dataset, size: int, num_workers: int
     return _tensor_stats(torch.cat(xs))
 
 
-def _first_image(ds: Dataset) -> Tensor:
+def _first_image(name: str, ds: Dataset) -> Tensor:
     try:
         x = ds[0][0]
     except FrzooError:
         raise
     except Exception as exc:
-        raise FrzooError(f"reading the first training sample failed: {type(exc).__name__}: "
-                         f"{exc}") from exc
+        raise FrzooError(f"dataset '{name}': reading the first training sample failed "
+                         f"({type(exc).__name__}: {exc}).") from exc
     if not isinstance(x, Tensor) or x.ndim != 3:
-        raise FrzooError(f"dataset items must be (image, label) with image a (C, H, W) tensor; "
+        raise FrzooError(f"dataset '{name}': items must be (image, label) with image a (C, H, W) "
+                         f"tensor; "
                          f"got {type(x).__name__} of shape {getattr(x, 'shape', '?')}.")
     return x
 
@@ -422,7 +426,7 @@ def build_data(cfg: DictConfig, seed: int) -> DataModule:
         channels, h, w = train.x.shape[1:]
         ref = train_full
     else:
-        channels, h, w = _first_image(train).shape
+        channels, h, w = _first_image(name, train).shape
         ref = None
     if h != w and size is None:
         raise FrzooError(f"dataset '{name}' has {h}x{w} images, which are not square; set "
@@ -465,9 +469,10 @@ def _cifar(cfg: DictConfig, cls_name: str, label: str, mean: Tuple[float, ...],
     for train in (True, False):
         try:
             ds = cls(root=str(root), train=train, download=bool(cfg.download))
-        except RuntimeError as exc:
+        except RuntimeError:
             raise FrzooError(
-                f"{label} files in '{folder}' are missing or corrupted ({exc}). Delete the folder "
+                f"{label} files in '{folder}' are missing or corrupted (torchvision's checksum "
+                f"check failed). Delete the folder "
                 f"and set data.download=true, or point data.root at a complete copy of "
                 f"{cls.base_folder}.") from None
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
