@@ -32,8 +32,22 @@ class Job:
     parts: List[Part]
     devices: List[torch.device]
     report: EquivalenceReport
-    algorithms: List[PartAlgorithm]
+    algorithms: List[PartAlgorithm]  # the parts this process runs (all of them, or one)
+    algorithm_cls: Any
     lr_scales: List[float]
+
+    def table(self) -> List[Dict[str, Any]]:
+        """Per part: modules, parameter count, output shape, device, history length, staleness."""
+        k_parts = len(self.parts)
+        return [{
+            "part": k + 1,
+            "modules": part.names,
+            "params": sum(p.numel() for p in part.parameters()),
+            "output_shape": list(self.report.shapes[k]) if k < len(self.report.shapes) else None,
+            "device": str(self.devices[k]),
+            "history": self.algorithm_cls.history_of(k, k_parts),
+            "staleness": self.algorithm_cls.staleness_of(k, k_parts),
+        } for k, part in enumerate(self.parts)]
 
 
 def load_plugins(names: Sequence[str]) -> None:
@@ -122,8 +136,13 @@ def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
         k=k, presets=presets)
 
 
-def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True) -> Job:
-    """Model -> partition -> equivalence check -> parts on devices -> one algorithm per part."""
+def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
+              only_part: Optional[int] = None) -> Job:
+    """Model -> partition -> equivalence check -> parts on devices -> one algorithm per part.
+
+    A process that runs a single part (`only_part`, 0-based) builds the whole model the same way
+    (same seed, same check) but moves and wraps only its own part.
+    """
     load_plugins(cfg.plugins)
     model = build_model(cfg.model, info, cfg.train.seed)
     partition = build_partition(model, cfg)
@@ -146,11 +165,13 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True) -> Job:
     options = {k: v for k, v in cfg.algorithm.items() if k != "name"}
     algos: List[PartAlgorithm] = []
     for index, (part, device) in enumerate(zip(parts, devices)):
+        if only_part is not None and index != only_part:
+            continue
         part.to(device).train()
         optimizer = build_optimizer(part.parameters(), cfg.optimizer)
         algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
                                      device, cfg.train.seed, options))
-    return Job(model, partition, parts, devices, report, algos, scales)
+    return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 
 def _make_algorithm(cls: Any, part: Part, optimizer: torch.optim.Optimizer, index: int,

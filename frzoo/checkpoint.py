@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .algorithms.base import PartAlgorithm
 from .config import recipe_diff
 from .errors import FrzooError
 from .partition import original_key
@@ -58,15 +57,14 @@ def load_file(path: Path) -> Dict[str, Any]:
 
 
 def checkpoint_state(*, recipe: Dict[str, Any], partition: List[List[str]],
-                     algorithms: Sequence[PartAlgorithm], executor_state: Dict[str, Any],
+                     parts: List[Dict[str, Any]], executor_state: Dict[str, Any],
                      progress: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "recipe": recipe,
         "partition": partition,
         "progress": progress,  # step, epoch, batch (next to run), best accuracy ...
-        "parts": [{"model": a.part.state_dict(), "optimizer": a.optimizer.state_dict(),
-                   "algorithm": a.state_dict()} for a in algorithms],
+        "parts": parts,  # per part: model, optimizer, algorithm state
         "executor": executor_state,
     }
 
@@ -84,13 +82,6 @@ def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
         raise FrzooError(f"cannot resume from '{path}': it was made with a different recipe "
                          f"({lines}). Resume with the run's own recipe ({path.parent.parent}/"
                          f"recipe.yaml) or start a new run.")
-
-
-def restore(state: Dict[str, Any], algorithms: Sequence[PartAlgorithm]) -> None:
-    for algo, part_state in zip(algorithms, state["parts"]):
-        algo.part.load_state_dict(part_state["model"])
-        algo.optimizer.load_state_dict(part_state["optimizer"])
-        algo.load_state_dict(part_state["algorithm"])
 
 
 def export_state_dict(parts_states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""`frzoo run | plan | models | eval | export`.
+"""`frzoo run | plan | models | eval | export | sweep | agent`.
 
 Errors that are the user's to fix (FrzooError) print one line and exit with status 2.
 """
@@ -40,6 +40,7 @@ def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
+    from .loggers import build_loggers, close_loggers
     from .trainer import train
     recipe_path, cfg = _load(args.args, args.resume)
     resume = args.resume or cfg.run.resume
@@ -52,8 +53,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = OmegaConf.merge(cfg, {"run": {"out_dir": str(out_dir), "resume": None}})
     print(f"frzoo: training {cfg.model.name} with '{cfg.algorithm.name}' into {out_dir}",
           file=sys.stderr)
-    summary = train(cfg, out_dir, resume=bool(resume),
-                    echo=lambda msg: print(f"frzoo: {msg}", file=sys.stderr))
+    echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
+    loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=bool(resume), echo=echo)
+    try:
+        summary = train(cfg, out_dir, resume=bool(resume), loggers=loggers, echo=echo)
+    except BaseException:
+        close_loggers(loggers, failed=True)  # the trainer closes them only when it returns
+        raise
     acc = summary.get("final_test_acc1")
     print(f"done: {summary['steps']} steps, {summary['train_seconds']:.1f} s training, "
           f"{summary['images_per_s']:.0f} img/s, test acc {acc:.2f}% (best "
@@ -64,13 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .build import build_job
+    from .build import build_job, load_plugins
     from .data import build_data
     from .partition import all_cut_points
     from .trainer import partition_table
     _, cfg = _load(args.args)
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
     job = build_job(cfg, data.info)
     if args.points:
@@ -107,14 +114,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from .build import build_job
+    from .build import build_job, load_plugins
     from .checkpoint import load_file
     from .config import load_recipe
     from .data import build_data
     from .executors import LocalExecutor
-    from .trainer import checkpoint_path, evaluate
+    from .trainer import checkpoint_path
     run_dir = Path(args.run_dir)
     cfg = load_recipe(run_dir / "recipe.yaml", args.overrides)
+    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
     job = build_job(cfg, data.info)
     weights = Path(args.weights) if args.weights else run_dir / "final.pt"
@@ -122,9 +130,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         job.model.load_state_dict(state)
     else:
-        from .checkpoint import restore
-        restore(load_file(checkpoint_path(run_dir)), job.algorithms)
-    print(json.dumps(evaluate(LocalExecutor(job.algorithms), data), indent=2))
+        executor = LocalExecutor(job.algorithms)
+        executor.load_checkpoint(load_file(checkpoint_path(run_dir)))
+    print(json.dumps(LocalExecutor(job.algorithms).evaluate(data), indent=2))
     return 0
 
 
@@ -137,6 +145,64 @@ def cmd_export(args: argparse.Namespace) -> int:
     atomic_save(export_from_checkpoint(state), out)
     print(f"wrote {out} (step {state['progress']['step']}; load it with "
           f"timm.create_model('{state['recipe']['model']['name']}', ...).load_state_dict)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Create a W&B server sweep (print the agent command), or run it here with --local."""
+    import yaml
+    from .sweep import LocalSweep, load_sweep, server_sweep_config
+    spec = load_sweep(args.sweep_file, args.overrides)  # fails before any trial, naming the key
+    if args.name:
+        spec.name = spec.config["name"] = args.name
+    echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
+    if args.local:
+        sweep = LocalSweep(spec, root=Path(args.dir), wandb_mode=args.wandb, echo=echo)
+        result = sweep.run(count=args.count)
+        ranked = sweep.ranked()
+        best = ranked[0] if ranked and ranked[0].metric is not None else None
+        print(f"sweep '{spec.name}': {len(result.trials)} trials; leaderboard {result.leaderboard}"
+              + (f"; best {best.name}: {spec.metric}={best.metric:.4g} "
+                 f"({' '.join(f'{k}={v}' for k, v in best.params.items())})" if best else ""))
+        if result.interrupted:
+            print(f"interrupted; continue with the same command "
+                  f"(`frzoo sweep {args.sweep_file} --local ...`).")
+        return 130 if result.interrupted else 0
+    config = server_sweep_config(spec)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    from .wandb_logger import api_key_configured, import_wandb
+    if not api_key_configured():
+        raise FrzooError("a W&B server sweep needs a W&B API key, and none is configured "
+                         "(WANDB_API_KEY or `wandb login`). Run the sweep on this machine with "
+                         f"`frzoo sweep {args.sweep_file} --local`, or see the config W&B would "
+                         "get with --print-config.")
+    from .config import load_recipe
+    logging_cfg = load_recipe(spec.recipe, spec.overrides).logging
+    project = args.project or logging_cfg.project
+    entity = args.entity or logging_cfg.entity
+    wandb = import_wandb()
+    try:
+        sweep_id = wandb.sweep(config, project=project, entity=entity)
+    except Exception as exc:  # noqa: BLE001  the server said no: explain, no traceback
+        raise FrzooError(f"W&B could not create the sweep ({type(exc).__name__}: {exc}). Check "
+                         f"`wandb login` and the project/entity, or run it with --local.") from None
+    path = "/".join(p for p in (entity, project, sweep_id) if p)
+    print(f"created W&B sweep {path}. Run trials (from this folder, so the recipe path "
+          f"resolves) with:\n  frzoo agent {path}\nor\n  wandb agent {path}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run a W&B server sweep's trials here: each is the `frzoo run` command the sweep holds."""
+    from .wandb_logger import api_key_configured, import_wandb
+    if not api_key_configured():
+        raise FrzooError("a W&B agent needs a W&B API key, and none is configured "
+                         "(WANDB_API_KEY or `wandb login`). Without a server, run sweeps with "
+                         "`frzoo sweep SWEEP.yaml --local`.")
+    wandb = import_wandb()
+    wandb.agent(args.sweep_id, project=args.project, entity=args.entity, count=args.count)
     return 0
 
 
@@ -164,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", help="file to write (default RUN_DIR/final.pt)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("sweep", help="create a W&B sweep from a sweep file, or run it here "
+                                     "with --local")
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="extra recipe overrides for every trial")
+    p.add_argument("--local", action="store_true",
+                   help="run the sweep on this machine with W&B's sweep engine; no server")
+    p.add_argument("--count", type=int, help="--local: run at most N trials this time")
+    p.add_argument("--dir", default="runs/sweeps",
+                   help="--local: where sweep folders live (default runs/sweeps)")
+    p.add_argument("--name", help="sweep name (default: the file's `name:` or its stem)")
+    p.add_argument("--wandb", default="offline", choices=("offline", "online", "auto", "disabled"),
+                   help="--local: W&B mode of each trial's run (default offline)")
+    p.add_argument("--project", help="W&B project (default: the recipe's logging.project)")
+    p.add_argument("--entity", help="W&B entity (default: the recipe's logging.entity)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config W&B would get and exit; contacts no server")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("agent", help="run trials of a W&B server sweep")
+    p.add_argument("sweep_id", metavar="SWEEP_ID", help="ENTITY/PROJECT/ID or ID")
+    p.add_argument("--project")
+    p.add_argument("--entity")
+    p.add_argument("--count", type=int, help="run at most N trials")
+    p.set_defaults(fn=cmd_agent)
     return parser
 
 

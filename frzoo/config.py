@@ -121,7 +121,19 @@ class LoggingConfig:
     group: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    # auto: online when a W&B API key is configured, else offline (see docs/wandb.md)
     mode: str = "auto"  # auto | online | offline | disabled
+    log_model: bool = False  # upload final.pt as a W&B "model" artifact
+
+
+@dataclass
+class DistributedConfig:
+    """`executor: distributed`: one process per part on torch.distributed."""
+    backend: str = "auto"  # auto: nccl when every part is on CUDA, else gloo
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: pick a free port (single node); torchrun sets its own
+    # A part that waits longer than this for a neighbour fails the job (a stalled or dead peer).
+    timeout_s: float = 120.0
 
 
 @dataclass
@@ -135,7 +147,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    executor: str = "local"
+    executor: str = "local"  # local: all parts in this process; distributed: one process per part
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: List[str] = field(default_factory=list)
 
 
@@ -146,7 +159,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "optimizer.schedule.name": ("constant", "multistep", "cosine"),
     "data.augment": ("standard", "crop", "none"),
     "logging.mode": ("auto", "online", "offline", "disabled"),
-    "executor": ("local",),
+    "executor": ("local", "distributed"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
 }
 
 
@@ -257,6 +271,8 @@ def validate(cfg: DictConfig) -> None:
     positive("train.log_every")
     positive("train.threads", allow_none=True)
     positive("optimizer.lr", allow_zero=True)
+    positive("distributed.timeout_s")
+    positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
     split = cfg.split

@@ -8,11 +8,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
 class Logger:
     """Interface. `step` is the global training step the record belongs to."""
+
+    def start(self, config: Dict[str, Any]) -> None:  # pragma: no cover - interface
+        """Called once before the first record, when the partition is known. `config` holds
+        "recipe" (the resolved recipe), "partition" (the partition table, one row per part) and
+        "step" (where training starts: 0, or the resumed step)."""
 
     def log(self, record: Dict[str, Any], step: int) -> None:  # pragma: no cover - interface
         pass
@@ -57,6 +62,12 @@ class MultiLogger(Logger):
     def __init__(self, loggers: Sequence[Logger]) -> None:
         self.loggers: List[Logger] = list(loggers)
 
+    def start(self, config: Dict[str, Any]) -> None:
+        for logger in self.loggers:
+            start = getattr(logger, "start", None)  # duck-typed loggers may predate the hook
+            if start is not None:
+                start(config)
+
     def log(self, record: Dict[str, Any], step: int) -> None:
         for logger in self.loggers:
             logger.log(record, step)
@@ -67,6 +78,33 @@ class MultiLogger(Logger):
 
     def finish(self) -> None:
         for logger in self.loggers:
+            logger.finish()
+
+
+def build_loggers(cfg_logging: Any, *, out_dir: Path, resume: bool = False,
+                  leader: bool = True,
+                  echo: Optional[Callable[[str], None]] = None) -> List[Logger]:
+    """The experiment trackers a recipe's `logging:` section asks for (metrics.jsonl is the
+    trainer's own and always written).
+
+    A training job is one W&B run, never one per part: in a one-process-per-part runtime call
+    this in every process with `leader` telling whether it is the process that logs (the one
+    holding the last part); the others get no trackers. The W&B run itself opens only in
+    `Logger.start`, which the trainer calls in the leader alone.
+    """
+    if not leader or not cfg_logging.wandb or cfg_logging.mode == "disabled":
+        return []
+    from .wandb_logger import WandbLogger  # imports wandb: only when asked for
+    return [WandbLogger.from_config(cfg_logging, out_dir=Path(out_dir), resume=resume, echo=echo)]
+
+
+def close_loggers(loggers: Sequence[Logger], *, failed: bool = False) -> None:
+    """Close loggers the trainer could not close because it raised; `failed` marks the run so."""
+    for logger in loggers:
+        abort = getattr(logger, "abort", None)
+        if failed and abort is not None:
+            abort()
+        else:
             logger.finish()
 
 

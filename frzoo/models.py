@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import FrzooError
-from .registry import ARCHITECTURES, suggest
+from .registry import ARCHITECTURES, plugin_error_hint, suggest, where_names_come_from
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:
@@ -34,12 +34,40 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None) -> nn.Modul
         import timm
         if not timm.is_model(name):
             raise FrzooError(f"unknown model '{name}'.{suggest(name, list_models(), n=5)} "
-                             f"List models with `frzoo models PATTERN`.")
+                             f"List models with `frzoo models PATTERN`. "
+                             f"{where_names_come_from('Architectures other than timm models')}"
+                             f"{plugin_error_hint()}")
         builder = lambda **kw: timm.create_model(name, pretrained=False, **kw)  # noqa: E731
     try:
         return builder(**kwargs)
     except TypeError as exc:
+        if name in ARCHITECTURES and _binds(builder, kwargs) and not _raised_by(builder, exc):
+            # The kwargs fit the signature and the builder itself did not refuse them: a bug
+            # deeper inside the plugin's code. Keep its traceback and say whose code it is.
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"frzoo: raised while building architecture '{name}', registered "
+                             f"by {ARCHITECTURES.origin(name)}")
+            raise
         raise FrzooError(f"model '{name}' rejected model.kwargs {kwargs}: {exc}") from exc
+
+
+def _raised_by(fn: Any, exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in ``fn``'s own body (a builder refusing its kwargs)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is getattr(fn, "__code__", None)
+
+
+def _binds(fn: Any, kwargs: Dict[str, Any]) -> bool:
+    import inspect
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature available
+        return True
+    return True
 
 
 def load_init_checkpoint(model: nn.Module, path: str) -> None:

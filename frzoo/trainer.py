@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from .build import Job, build_job
+from .build import Job, build_job, load_plugins
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
-                         load_file, restore)
+                         load_file)
 from .config import save_recipe, to_container
 from .data import DataModule, build_data
 from .errors import FrzooError, NonFiniteLossError
 from .executors import LocalExecutor
-from .loggers import JsonlLogger, Logger, MultiLogger
+from .executors.base import Executor
+from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
 
 
@@ -85,14 +85,22 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
 
 
 class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes the current step, checkpoints and stops."""
+    """Ctrl-C sets a flag; the loop finishes the current step, checkpoints and stops.
 
-    def __init__(self) -> None:
+    Where the process does not decide when to stop (a distributed worker that does not feed the
+    first part) Ctrl-C is ignored: the stop reaches it through the pipeline instead.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
         self.requested = False
+        self.enabled = enabled
         self._previous: Any = None
 
     def __enter__(self) -> "StopRequest":
         try:
+            if not self.enabled:
+                self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                return self
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
@@ -108,145 +116,175 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-# ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(executor: LocalExecutor, data: DataModule) -> Dict[str, float]:
-    """Test loss, top-1 and (more than 5 classes) top-5 accuracy, in percent."""
-    total = loss_sum = top1 = top5 = 0.0
-    for x, y in data.test_batches():
-        logits = executor.predict(x).float().cpu()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        top1 += float((best[:, 0] == y).sum())
-        top5 += float((best == y[:, None]).any(dim=1).sum())
-        total += len(y)
-    out = {"test_loss": loss_sum / max(total, 1), "test_acc1": 100 * top1 / max(total, 1)}
-    if data.info.num_classes > 5:
-        out["test_acc5"] = 100 * top5 / max(total, 1)
-    return out
-
-
 # ---------------------------------------------------------------- training
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
           loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
-    """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`)."""
+    """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
+
+    `executor: local` runs every part in this process; `executor: distributed` starts one
+    process per part (see frzoo.executors.distributed) which run this same loop.
+    """
+    if cfg.executor == "distributed":
+        from .executors.distributed import launch
+        return launch(cfg, out_dir, resume=resume, echo=echo)
     prepare_out_dir(out_dir, resume)
     with run_lock(out_dir):
-        return _train(cfg, out_dir, resume, loggers, echo)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
+        data = build_data(cfg.data, cfg.train.seed)
+        job = build_job(cfg, data.info)
+        return run_loop(cfg, out_dir, resume, job=job, data=data,
+                        executor=LocalExecutor(job.algorithms), loggers=loggers, echo=echo)
 
 
-def _train(cfg: DictConfig, out_dir: Path, resume: bool, loggers: Sequence[Logger],
-           echo: Any) -> Dict[str, Any]:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info)
-    executor = LocalExecutor(job.algorithms)
+def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
+             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
+    """The loop every process runs. Only the leader (the process holding the last part) logs and
+    writes files; evaluation, checkpoints and timings are collective calls of the executor."""
+    leader = executor.is_leader
     recipe, partition = to_container(cfg), job.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
-                                "last_eval": None}
+                                "last_eval": None, "last_eval_step": None}
     if resume:
         state = load_file(checkpoint_path(out_dir))
         check_compatible(state, recipe, partition, checkpoint_path(out_dir))
-        restore(state, job.algorithms)
-        executor.load_state_dict(state["executor"])
+        executor.load_checkpoint(state)
         progress = state["progress"]
-    save_recipe(cfg, out_dir / "recipe.yaml")
-    (out_dir / "partition.json").write_text(json.dumps(partition_table(job), indent=2) + "\n")
+    table = partition_table(job)
+    if leader:
+        save_recipe(cfg, out_dir / "recipe.yaml")
+        (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
     def save_checkpoint() -> None:
-        atomic_save(checkpoint_state(recipe=recipe, partition=partition,
-                                     algorithms=job.algorithms,
-                                     executor_state=executor.state_dict(), progress=progress),
-                    checkpoint_path(out_dir))
+        gathered = executor.gather_checkpoint()  # collective: every process calls it
+        if gathered is not None:
+            parts, executor_state = gathered
+            atomic_save(checkpoint_state(recipe=recipe, partition=partition, parts=parts,
+                                         executor_state=executor_state, progress=progress),
+                        checkpoint_path(out_dir))
 
-    logger = MultiLogger([JsonlLogger(out_dir / "metrics.jsonl",
-                                      resume_from_step=progress["step"] if resume else None),
-                          *loggers])
+    logger: Logger = NullLogger()
+    if leader:
+        logger = MultiLogger([JsonlLogger(out_dir / "metrics.jsonl",
+                                          resume_from_step=progress["step"] if resume else None),
+                              *loggers])
+        # Trackers (W&B) open their run here: the partition is known, so it goes into the config.
+        logger.start({"recipe": recipe, "partition": table, "step": progress["step"]})
     steps_per_epoch = data.steps_per_epoch()
-    if steps_per_epoch == 0:
-        raise FrzooError(f"data.batch_size={cfg.data.batch_size} with drop_last leaves no full "
-                         f"batch in {data.info.num_train} training samples; lower the batch size.")
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     step = progress["step"]
-    bar = _progress_bar(cfg.train.progress, total_steps, step)
+    bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
     window = _Window()
-    interrupted = False
-    with StopRequest() as stop:
-        while step < total_steps and not interrupted:
+    with StopRequest(enabled=executor.accepts_stop) as stop:
+        while step < total_steps and not executor.stopped:
             epoch, first_batch = divmod(step, steps_per_epoch)
-            for x, y in data.train_batches(epoch, first_batch):
+            for batch in executor.batches(data, epoch, first_batch):
                 # The learning rate of step t, scaled per part (e.g. the authors' [2, 1, 1, 1]).
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
-                for algo, scale in zip(job.algorithms, job.lr_scales):
-                    set_lr(algo.optimizer, cfg.optimizer.lr * scale * mult)
+                for algo in executor.algorithms:
+                    set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
                 start = time.perf_counter()
-                result = executor.train_step(x, y, step)
-                loss = float(result.loss)  # syncs the device: the step's time is complete
-                seconds = time.perf_counter() - start
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"the loss is {loss} at step {step} (epoch {epoch}); training stopped. "
-                        f"The last good checkpoint is {checkpoint_path(out_dir)} (step "
-                        f"{_saved_step(out_dir)}). Lower optimizer.lr or check the data.")
+                result = executor.train_step(batch, step, stop=stop.requested)
+                if executor.stopped:  # Ctrl-C: the previous step was the last one
+                    break
+                if result is not None:  # the leader: loss and logits of the last part
+                    loss = float(result.loss)  # syncs the device: the step's time is complete
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"the loss is {loss} at step {step} (epoch {epoch}); training "
+                            f"stopped. The last good checkpoint is {checkpoint_path(out_dir)} "
+                            f"(step {_saved_step(out_dir)}). Lower optimizer.lr or check the data.")
+                    correct = int((result.logits.argmax(1) == result.target).sum())
+                    window.add(loss, correct, len(result.target), time.perf_counter() - start)
+                progress["train_seconds"] += time.perf_counter() - start
                 step += 1
                 progress["step"] = step
-                progress["train_seconds"] += seconds
-                correct = int((result.logits.argmax(1).cpu() == y).sum())
-                window.add(loss, correct, len(y), seconds, executor.timings)
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    record = window.flush()
-                    record.update(epoch=step / steps_per_epoch,
-                                  lr=cfg.optimizer.lr * mult,
-                                  **{f"lr_part{k + 1}": cfg.optimizer.lr * s * mult
-                                     for k, s in enumerate(job.lr_scales)})
-                    logger.log({"kind": "train", **record}, step)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1f}",
-                                    img_s=f"{record['images_per_s']:.0f}")
+                    timings = executor.timing_window()  # collective
+                    if leader:
+                        _accumulate(progress, timings, window.steps)
+                        record = window.flush(timings)
+                        record.update(epoch=step / steps_per_epoch, lr=cfg.optimizer.lr * mult,
+                                      **{f"lr_part{k + 1}": cfg.optimizer.lr * s * mult
+                                         for k, s in enumerate(job.lr_scales)})
+                        logger.log({"kind": "train", **record}, step)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1f}",
+                                        img_s=f"{record['images_per_s']:.0f}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     save_checkpoint()
-                if step >= total_steps or stop.requested:
+                if step >= total_steps:
                     break
-            interrupted = stop.requested and step < total_steps
-            epoch_done = step % steps_per_epoch == 0
+            epoch_done = step % steps_per_epoch == 0 and not executor.stopped
             if epoch_done and cfg.train.eval_every and (step // steps_per_epoch) % cfg.train.eval_every == 0:
                 _record_eval(executor, data, logger, progress, step, steps_per_epoch)
-            if epoch_done or interrupted or step >= total_steps:
+            if epoch_done or executor.stopped or step >= total_steps:
                 save_checkpoint()
     bar.close()
+    interrupted = executor.stopped and step < total_steps
     if interrupted:
-        echo(f"interrupted at step {step}; checkpoint saved. Resume with "
-             f"`frzoo run --resume {out_dir}`.")
-    elif progress["last_eval"] is None or progress["last_eval"]["step"] != step:
+        if leader:
+            echo(f"interrupted at step {step}; checkpoint saved. Resume with "
+                 f"`frzoo run --resume {out_dir}`.")
+    elif progress.get("last_eval_step") != step:
         _record_eval(executor, data, logger, progress, step, steps_per_epoch)
         save_checkpoint()
-    final = export_state_dict([p.original_state_dict() for p in job.parts])
-    atomic_save(final, out_dir / "final.pt")
+    exported = executor.gather_export()  # collective
     summary = {
         "model": cfg.model.name, "algorithm": cfg.algorithm.name, "num_parts": len(job.parts),
-        "steps": step, "epochs": step / steps_per_epoch, "interrupted": interrupted,
-        "train_seconds": progress["train_seconds"],
+        "executor": cfg.executor, "steps": step, "epochs": step / steps_per_epoch,
+        "interrupted": interrupted, "train_seconds": progress["train_seconds"],
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),
         "best_test_acc1": progress["best_test_acc1"],
+        "part_time_share": _time_shares(progress),
         **{f"final_{k}": v for k, v in (progress["last_eval"] or {}).items() if k != "step"},
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logger.summary(summary)
-    logger.finish()
+    if leader:
+        for k, shares in enumerate(summary["part_time_share"]):
+            echo(f"part {k + 1}: " + ", ".join(f"{phase} {100 * v:.0f}%" for phase, v in shares.items()))
+        atomic_save(export_state_dict(exported or []), out_dir / "final.pt")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.summary(summary)
+        logger.finish()
     return summary
 
 
-def _record_eval(executor: LocalExecutor, data: DataModule, logger: Logger,
+def _record_eval(executor: Executor, data: DataModule, logger: Logger,
                  progress: Dict[str, Any], step: int, steps_per_epoch: int) -> None:
-    metrics = evaluate(executor, data)
+    metrics = executor.evaluate(data)  # collective; the metrics arrive on the leader
+    progress["last_eval_step"] = step  # on every process: they must take the same branches
+    if metrics is None:
+        return
     progress["last_eval"] = {"step": step, **metrics}
     best = progress["best_test_acc1"]
     progress["best_test_acc1"] = metrics["test_acc1"] if best is None else max(best, metrics["test_acc1"])
     logger.log({"kind": "eval", "epoch": step / steps_per_epoch, **metrics}, step)
+
+
+def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float]]],
+                steps: float) -> None:
+    """Add a window's per-part seconds (means per step x steps) to the run's totals."""
+    totals = progress.setdefault("part_seconds", [])
+    for k, phases in enumerate(timings or []):
+        if len(totals) <= k:
+            totals.append({})
+        for phase, value in phases.items():
+            totals[k][phase] = totals[k].get(phase, 0.0) + value * steps
+
+
+def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
+    """Per part, the share of the training wall time spent in each phase ("part 2 waited 31%");
+    `other` is the rest (transfers, Python, the loop)."""
+    shares = []
+    wall = max(progress["train_seconds"], 1e-9)
+    for phases in progress.get("part_seconds", []):
+        row = {phase: value / wall for phase, value in phases.items()}
+        row["other"] = max(0.0, 1.0 - sum(row.values()))
+        shares.append(row)
+    return shares
 
 
 def _saved_step(out_dir: Path) -> str:
@@ -264,25 +302,21 @@ class _Window:
 
     def reset(self) -> None:
         self.loss = self.correct = self.count = self.seconds = self.steps = 0.0
-        self.part_seconds: Dict[str, float] = {}
 
-    def add(self, loss: float, correct: int, count: int, seconds: float,
-            timings: List[Dict[str, float]]) -> None:
+    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
         self.loss += loss
         self.correct += correct
         self.count += count
         self.seconds += seconds
         self.steps += 1
-        for k, timing in enumerate(timings):
-            for phase, value in timing.items():
-                key = f"part{k + 1}_{phase}_s"
-                self.part_seconds[key] = self.part_seconds.get(key, 0.0) + value
 
-    def flush(self) -> Dict[str, float]:
+    def flush(self, timings: Optional[List[Dict[str, float]]]) -> Dict[str, float]:
+        """Means over the window; `timings` are per part mean seconds per step, per phase."""
         steps = max(self.steps, 1)
         out = {"loss": self.loss / steps, "acc": 100 * self.correct / max(self.count, 1),
-               "images_per_s": self.count / max(self.seconds, 1e-9),
-               **{k: v / steps for k, v in self.part_seconds.items()}}
+               "images_per_s": self.count / max(self.seconds, 1e-9)}
+        for k, phases in enumerate(timings or []):
+            out.update({f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
         self.reset()
         return out
 
@@ -301,16 +335,4 @@ def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
 
 
 def partition_table(job: Job) -> List[Dict[str, Any]]:
-    """Per part: modules, parameter count, output shape, device, history length."""
-    rows = []
-    for k, (part, algo) in enumerate(zip(job.parts, job.algorithms)):
-        rows.append({
-            "part": k + 1,
-            "modules": part.names,
-            "params": sum(p.numel() for p in part.parameters()),
-            "output_shape": list(job.report.shapes[k]) if k < len(job.report.shapes) else None,
-            "device": str(job.devices[k]),
-            "history": algo.history_length,
-            "staleness": algo.staleness,
-        })
-    return rows
+    return job.table()

@@ -62,7 +62,7 @@ def make_executor(model: nn.Sequential, k: int, algo_cls, lr=0.05, **options) ->
 
 
 def train(executor: LocalExecutor, data) -> List[float]:
-    return [float(executor.train_step(x, y, t).loss) for t, (x, y) in enumerate(data)]
+    return [float(executor.train_step((x, y), t).loss) for t, (x, y) in enumerate(data)]
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -193,7 +193,7 @@ def test_warmup_skip_makes_no_update_until_a_stale_sample_exists():
     ex = make_executor(model, 3, FeaturesReplay, warmup="skip")
     first = [p.detach().clone() for p in ex.algorithms[0].part.parameters()]
     for t, (x, y) in enumerate(batches(3)):
-        ex.train_step(x, y, t)
+        ex.train_step((x, y), t)
         now = [p.detach() for p in ex.algorithms[0].part.parameters()]
         unchanged = all(torch.equal(a, b) for a, b in zip(first, now))
         assert unchanged == (t < 2), t  # part 1 of 3 first updates at iteration 2
@@ -204,7 +204,7 @@ def test_warmup_zeros_applies_a_zero_gradient_step():
     ex = make_executor(model, 2, FeaturesReplay, warmup="zeros")
     before = [p.detach().clone() for p in ex.algorithms[0].part.parameters()]
     x, y = batches(1)[0]
-    ex.train_step(x, y, 0)
+    ex.train_step((x, y), 0)
     after = list(ex.algorithms[0].part.parameters())
     # SGD on a zero loss gradient: only weight decay acts (first step, momentum buffer = grad)
     lr, wd = 0.05, 5e-4
@@ -220,7 +220,7 @@ def test_replay_bn_policy_counts_running_stat_updates(policy, per_step):
     ex = make_executor(model, 2, FeaturesReplay, replay_bn=policy)
     steps = 4
     for t, (x, y) in enumerate(batches(steps)):
-        ex.train_step(x, y, t)
+        ex.train_step((x, y), t)
     bn = model[0][1]
     replays = steps - 1  # part 1 of 2 replays from iteration 1 on
     assert int(bn.num_batches_tracked) == steps + (replays if per_step == 2 else 0)
@@ -233,7 +233,7 @@ def test_replay_uses_the_dropout_masks_of_the_play():
     outputs: List[torch.Tensor] = []
     handle = ex.algorithms[0].part.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
     for t, (x, y) in enumerate(batches(3)):
-        ex.train_step(x, y, t)
+        ex.train_step((x, y), t)
     handle.remove()
     # calls: play(0), play(1), replay(0), play(2), replay(1)
     assert torch.equal(outputs[0], outputs[2])
@@ -246,7 +246,7 @@ def test_replay_uses_the_dropout_masks_of_the_play():
 def test_forward_result_of_last_part_has_loss_and_logits():
     ex = make_executor(tiny_model(), 2, FeaturesReplay)
     x, y = batches(1)[0]
-    res = ex.train_step(x, y, 0)
+    res = ex.train_step((x, y), 0)
     assert isinstance(res, ForwardResult) and res.logits.shape == (6, 5)
     assert not res.loss.requires_grad
 
@@ -260,7 +260,7 @@ def test_executor_state_roundtrip_continues_identically():
     b = tiny_model()
     ex_b = make_executor(b, 3, FeaturesReplay)
     for t, (x, y) in enumerate(data[:4]):
-        ex_b.train_step(x, y, t)
+        ex_b.train_step((x, y), t)
     snap = copy.deepcopy({"exec": ex_b.state_dict(),
                           "parts": [(al.part.state_dict(), al.optimizer.state_dict(), al.state_dict())
                                     for al in ex_b.algorithms]})
@@ -272,5 +272,5 @@ def test_executor_state_roundtrip_continues_identically():
         al.optimizer.load_state_dict(os_)
         al.load_state_dict(st)
     for t, (x, y) in enumerate(data[4:], start=4):
-        ex_c.train_step(x, y, t)
+        ex_c.train_step((x, y), t)
     assert_same_weights(a, c)

@@ -19,6 +19,7 @@ Algorithms know nothing of configs, processes, devices of other parts or logging
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -31,10 +32,14 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 @dataclass
 class ForwardResult:
     """What a part's forward returns: the activation for the next part, or (last part) the loss
-    value and the logits, detached, for metrics."""
+    value, the logits and the targets, detached, for metrics."""
     output: Optional[Tensor] = None
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
+    target: Optional[Tensor] = None
+
+
+PHASES = ("forward", "replay", "backward", "optimizer")
 
 
 def step_seed(seed: int, step: int, part_index: int) -> int:
@@ -97,6 +102,18 @@ class PartAlgorithm:
         self.is_last = index == num_parts - 1
         if options:
             raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
+        # Seconds spent in each phase since the executor last read them (see PHASES).
+        self.clock: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the block's wall time to ``self.clock[phase]``. On CUDA the device is synchronised
+        first, so the time is the work's and not the kernel launches'."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.clock[phase] += time.perf_counter() - start
 
     # -- the iteration API (see module docstring)
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
@@ -111,15 +128,23 @@ class PartAlgorithm:
     def sends_delta(self, step: int) -> bool:
         raise NotImplementedError
 
-    @property
-    def staleness(self) -> int:
-        """How many iterations old the sample is that this part's gradient is computed on."""
+    @classmethod
+    def staleness_of(cls, index: int, num_parts: int) -> int:
+        """How many iterations old the sample is that part `index`'s gradient is computed on."""
+        return 0
+
+    @classmethod
+    def history_of(cls, index: int, num_parts: int) -> int:
+        """How many inputs part `index` keeps at most (its history length)."""
         return 0
 
     @property
+    def staleness(self) -> int:
+        return self.staleness_of(self.index, self.num_parts)
+
+    @property
     def history_length(self) -> int:
-        """Inputs this part keeps between iterations."""
-        return 0
+        return self.history_of(self.index, self.num_parts)
 
     # -- helpers for subclasses
     def _run(self, h_in: Tensor, sample_step: int) -> Tensor:
@@ -130,13 +155,15 @@ class PartAlgorithm:
     def _last_part_forward(self, h_in: Tensor, target: Tensor, step: int) -> ForwardResult:
         """The last part computes the loss with a graph and keeps it for backward()."""
         self._input = h_in.detach().requires_grad_(not self.is_first)
-        logits = self._run(self._input, step)
-        self._loss = self.loss_fn(logits, target)
-        return ForwardResult(loss=self._loss.detach(), logits=logits.detach())
+        with self.timed("forward"):
+            logits = self._run(self._input, step)
+            self._loss = self.loss_fn(logits, target)
+        return ForwardResult(loss=self._loss.detach(), logits=logits.detach(), target=target)
 
     def _apply_update(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timed("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     # -- checkpointing of what the algorithm carries between iterations
     def state_dict(self) -> Dict[str, Any]:

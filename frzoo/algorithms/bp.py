@@ -24,14 +24,16 @@ class Backprop(PartAlgorithm):
             assert target is not None
             return self._last_part_forward(h_in, target, step)
         self._input = h_in.detach().requires_grad_(not self.is_first)
-        self._output = self._run(self._input, step)
+        with self.timed("forward"):
+            self._output = self._run(self._input, step)
         return ForwardResult(output=self._output.detach())
 
     def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
-        if self.is_last:
-            self._loss.backward()
-        else:
-            self._output.backward(delta)
+        with self.timed("backward"):
+            if self.is_last:
+                self._loss.backward()
+            else:
+                self._output.backward(delta)
         grad_in = None if self.is_first else self._input.grad
         self._apply_update()
         del self._input  # drop the graph now, not at the next forward

@@ -47,26 +47,27 @@ class FeaturesReplay(PartAlgorithm):
         self.delay = self.num_parts - 1 - self.index  # K - k: how stale this part's gradient is
         self.history: Deque[Tuple[int, Tensor]] = deque()  # (iteration, input), oldest first
 
-    @property
-    def staleness(self) -> int:
-        return self.delay
+    @classmethod
+    def staleness_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - 1 - index  # K - k
 
-    @property
-    def history_length(self) -> int:
-        return self.delay + 1 if not self.is_last else 0
+    @classmethod
+    def history_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
 
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None
             return self._last_part_forward(h_in, target, step)
         self.history.append((step, h_in))  # the only thing the play keeps
-        with torch.no_grad():
+        with torch.no_grad(), self.timed("forward"):
             return ForwardResult(output=self._run(h_in, step))
 
     def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
         """The Features Replay step of this part at iteration `step`."""
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
-            self._loss.backward()
+            with self.timed("backward"):
+                self._loss.backward()
             grad_in = None if self.is_first else self._input.grad
             self._apply_update()
             del self._input, self._loss
@@ -84,9 +85,10 @@ class FeaturesReplay(PartAlgorithm):
         assert sample_step == stale_step, (sample_step, stale_step)  # history is in step order
         h_stale.requires_grad_(not self.is_first)  # its play ran without a graph: a fresh leaf
         bn_policy = frozen_bn_stats(self.part) if self.replay_bn == "once" else nullcontext()
-        with bn_policy:
+        with bn_policy, self.timed("replay"):
             replayed = self._run(h_stale, sample_step)  # current weights, the play's RNG masks
-        replayed.backward(delta)  # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1
+        with self.timed("backward"):
+            replayed.backward(delta)  # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1
         grad_in = None if self.is_first else h_stale.grad  # taken at w^t, before the update
         self._apply_update()
         return grad_in

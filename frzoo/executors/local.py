@@ -5,17 +5,18 @@ FIFO mailbox of deltas per part. It knows nothing of what the algorithm does wit
 """
 from __future__ import annotations
 
-import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..algorithms.base import ForwardResult, PartAlgorithm
+from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
+                   part_state)
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """Runs one training iteration of all parts: forwards 1..K, then backwards K..1.
 
     Running the backwards from the last part down means part k finds in its mailbox, in FIFO
@@ -29,51 +30,72 @@ class LocalExecutor:
     def __init__(self, algorithms: Sequence[PartAlgorithm]) -> None:
         self.algorithms = list(algorithms)
         self.mailboxes: List[Deque[Tensor]] = [deque() for _ in self.algorithms]
-        # Seconds per part in the last iteration: forward (play) and backward (replay+update).
-        self.timings: List[Dict[str, float]] = [{} for _ in self.algorithms]
+        self.clocks = [PhaseClock() for _ in self.algorithms]
 
     @property
     def num_parts(self) -> int:
         return len(self.algorithms)
 
-    def train_step(self, x: Tensor, y: Tensor, step: int) -> ForwardResult:
+    def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
+        return data.train_batches(epoch, first_batch)
+
+    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+        if stop:
+            self.stopped = True
+            return None
+        assert batch is not None
+        x, y = batch
         h = x
         result = ForwardResult()
-        for algo, timing in zip(self.algorithms, self.timings):
-            start = time.perf_counter()
+        for algo in self.algorithms:
             target = y.to(algo.device) if algo.is_last else None
             result = algo.forward(h.to(algo.device), target, step)
-            timing["forward"] = time.perf_counter() - start
             h = result.output  # type: ignore[assignment]
         for k in reversed(range(self.num_parts)):
             algo = self.algorithms[k]
-            start = time.perf_counter()
             delta = self.mailboxes[k].popleft() if algo.expects_delta(step) else None
             grad_in = algo.backward(delta, step)
             if algo.sends_delta(step):
                 assert grad_in is not None, f"part {k + 1} promised a delta at step {step}"
                 self.mailboxes[k - 1].append(grad_in.to(self.algorithms[k - 1].device))
-            self.timings[k]["backward"] = time.perf_counter() - start
+        for clock in self.clocks:
+            clock.steps += 1
         return result
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """The chained forward in eval mode (no history, no RNG seeding, no state change)."""
-        modes = [a.part.training for a in self.algorithms]
+        """The chained forward in eval mode."""
+        h = x
         for algo in self.algorithms:
-            algo.part.eval()
-        try:
-            h = x
-            for algo in self.algorithms:
-                h = algo.part(h.to(algo.device))
-            return h
-        finally:
-            for algo, mode in zip(self.algorithms, modes):
-                algo.part.train(mode)
+            h = eval_forward(algo, h)
+        return h
 
-    # -- checkpointing of what is in flight between parts
+    def evaluate(self, data: Any) -> Dict[str, float]:
+        totals = EvalTotals()
+        for x, y in data.test_batches():
+            totals.add(self.predict(x), y)
+        return totals.result()
+
+    def timing_window(self) -> List[Dict[str, float]]:
+        return [clock.read(algo) for clock, algo in zip(self.clocks, self.algorithms)]
+
+    # -- checkpointing: the parts, and what is in flight between them
+    def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        return ([part_state(a) for a in self.algorithms],
+                {"mailboxes": [[d.detach().cpu() for d in box] for box in self.mailboxes]})
+
+    def gather_export(self) -> List[Dict[str, Tensor]]:
+        return [a.part.original_state_dict() for a in self.algorithms]
+
+    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+        for algo, part in zip(self.algorithms, state["parts"]):
+            load_part_state(algo, part)
+        self.mailboxes = [deque(d.to(a.device) for d in box)
+                          for box, a in zip(state["executor"]["mailboxes"], self.algorithms)]
+
+    # kept for tests that snapshot the transport alone
     def state_dict(self) -> Dict[str, Any]:
-        return {"mailboxes": [[d.detach().cpu() for d in box] for box in self.mailboxes]}
+        return self.gather_checkpoint()[1]
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.mailboxes = [deque(d.to(a.device) for d in box)

@@ -1,0 +1,121 @@
+"""What the trainer asks of an executor, whichever process layout runs the parts."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..algorithms.base import PHASES, ForwardResult, PartAlgorithm
+
+Batch = Tuple[Tensor, Tensor]
+
+
+class Executor:
+    """Runs the parts of one training job. The trainer loop is the same for every executor:
+
+    - ``batches`` yields one item per step (the batch where this process feeds the first part,
+      ``None`` elsewhere);
+    - ``train_step`` runs one iteration of this process's parts and returns the last part's
+      ForwardResult on the leader (the process that logs and writes files), ``None`` elsewhere;
+    - ``evaluate``, ``timing_window``, ``gather_checkpoint`` and ``gather_export`` are collective:
+      every process calls them at the same step, and the leader gets the result.
+    """
+
+    algorithms: List[PartAlgorithm]
+    is_leader: bool = True
+    stopped: bool = False  # set by train_step when a stop was requested (Ctrl-C) before this step
+    accepts_stop: bool = True  # whether Ctrl-C in this process requests the stop
+
+    def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
+        raise NotImplementedError
+
+    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+        raise NotImplementedError
+
+    def evaluate(self, data: Any) -> Optional[Dict[str, float]]:
+        raise NotImplementedError
+
+    def timing_window(self) -> Optional[List[Dict[str, float]]]:
+        raise NotImplementedError
+
+    def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
+        raise NotImplementedError
+
+    def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
+        raise NotImplementedError
+
+    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def part_state(algo: PartAlgorithm) -> Dict[str, Any]:
+    """What a checkpoint stores of one part (CPU tensors)."""
+    return {"model": algo.part.state_dict(), "optimizer": algo.optimizer.state_dict(),
+            "algorithm": algo.state_dict()}
+
+
+def load_part_state(algo: PartAlgorithm, state: Dict[str, Any]) -> None:
+    algo.part.load_state_dict(state["model"])
+    algo.optimizer.load_state_dict(state["optimizer"])
+    algo.load_state_dict(state["algorithm"])
+
+
+class PhaseClock:
+    """Per-part seconds per phase, summed over a window of steps, read as means per step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.extra: Dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.extra[phase] = self.extra.get(phase, 0.0) + seconds
+
+    def read(self, algo: PartAlgorithm) -> Dict[str, float]:
+        """Mean seconds per step of every phase since the last read, then reset."""
+        steps = max(self.steps, 1)
+        out = {phase: algo.clock[phase] / steps for phase in PHASES}
+        out.update({phase: value / steps for phase, value in self.extra.items()})
+        algo.clock.update(dict.fromkeys(PHASES, 0.0))
+        self.extra = {}
+        self.steps = 0
+        return out
+
+
+class EvalTotals:
+    """Test loss, top-1 and top-5 accumulated over batches of logits."""
+
+    def __init__(self) -> None:
+        self.count = self.loss = self.top1 = self.top5 = 0.0
+        self.num_classes = 0
+
+    def add(self, logits: Tensor, target: Tensor) -> None:
+        logits, target = logits.float().cpu(), target.cpu()
+        self.num_classes = logits.shape[1]
+        self.loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        self.top1 += float((best[:, 0] == target).sum())
+        self.top5 += float((best == target[:, None]).any(dim=1).sum())
+        self.count += len(target)
+
+    def result(self) -> Dict[str, float]:
+        n = max(self.count, 1)
+        out = {"test_loss": self.loss / n, "test_acc1": 100 * self.top1 / n}
+        if self.num_classes > 5:
+            out["test_acc5"] = 100 * self.top5 / n
+        return out
+
+
+@torch.no_grad()
+def eval_forward(algo: PartAlgorithm, h: Tensor) -> Tensor:
+    """One part's forward in eval mode: no history, no RNG seeding, no state change."""
+    mode = algo.part.training
+    algo.part.eval()
+    try:
+        return algo.part(h.to(algo.device))
+    finally:
+        algo.part.train(mode)

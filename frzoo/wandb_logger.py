@@ -1,0 +1,459 @@
+"""Weights & Biases behind the :class:`frzoo.loggers.Logger` interface, and a reader for what it wrote.
+
+One W&B run per training job. ``wandb`` is imported only when a recipe turns W&B on, so the rest
+of frzoo (and every run with ``logging.wandb: false``) never pays its import or needs it installed.
+
+Modes (``logging.mode``):
+
+* ``auto``: ``WANDB_MODE`` from the environment when set; otherwise ``online`` when an API key is
+  configured (``WANDB_API_KEY`` or a netrc entry for the W&B host), else ``offline``.
+* ``online``: log to the server. If it cannot be reached (or there is no key), the run falls back
+  to ``offline`` and says so once: W&B never blocks or fails training.
+* ``offline``: the run is written under ``<out_dir>/wandb/offline-run-*``; ``wandb sync`` uploads it.
+* ``disabled``: no W&B run at all (the same as ``logging.wandb: false``).
+
+Metric names: frzoo's records (metrics.jsonl) map to W&B keys by one rule, :func:`metric_name`:
+``loss`` of a train record -> ``train/loss``; ``test_acc1`` of an eval record -> ``test/acc1``;
+``part2_forward_s`` -> ``part2/forward_s``; ``lr_part2`` -> ``part2/lr``; ``epoch`` stays ``epoch``.
+Sweeps name their metric in these W&B names, online and local alike.
+
+W&B 0.31 no longer ships a reader for its ``.wandb`` files; :func:`read_offline_run` parses one
+(LevelDB log framing around ``wandb_internal_pb2.Record`` protobufs) so tests, and people without a
+server, can see exactly what a run would upload.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from .errors import FrzooError
+from .loggers import Logger
+
+INSTALL_HINT = ("W&B logging needs the `wandb` package: `pip install wandb` (or set "
+                "logging.wandb=false).")
+DEFAULT_HOST = "https://api.wandb.ai"
+RUN_ID_FILE = "wandb-run.json"  # in the run folder: lets a resumed run continue the same W&B run
+PROBE_TIMEOUT_S = 3.0  # an unreachable server costs this, not W&B's 90 s init timeout
+INIT_TIMEOUT_S = 30.0
+
+Echo = Callable[[str], None]
+
+
+def import_wandb() -> Any:
+    """`import wandb`, or a FrzooError with the install hint (asked for, so not silently skipped)."""
+    try:
+        import wandb  # noqa: PLC0415  (lazy on purpose)
+    except ImportError as exc:
+        raise FrzooError(f"{INSTALL_HINT} ({exc})") from None
+    return wandb
+
+
+# ---------------------------------------------------------------- metric names
+_PART_PREFIX = re.compile(r"^part(\d+)_(.+)$")
+_PART_SUFFIX = re.compile(r"^(.+)_part(\d+)$")
+# Names a sweep metric may use besides `train/*`, `test/*` and `partK/*`: the run summary's keys.
+SUMMARY_METRICS = ("best_test_acc1", "final_test_loss", "final_test_acc1", "final_test_acc5",
+                   "train_seconds", "images_per_s", "steps", "epochs", "epoch")
+METRIC_SECTIONS = re.compile(r"^(train|test|part\d+)/.+$")
+
+
+def metric_name(kind: str, key: str) -> str:
+    """The W&B name of `key` in a record of `kind` (train, eval, ...). See the module docstring."""
+    if key == "epoch":
+        return "epoch"  # shared by train and eval records: one x-axis for both
+    match = _PART_PREFIX.match(key)
+    if match:
+        return f"part{match[1]}/{match[2]}"
+    match = _PART_SUFFIX.match(key)
+    if match:
+        return f"part{match[2]}/{match[1]}"
+    if kind == "eval":
+        return "test/" + (key[len("test_"):] if key.startswith("test_") else key)
+    return f"{kind}/{key}"
+
+
+def wandb_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A trainer record ({"kind": ..., key: value}) as the dict W&B logs; numbers only.
+
+    "step" (in metrics.jsonl lines) is W&B's own step, not a metric.
+    """
+    kind = str(record.get("kind", "train"))
+    return {metric_name(kind, key): value for key, value in record.items()
+            if key not in ("kind", "step") and isinstance(value, (int, float))
+            and not isinstance(value, bool)}
+
+
+# The history metrics every run logs (partK/* come per part; other loggers may add more).
+HISTORY_METRICS = ("train/loss", "train/acc", "train/images_per_s", "train/lr", "test/loss",
+                   "test/acc1", "test/acc5")
+
+
+def check_metric_name(name: str) -> Optional[str]:
+    """None when a sweep may rank by `name`; else why not, with the closest known name.
+
+    A name one typo away from a known one is refused (`test/acc` for `test/acc1`); any other
+    name in a section frzoo logs (train/, test/, partK/) is accepted, since records may carry
+    measurements beyond the ones every run has (partK/sigma, partK/memory_*).
+    """
+    known = (*HISTORY_METRICS, *SUMMARY_METRICS)
+    if name in known:
+        return None
+    import difflib  # noqa: PLC0415
+    close = sorted(difflib.get_close_matches(name, known, n=2, cutoff=0.8))
+    if close:
+        return (f"metric '{name}' is not a name frzoo logs. Did you mean "
+                + " or ".join(f"'{c}'" for c in close) + "?")
+    if METRIC_SECTIONS.match(name):
+        return None
+    return (f"metric '{name}' is not a name frzoo logs: use a W&B metric name "
+            f"({', '.join(HISTORY_METRICS)}, partK/...) or a summary key "
+            f"({', '.join(SUMMARY_METRICS)}).")
+
+
+# ---------------------------------------------------------------- modes
+def api_key_configured() -> bool:
+    """Whether W&B would find an API key, without importing wandb or touching the network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", DEFAULT_HOST)).hostname or ""
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> Tuple[str, str]:
+    """(online | offline | disabled, why). `auto` follows WANDB_MODE, then whether a key exists."""
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("online", "offline", "disabled", "dryrun"):
+            return ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
+        if api_key_configured():
+            return "online", "an API key is configured"
+        return "offline", "no W&B API key is configured"
+    if mode == "online" and not api_key_configured():
+        return "offline", "logging.mode is online but no W&B API key is configured"
+    return mode, f"logging.mode={mode}"
+
+
+def server_reachable(timeout: float = PROBE_TIMEOUT_S) -> Tuple[bool, str]:
+    """A TCP connect to the W&B host, so an unreachable server costs seconds, not W&B's timeout.
+
+    Behind an HTTP(S) proxy a direct connect proves nothing, so the probe is skipped there and
+    W&B's own (shortened) init timeout decides.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True, "proxy configured"
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", DEFAULT_HOST))
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, ""
+    except OSError as exc:
+        return False, f"{host}:{port} is unreachable ({exc.strerror or exc})"
+
+
+# ---------------------------------------------------------------- the logger
+class WandbLogger(Logger):
+    """One W&B run for one training job; every W&B failure degrades to a note, never an exception.
+
+    The run starts in :meth:`start`, which the trainer calls once it knows the partition, so the
+    run's config is the resolved recipe plus the resolved partition.
+    """
+
+    def __init__(self, *, out_dir: Path, project: str = "frzoo", entity: Optional[str] = None,
+                 group: Optional[str] = None, name: Optional[str] = None,
+                 tags: Optional[List[str]] = None, mode: str = "auto", log_model: bool = False,
+                 resume: bool = False, echo: Optional[Echo] = None) -> None:
+        self.wandb = import_wandb()  # fail before training starts, with the install hint
+        self.out_dir = Path(out_dir)
+        self.project, self.entity, self.group, self.name = project, entity, group, name
+        self.tags = list(tags or [])
+        self.requested_mode = mode
+        self.log_model = log_model
+        self.resume = resume
+        self.echo: Echo = echo or (lambda msg: None)
+        self.run: Any = None
+        self.mode: Optional[str] = None  # the mode the run actually got
+        self.partition: List[Dict[str, Any]] = []
+        self._broken = False  # a W&B call failed: stop calling W&B, keep training
+        self._finished = False
+
+    @classmethod
+    def from_config(cls, cfg_logging: Any, *, out_dir: Path, resume: bool = False,
+                    echo: Optional[Echo] = None) -> "WandbLogger":
+        return cls(out_dir=out_dir, project=cfg_logging.project, entity=cfg_logging.entity,
+                   group=cfg_logging.group, name=cfg_logging.name, tags=list(cfg_logging.tags),
+                   mode=cfg_logging.mode, log_model=bool(cfg_logging.get("log_model", False)),
+                   resume=resume, echo=echo)
+
+    # -- Logger interface
+    def start(self, config: Dict[str, Any]) -> None:
+        """Open the run: config = resolved recipe + partition; log the partition table once."""
+        recipe = dict(config.get("recipe") or {})
+        self.partition = list(config.get("partition") or [])
+        run_config = {**recipe,
+                      "partition": [row["modules"] for row in self.partition],
+                      "num_parts": len(self.partition)}
+        if not self._open(run_config):
+            return
+        first_step = int(config.get("step", 0) or 0)
+        self._call(self._log_partition, first_step)
+
+    def log(self, record: Dict[str, Any], step: int) -> None:
+        if self.run is None and not self._broken and not self._finished:
+            self.start({})  # a trainer without the start hook: open the run on the first record
+        if self.run is None:
+            return
+        metrics = wandb_metrics(record)
+        if record.get("kind") == "train":
+            metrics.update(self._device_memory())
+        self._call(self.run.log, metrics, step=step)
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        clean = {k: v for k, v in values.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        self._call(self.run.summary.update, clean)
+        final = self.out_dir / "final.pt"
+        if self.log_model and final.is_file():
+            self._call(self._log_model, final)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (idempotent: the trainer closes it, and so may a caller after an error)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.run is not None:
+            self._call(self.run.finish, exit_code=exit_code)
+
+    def abort(self) -> None:
+        """Close the run as failed: training raised before the trainer could close it."""
+        self.finish(exit_code=1)
+
+    # -- internals
+    def _open(self, run_config: Dict[str, Any]) -> bool:
+        mode, why = resolve_mode(self.requested_mode)
+        wanted_online = self.requested_mode == "online" or mode == "online"
+        if mode == "disabled":
+            self._broken = True
+            return False
+        if mode == "online":
+            ok, reason = server_reachable()
+            if not ok:
+                mode, why = "offline", f"the W&B server is unreachable: {reason}"
+        run_id = self._previous_id()
+        try:
+            self.run = self._init(mode, run_config, run_id)
+        except Exception as exc:  # noqa: BLE001  W&B must not stop training
+            if mode != "online":
+                self._fail(f"W&B: could not start a run ({type(exc).__name__}: {exc})")
+                return False
+            mode, why = "offline", f"starting the online run failed ({type(exc).__name__}: {exc})"
+            try:
+                self.run = self._init(mode, run_config, run_id)
+            except Exception as exc2:  # noqa: BLE001
+                self._fail(f"W&B: could not start a run ({type(exc2).__name__}: {exc2})")
+                return False
+        self.mode = mode
+        (self.out_dir / RUN_ID_FILE).write_text(json.dumps(
+            {"id": self.run.id, "project": self.project, "entity": self.entity,
+             "mode": mode}) + "\n")
+        if mode == "online":
+            self.echo(f"W&B: logging online to {getattr(self.run, 'url', None) or self.project}")
+            return True
+        run_dir = Path(self.run.dir).parent
+        if wanted_online:  # say once why the run is not where the user expects it
+            self.echo(f"W&B: {why}; logging offline instead, into {run_dir}. Upload it later "
+                      f"with `wandb sync {run_dir}`.")
+        else:
+            self.echo(f"W&B: offline run ({why}) in {run_dir}; upload it later with "
+                      f"`wandb sync {run_dir}`.")
+        return True
+
+    def _init(self, mode: str, run_config: Dict[str, Any], run_id: Optional[str]) -> Any:
+        wandb = self.wandb
+        settings = wandb.Settings(silent=True, console="off", init_timeout=INIT_TIMEOUT_S)
+        kwargs: Dict[str, Any] = dict(
+            project=self.project, entity=self.entity, group=self.group, name=self.name,
+            tags=self.tags or None, config=run_config, dir=str(self.out_dir), mode=mode,
+            settings=settings, reinit="create_new")  # never end a run the user's code holds
+        if run_id and not os.environ.get("WANDB_RUN_ID"):  # a W&B agent picks the id itself
+            kwargs.update(id=run_id, resume="allow")
+        return wandb.init(**kwargs)
+
+    def _previous_id(self) -> Optional[str]:
+        path = self.out_dir / RUN_ID_FILE
+        if not self.resume or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text()).get("id")
+        except (OSError, ValueError):
+            return None
+
+    def _log_partition(self, step: int) -> None:
+        if not self.partition:
+            return
+        wandb = self.wandb
+        columns = ["part", "first_module", "last_module", "num_modules", "params",
+                   "output_shape", "device", "history", "staleness"]
+        rows = [[row["part"], row["modules"][0], row["modules"][-1], len(row["modules"]),
+                 row["params"], "x".join(map(str, row.get("output_shape") or [])),
+                 row["device"], row["history"], row["staleness"]] for row in self.partition]
+        if not self.resume:  # a resumed run logged its table already; W&B drops older steps
+            self.run.log({"partition": wandb.Table(columns=columns, data=rows)}, step=step)
+        self.run.summary.update({f"part{row['part']}/{key}": row[key] for row in self.partition
+                                 for key in ("staleness", "history", "params")})
+
+    def _log_model(self, path: Path) -> None:
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model",
+                                       metadata={"format": "state_dict in the model's own names"})
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def _device_memory(self) -> Dict[str, float]:
+        """Peak CUDA memory of each part's device (parts sharing a device report the same)."""
+        devices = [str(row.get("device", "cpu")) for row in self.partition]
+        if not any(d.startswith("cuda") for d in devices):
+            return {}
+        import torch  # noqa: PLC0415
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return {}
+        return {f"part{k + 1}/max_memory_allocated_mb":
+                torch.cuda.max_memory_allocated(torch.device(d)) / 2 ** 20
+                for k, d in enumerate(devices) if d.startswith("cuda")}
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._broken:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  W&B must not stop training
+            self._fail(f"W&B: a call failed ({type(exc).__name__}: {exc})")
+
+    def _fail(self, message: str) -> None:
+        self._broken = True
+        self.echo(f"{message}; W&B logging is off for the rest of this run "
+                  f"(metrics.jsonl is complete).")
+
+
+# ---------------------------------------------------------------- reading offline runs
+_BLOCK = 32 * 1024
+_HEADER = 7  # crc32 (4), length (2), type (1)
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+_FILE_IDENT = b":W&B"
+
+
+def _record_payloads(data: bytes, path: Path) -> Iterator[bytes]:
+    """The records of a LevelDB-framed log: 32 KiB blocks, fragments FULL/FIRST/MIDDLE/LAST."""
+    if data[:4] != _FILE_IDENT:
+        raise FrzooError(f"'{path}' is not a W&B run file: it does not start with ':W&B'.")
+    pos, pending = 7, b""  # the file header (':W&B', magic, version) fills the first 7 bytes
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer: zero padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        payload = data[pos + _HEADER:pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == 0 and length == 0:  # zeros: the writer stopped here (crash or still open)
+            break
+        if kind == _FULL:
+            yield payload
+        elif kind == _FIRST:
+            pending = payload
+        elif kind == _MIDDLE:
+            pending += payload
+        elif kind == _LAST:
+            yield pending + payload
+            pending = b""
+
+
+def _set_item(target: Dict[str, Any], item: Any) -> None:
+    value = json.loads(item.value_json)
+    keys = [item.key] if item.key else list(item.nested_key)
+    node = target
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+@dataclass
+class OfflineRun:
+    """What a W&B run file holds: run metadata, config, history rows, summary, artifacts."""
+    path: Path
+    run: Dict[str, Any] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    artifacts: List[Dict[str, Any]] = field(default_factory=list)
+    exit_code: Optional[int] = None
+
+    @property
+    def files_dir(self) -> Path:
+        return self.path.parent / "files"
+
+    def metric_names(self) -> List[str]:
+        return sorted({k for row in self.history for k in row if not k.startswith("_")})
+
+
+def find_offline_runs(out_dir: Path) -> List[Path]:
+    """The `.wandb` files of the W&B runs under a run folder, oldest first."""
+    return sorted(Path(out_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def read_offline_run(path: Path) -> OfflineRun:
+    """Parse a `.wandb` file (or the newest one under a run folder / offline-run folder)."""
+    from wandb.proto import wandb_internal_pb2 as pb  # noqa: PLC0415
+    path = Path(path)
+    if path.is_dir():
+        found = find_offline_runs(path) or sorted(path.glob("run-*.wandb"))
+        if not found:
+            raise FrzooError(f"no W&B run file (run-*.wandb) under '{path}'; was the run logged "
+                             f"with logging.wandb=true?")
+        path = found[-1]
+    elif not path.is_file():
+        raise FrzooError(f"no W&B run file at '{path}'; was the run logged with "
+                         f"logging.wandb=true?")
+    out = OfflineRun(path=path)
+    for payload in _record_payloads(path.read_bytes(), path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.run = {"id": run.run_id, "project": run.project, "entity": run.entity,
+                       "group": run.run_group, "name": run.display_name, "tags": list(run.tags)}
+            for item in run.config.update:
+                _set_item(out.config, item)
+        elif kind == "config":
+            for item in record.config.update:
+                _set_item(out.config, item)
+        elif kind == "history":
+            row: Dict[str, Any] = {}
+            for item in record.history.item:
+                _set_item(row, item)
+            out.history.append(row)
+        elif kind == "summary":
+            for item in record.summary.update:
+                _set_item(out.summary, item)
+        elif kind == "artifact":
+            art = record.artifact
+            out.artifacts.append({"type": art.type, "name": art.name,
+                                  "files": [entry.path for entry in art.manifest.contents]})
+        elif kind == "exit":
+            out.exit_code = record.exit.exit_code
+    out.config.pop("_wandb", None)
+    return out
