@@ -183,3 +183,31 @@ def _make_algorithm(cls: Any, part: Part, optimizer: torch.optim.Optimizer, inde
                 if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
     return cls(part, optimizer, index=index, num_parts=num_parts, device=device,
                loss_fn=torch.nn.functional.cross_entropy, seed=seed, **accepted)
+
+
+def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> DictConfig:
+    """Replace `split.auto` by the split points it chooses (once, before any worker starts, so
+    every process and a later resume use the same partition)."""
+    if cfg.split.auto is None:
+        return cfg
+    from omegaconf import OmegaConf
+    from .balance import balanced_points
+    k = num_parts_requested(cfg) or 1
+    model = build_model(cfg.model, info, cfg.train.seed)
+    device = resolve_devices(cfg.devices, k)[0]
+    threads = torch.get_num_threads()
+    if cfg.executor == "distributed":  # measure at the thread count each worker will have
+        torch.set_num_threads(cfg.train.threads or max(1, threads // k))
+    try:
+        sample = torch.randn(cfg.data.batch_size, info.channels, info.image_size, info.image_size,
+                             generator=torch.Generator().manual_seed(cfg.train.seed))
+        points, costs = balanced_points(model.to(device), k, by=cfg.split.auto,
+                                        algorithm=cfg.algorithm.name, sample=sample.to(device))
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(costs) or 1.0
+    echo(f"split.auto={cfg.split.auto}: points {points}; part shares "
+         + ", ".join(f"{100 * c / total:.0f}%" for c in costs))
+    resolved = OmegaConf.merge(cfg, {"split": {"points": points, "auto": None, "k": None}})
+    OmegaConf.set_readonly(resolved, True)
+    return resolved

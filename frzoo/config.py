@@ -39,6 +39,10 @@ class SplitConfig:
     # Or neither: K contiguous chunks of the block list (ceil(n/K) blocks each, the authors' rule),
     # or the architecture's registered preset for this K.
     k: Optional[int] = None
+    # With k (or one device per part): choose the K-1 cuts that minimise the busiest part's cost,
+    # by `time` (forward and backward of each block measured at the recipe's batch size, with
+    # the algorithm's cost model) or `params`.
+    auto: Optional[str] = None
 
 
 @dataclass
@@ -276,11 +280,20 @@ def validate(cfg: DictConfig) -> None:
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
     split = cfg.split
-    given = [name for name in ("points", "parts", "k") if split[name] is not None]
+    given = [name for name in ("points", "parts") if split[name] is not None]
+    if split.k is not None and split.auto is None:
+        given.append("k")
     if len(given) > 1:
         raise RecipeError(f"split: give only one of points, parts or k (got {', '.join(given)}).")
     if split.k is not None and split.k < 1:
         raise RecipeError(f"split.k={split.k} must be at least 1.")
+    if split.auto is not None:
+        if split.auto not in ("time", "params"):
+            raise RecipeError(f"split.auto={split.auto!r} is not one of time, params.")
+        if split.points is not None or split.parts is not None:
+            raise RecipeError("split.auto chooses the points itself: remove split.points/parts.")
+        if split.k is None and cfg.devices is None:
+            raise RecipeError("split.auto needs the number of parts: set split.k or devices.")
     if split.parts is not None and any(len(p) == 0 for p in split.parts):
         raise RecipeError("split.parts: every part needs at least one module name.")
 

@@ -346,7 +346,7 @@ def load_entry_point_plugins() -> None:
             continue
         try:
             _loaded[ep.value] = _import_atomically(ep.module, ep.load)
-        except Exception as exc:  # noqa: BLE001 - reported where it matters, see plugin_error_hint()
+        except Exception as exc:  # noqa: BLE001 - see plugin_error_hint()
             dist = getattr(getattr(ep, "dist", None), "name", None)
             label = f"'{ep.name}' = {ep.value}" + (f" (distribution {dist})" if dist else "")
             PLUGIN_ERRORS[label] = _plugin_traceback(exc)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
-from .build import Job, build_job, load_plugins
+from .build import Job, build_job, load_plugins, resolve_auto_split
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
 from .config import save_recipe, to_container
@@ -124,6 +124,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     `executor: local` runs every part in this process; `executor: distributed` starts one
     process per part (see frzoo.executors.distributed) which run this same loop.
     """
+    cfg = _resolve_split(cfg, out_dir, resume, echo)
     if cfg.executor == "distributed":
         from .executors.distributed import launch
         return launch(cfg, out_dir, resume=resume, echo=echo)
@@ -136,6 +137,20 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
         job = build_job(cfg, data.info)
         return run_loop(cfg, out_dir, resume, job=job, data=data,
                         executor=LocalExecutor(job.algorithms), loggers=loggers, echo=echo)
+
+
+def _resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Any) -> DictConfig:
+    """`split.auto` is measured once; a resumed run keeps the points its first start chose."""
+    if cfg.split.auto is None:
+        return cfg
+    from omegaconf import OmegaConf
+    if resume and (out_dir / "recipe.yaml").exists():
+        saved = OmegaConf.load(out_dir / "recipe.yaml")
+        merged = OmegaConf.merge(cfg, {"split": OmegaConf.to_container(saved.split)})
+        OmegaConf.set_readonly(merged, True)
+        return merged
+    load_plugins(cfg.plugins)
+    return resolve_auto_split(cfg, build_data(cfg.data, cfg.train.seed).info, echo)
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
@@ -276,12 +291,12 @@ def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float
 
 
 def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
-    """Per part, the share of the training wall time spent in each phase ("part 2 waited 31%");
-    `other` is the rest (transfers, Python, the loop)."""
+    """Per part, the share of its steps' wall time spent in each phase ("part 2 waited 31%");
+    `other` is the rest (transfers, Python, the executor's own work)."""
     shares = []
-    wall = max(progress["train_seconds"], 1e-9)
     for phases in progress.get("part_seconds", []):
-        row = {phase: value / wall for phase, value in phases.items()}
+        wall = max(phases.get("step", 0.0), 1e-9)
+        row = {phase: value / wall for phase, value in phases.items() if phase != "step"}
         row["other"] = max(0.0, 1.0 - sum(row.values()))
         shares.append(row)
     return shares

@@ -235,8 +235,13 @@ class WandbLogger(Logger):
         if self._finished:
             return
         self._finished = True
-        if self.run is not None:
-            self._call(self.run.finish, exit_code=exit_code)
+        if self.run is None:
+            return
+        try:  # even after a failed call: an unfinished run would be closed only at exit
+            self.run.finish(exit_code=exit_code)
+        except Exception as exc:  # noqa: BLE001  W&B must not stop training
+            if not self._broken:
+                self._fail(f"W&B: finishing the run failed ({type(exc).__name__}: {exc})")
 
     def abort(self) -> None:
         """Close the run as failed: training raised before the trainer could close it."""

@@ -239,7 +239,8 @@ def test_recipe_py_plugin_that_raises_names_itself_and_keeps_the_traceback(tmp_p
         assert message.startswith(f"plugin '{plugin}' failed to import: RuntimeError: boom in "
                                   f"broken_py\nOriginal traceback:\nTraceback")
         assert f'File "{plugin}", line 15, in <module>' in message
-        assert 'line 13, in fail' in message and 'raise RuntimeError("boom in broken_py")' in message
+        assert 'line 13, in fail' in message
+        assert 'raise RuntimeError("boom in broken_py")' in message
         _assert_rolled_back("broken_py")
 
 

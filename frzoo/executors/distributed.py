@@ -108,6 +108,12 @@ class DistributedExecutor(Executor):
         return iter([None] * (data.steps_per_epoch() - first_batch))
 
     def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+        start = time.perf_counter()
+        result = self._train_step(batch, step, stop)
+        self.clock.add("step", time.perf_counter() - start)
+        return result
+
+    def _train_step(self, batch: Optional[Batch], step: int, stop: bool) -> Optional[ForwardResult]:
         algo, last = self.algo, self.world - 1
         if self.is_first:
             if stop:
@@ -178,7 +184,7 @@ class DistributedExecutor(Executor):
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         mine = self.clock.read(self.algo)
-        keys = [*PHASES, "wait"]
+        keys = [*PHASES, "wait", "step"]
         if not self.is_leader:
             self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, 0.0) for k in keys],
                                                             dtype=torch.float64))

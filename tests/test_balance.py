@@ -1,0 +1,63 @@
+"""split.auto: exact search over contiguous splits, and the algorithm's cost model."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import timm
+import torch
+
+from frzoo.balance import balanced_points, best_cuts, part_cost, units_of
+from frzoo.config import load_recipe
+from frzoo.errors import RecipeError
+
+
+def brute_force(costs, k, algorithm):
+    n = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = [0, *cuts, n]
+        value = max(part_cost(costs[a:b], b == n, algorithm) for a, b in zip(bounds, bounds[1:]))
+        if best is None or value < best[0]:
+            best = (value, list(cuts))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["fr", "bp"])
+def test_dynamic_programming_matches_exhaustive_search(seed, k, algorithm):
+    g = torch.Generator().manual_seed(seed)
+    costs = [(float(f), float(b)) for f, b in torch.rand(9, 2, generator=g)]
+    cuts = best_cuts(len(costs), k, lambda a, b, last: part_cost(costs[a:b], last, algorithm))
+    bounds = [0, *cuts, len(costs)]
+    value = max(part_cost(costs[a:b], b == len(costs), algorithm) for a, b in zip(bounds, bounds[1:]))
+    assert value == pytest.approx(brute_force(costs, k, algorithm)[0])
+
+
+def test_fr_gives_the_last_part_more_blocks_than_bp():
+    costs = [(1.0, 2.0)] * 12  # identical blocks, B = 2F
+    fr = best_cuts(12, 2, lambda a, b, last: part_cost(costs[a:b], last, "fr"))
+    bp = best_cuts(12, 2, lambda a, b, last: part_cost(costs[a:b], last, "bp"))
+    assert bp == [6]
+    assert fr == [5]  # part 1 costs 4F per block, part 2 3F: 5 * 4 = 20 vs 7 * 3 = 21
+
+
+def test_balanced_points_on_a_real_model():
+    model = timm.create_model("resnet18", num_classes=10)
+    assert units_of(model)[0][:4] == ["conv1", "bn1", "act1", "maxpool"]
+    points, costs = balanced_points(model, 2, by="params", algorithm="fr",
+                                    sample=torch.randn(2, 3, 32, 32))
+    assert points == ["layer4.1"] and len(costs) == 2  # layer4 holds most parameters
+    points, costs = balanced_points(model, 3, by="time", algorithm="fr",
+                                    sample=torch.randn(8, 3, 32, 32))
+    assert len(points) == 2 and all(c > 0 for c in costs)
+
+
+def test_auto_needs_k_and_excludes_points():
+    with pytest.raises(RecipeError, match="needs the number of parts"):
+        load_recipe(None, ["model.name=x", "split.auto=time"])
+    with pytest.raises(RecipeError, match="remove split.points"):
+        load_recipe(None, ["model.name=x", "split.auto=time", "split.points=[a]"])
+    cfg = load_recipe(None, ["model.name=x", "split.auto=time", "split.k=3"])
+    assert cfg.split.k == 3
