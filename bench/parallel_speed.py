@@ -1,0 +1,273 @@
+"""Images/s of Features Replay against the alternatives a user of this machine would run.
+
+    python bench/parallel_speed.py [--models resnet18,cifar_resnet56] [--repeats 2] [--out FILE]
+
+For each model (batch 128, 32x32 synthetic images, 10 classes, SGD), every configuration runs in a
+fresh process, each configuration `--repeats` times in alternation (these machines are noisy):
+  bp_1thread   plain backprop, one process, one thread (the paper's one-device baseline)
+  bp_2threads  plain backprop, one process, two threads
+  fr_k2_rule   frzoo fr, K=2, two processes of one thread, the authors' split (ceil(n/K) blocks)
+  fr_k2_auto   frzoo fr, K=2, two processes of one thread, split.auto=time
+  bp_k2        frzoo bp, K=2, two processes (naive model parallelism), split.auto=time's cut
+  ddp          DistributedDataParallel, two processes of one thread, 64 images each
+  gpipe_4/8    torch.distributed.pipelining ScheduleGPipe, 2 stages, 4 / 8 micro-batches
+  1f1b_4/8     torch.distributed.pipelining Schedule1F1B, 2 stages, 4 / 8 micro-batches
+Pipelining stages use the same cut as fr_k2_auto. Warm-up steps are not timed. The frzoo rows
+also report each part's seconds per step in forward, replay, backward, optimizer and waiting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+BATCH, SIZE, CLASSES = 128, 32, 10
+WARMUP = 3
+STEPS = {"resnet18": 10, "cifar_resnet56": 6}
+CONFIGS = ["bp_1thread", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
+           "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8"]
+
+
+# ---------------------------------------------------------------- shared pieces
+def build(model_name: str):
+    import frzoo_registry  # noqa: F401  (the CIFAR ResNets)
+    import timm
+    import torch
+    torch.manual_seed(0)
+    return timm.create_model(model_name, num_classes=CLASSES)
+
+
+def batch(n: int = BATCH):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def sgd(params):
+    import torch
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def time_steps(step, steps: int) -> float:
+    for _ in range(WARMUP):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- baselines
+def plain(model_name: str, threads: int, steps: int) -> Dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    model = build(model_name).train()
+    opt = sgd(model.parameters())
+    x, y = batch()
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = time_steps(step, steps)
+    return {"images_per_s": steps * BATCH / seconds}
+
+
+def _ddp_worker(rank: int, model_name: str, steps: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    model = DistributedDataParallel(build(model_name).train())
+    opt = sgd(model.parameters())
+    x, y = batch()
+    x, y = x[rank * BATCH // 2:(rank + 1) * BATCH // 2], y[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dist.barrier()
+    seconds = time_steps(step, steps)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"images_per_s": steps * BATCH / seconds}))
+    dist.destroy_process_group()
+
+
+def _pipe_worker(rank: int, model_name: str, steps: int, port: int, out: str, schedule: str,
+                 microbatches: int, point: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from frzoo.partition import build_parts, partition_from_points
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    model = build(model_name).train()
+    parts = build_parts(model, partition_from_points(model, [point]))
+    x, y = batch()
+    with torch.no_grad():
+        example = x[: BATCH // microbatches] if rank == 0 else parts[0](x[: BATCH // microbatches])
+    stage = PipelineStage(parts[rank], rank, 2, torch.device("cpu"), input_args=(example,))
+    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    sched = cls(stage, microbatches, loss_fn=F.cross_entropy)
+    opt = sgd(parts[rank].parameters())
+
+    def step() -> None:
+        if rank == 0:
+            sched.step(x)
+        else:
+            sched.step(target=y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dist.barrier()
+    seconds = time_steps(step, steps)
+    if rank == 1:
+        Path(out).write_text(json.dumps({"images_per_s": steps * BATCH / seconds}))
+    dist.destroy_process_group()
+
+
+def spawn2(target, *args) -> Dict[str, Any]:
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(target, args=(*args[:2], port, out, *args[2:]), nprocs=2, join=True)
+        return json.loads(Path(out).read_text())
+
+
+# ---------------------------------------------------------------- frzoo
+def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        total = WARMUP + steps
+        cmd = [sys.executable, "-m", "frzoo.cli", "run", f"model.name={model_name}",
+               "data.name=synthetic", f"data.num_train={total * BATCH}", f"data.num_test={BATCH}",
+               f"data.batch_size={BATCH}", f"data.image_size={SIZE}", "data.augment=none",
+               f"data.num_classes={CLASSES}", "executor=distributed", "train.threads=1",
+               f"algorithm.name={algorithm}", f"train.max_steps={total}", "train.eval_every=0",
+               "train.log_every=1", "train.progress=false", "optimizer.nesterov=true",
+               f"run.out_dir={tmp}/run", *split]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        records = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+        points = json.loads(Path(tmp, "run", "partition.json").read_text())
+    timed = [r for r in records if r["kind"] == "train" and r["step"] > WARMUP]
+    seconds = sum(BATCH / r["images_per_s"] for r in timed)
+    parts = {}
+    for key in timed[0]:
+        if key.startswith("part") and key.endswith("_s"):
+            parts[key] = statistics.median(r[key] for r in timed)
+    return {"images_per_s": len(timed) * BATCH / seconds, "part_seconds": parts,
+            "cut": points[1]["modules"][0] if len(points) > 1 else None}
+
+
+def auto_point(model_name: str) -> str:
+    """The cut split.auto=time picks for fr at K=2 (measured at one thread, as the workers run)."""
+    import torch
+    from frzoo.balance import balanced_points
+    torch.set_num_threads(1)
+    points, _ = balanced_points(build(model_name), 2, by="time", algorithm="fr", sample=batch()[0])
+    return points[0]
+
+
+def rule_point(model_name: str) -> str:
+    from frzoo.partition import points_for_k
+    return points_for_k(build(model_name), 2)[0]
+
+
+def run_one(model_name: str, config: str, steps: int, point: str) -> Dict[str, Any]:
+    if config == "bp_1thread":
+        return plain(model_name, 1, steps)
+    if config == "bp_2threads":
+        return plain(model_name, 2, steps)
+    if config == "fr_k2_rule":
+        return frzoo_run(model_name, "fr", ["split.k=2"], steps)
+    if config == "fr_k2_auto":
+        return frzoo_run(model_name, "fr", ["split.auto=time", "split.k=2"], steps)
+    if config == "bp_k2":
+        return frzoo_run(model_name, "bp", [f"split.points=[{point}]"], steps)
+    if config == "ddp":
+        return spawn2(_ddp_worker, model_name, steps)
+    schedule, mb = config.split("_")
+    return spawn2(_pipe_worker, model_name, steps, schedule, int(mb), point)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,cifar_resnet56")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/parallel_speed.json")
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "CONFIG", "POINT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:
+        model_name, config, point = args.one
+        print(json.dumps(run_one(model_name, config, STEPS.get(model_name, 6), point)))
+        return
+    results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "batch": BATCH, "image_size": SIZE, "warmup_steps": WARMUP, "models": {}}
+    import torch
+    results["machine"]["torch"] = torch.__version__
+    for model_name in args.models.split(","):
+        point = auto_point(model_name)
+        rows: Dict[str, List[Dict[str, Any]]] = {c: [] for c in args.configs.split(",")}
+        for repeat in range(args.repeats):
+            for config in rows:
+                proc = subprocess.run([sys.executable, __file__, "--one", model_name, config, point],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    rows[config].append({"error": proc.stderr[-1500:]})
+                    print(f"{model_name} {config}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
+                    continue
+                rows[config].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"{model_name} {config} #{repeat + 1}: {rows[config][-1]['images_per_s']:.1f} img/s",
+                      file=sys.stderr, flush=True)
+        results["models"][model_name] = {"auto_point": point, "rule_point": rule_point(model_name),
+                                         "runs": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results: Dict[str, Any]) -> str:
+    lines = []
+    for model_name, entry in results["models"].items():
+        runs = entry["runs"]
+        base = statistics.median(r["images_per_s"] for r in runs["bp_1thread"] if "images_per_s" in r)
+        lines += [f"\n### {model_name} (auto cut: {entry['auto_point']}, rule cut: {entry['rule_point']})\n",
+                  "| configuration | img/s (median) | runs | x bp_1thread |", "|---|---|---|---|"]
+        for config, rows in runs.items():
+            values = [r["images_per_s"] for r in rows if "images_per_s" in r]
+            if not values:
+                lines.append(f"| {config} | failed | | |")
+                continue
+            med = statistics.median(values)
+            lines.append(f"| {config} | {med:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
+                         f"{med / base:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
