@@ -85,6 +85,13 @@ def load_init_checkpoint(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise FrzooError(f"model.init_checkpoint '{path}' holds a {type(state).__name__}, "
                          f"not a state_dict.")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if wrong:
+        raise FrzooError(f"model.init_checkpoint '{path}' does not match the model: "
+                         f"{len(wrong)} tensors have other shapes (file vs model), e.g. "
+                         f"{'; '.join(wrong[:3])}.")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise FrzooError(

@@ -274,3 +274,97 @@ def test_executor_state_roundtrip_continues_identically():
     for t, (x, y) in enumerate(data[4:], start=4):
         ex_c.train_step((x, y), t)
     assert_same_weights(a, c)
+
+
+# ---------------------------------------------------------------- DDG, the paper's baseline
+from frzoo.algorithms.ddg import DecoupledBackprop  # noqa: E402
+
+
+def ddg_reference(model: nn.Sequential, data, k_parts: int) -> List[float]:
+    """DDG written plainly: part k backpropagates, K-k iterations later, the graph it built then
+    (with the weights it had then), and applies that gradient to its current weights."""
+    chunks = [nn.Sequential(*[model[i] for i in ids]) for ids in CUTS[k_parts]]
+    opts = [optimizer(c.parameters()) for c in chunks]
+    K = k_parts
+    stored: List[list] = [[] for _ in range(K)]
+    delta_from_above = [None] * K
+    losses = []
+    for t, (x, y) in enumerate(data):
+        h = x
+        for k in range(K - 1):
+            snapshot = copy.deepcopy(chunks[k])  # the weights of iteration t, kept with the graph
+            for bn_live, bn_copy in zip(chunks[k].modules(), snapshot.modules()):
+                if isinstance(bn_live, nn.BatchNorm2d):  # buffers are the live ones
+                    bn_copy.running_mean = bn_live.running_mean
+                    bn_copy.running_var = bn_live.running_var
+                    bn_copy.num_batches_tracked = bn_live.num_batches_tracked
+            inp = h.detach().requires_grad_(k > 0)
+            out = snapshot(inp)
+            stored[k].append((inp, out, snapshot))
+            h = out.detach()
+        h_last = h.clone().requires_grad_(K > 1)
+        loss = F.cross_entropy(chunks[K - 1](h_last), y)
+        losses.append(loss.item())
+        sent = [None] * K
+        loss.backward()
+        if K > 1:
+            sent[K - 2] = h_last.grad
+        opts[K - 1].step()
+        opts[K - 1].zero_grad(set_to_none=True)
+        for k in range(K - 1):
+            if t - (K - 1 - k) < 0:
+                continue
+            inp, out, snapshot = stored[k].pop(0)
+            out.backward(delta_from_above[k])
+            for live, old in zip(chunks[k].parameters(), snapshot.parameters()):
+                live.grad = old.grad
+            if k > 0:
+                sent[k - 1] = inp.grad
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        delta_from_above = sent
+    return losses
+
+
+def test_ddg_k3_is_the_plain_reference_bit_for_bit():
+    data = batches(7)
+    ours, reference = tiny_model(), tiny_model()
+    losses = train(make_executor(ours, 3, DecoupledBackprop), data)
+    assert losses == ddg_reference(reference, data, 3)
+    assert_same_weights(ours, reference)
+
+
+def test_ddg_with_one_part_is_backprop_and_keeps_k_minus_k_plus_1_graphs():
+    data = batches(4)
+    a, b = tiny_model(), tiny_model()
+    assert train(make_executor(a, 1, DecoupledBackprop), data) == train(make_executor(b, 1, Backprop), data)
+    assert_same_weights(a, b)
+    ex = make_executor(tiny_model(), 3, DecoupledBackprop)
+    assert [al.history_length for al in ex.algorithms] == [3, 2, 0]
+    assert [al.staleness for al in ex.algorithms] == [2, 1, 0]
+    for t, (x, y) in enumerate(batches(5)):
+        ex.train_step((x, y), t)
+        assert [len(al.graphs) for al in ex.algorithms[:2]] == [min(t + 1, 2), min(t + 1, 1)]
+
+
+def test_ddg_state_roundtrip_rebuilds_the_graphs_exactly():
+    data = batches(7)
+    a = tiny_model()
+    train(make_executor(a, 3, DecoupledBackprop), data)
+    b = tiny_model()
+    ex_b = make_executor(b, 3, DecoupledBackprop)
+    for t, (x, y) in enumerate(data[:4]):
+        ex_b.train_step((x, y), t)
+    snap = copy.deepcopy({"exec": ex_b.state_dict(),
+                          "parts": [(al.part.state_dict(), al.optimizer.state_dict(), al.state_dict())
+                                    for al in ex_b.algorithms]})
+    c = tiny_model()
+    ex_c = make_executor(c, 3, DecoupledBackprop)
+    ex_c.load_state_dict(snap["exec"])
+    for al, (ps, os_, st) in zip(ex_c.algorithms, snap["parts"]):
+        al.part.load_state_dict(ps)
+        al.optimizer.load_state_dict(os_)
+        al.load_state_dict(st)
+    for t, (x, y) in enumerate(data[4:], start=4):
+        ex_c.train_step((x, y), t)
+    assert_same_weights(a, c)

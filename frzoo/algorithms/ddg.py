@@ -1,0 +1,109 @@
+"""Decoupled Parallel Backpropagation (Huo et al., ICML 2018): the paper's main baseline.
+
+Part k keeps the forward graph of iteration t and backpropagates it K-k iterations later with the
+delta that arrives then; the gradient is applied to the current weights. Unlike Features Replay
+there is no recomputation, so K-k+1 graphs (all their activations) stay alive in part k: the
+memory blow-up the Features Replay paper measures.
+
+The graph of iteration t was built with the weights of iteration t. PyTorch (rightly) refuses to
+backpropagate through a graph whose saved weights were since updated in place, so each stored
+graph is built on a detached copy of the part's parameters (weight stashing); its gradient is
+then added to the live parameters. BatchNorm buffers are the live ones (updated once, at the
+forward). The copies cost K-k parameter sets per part, small beside the stored activations.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from ..registry import register_algorithm
+from .base import ForwardResult, PartAlgorithm, frozen_bn_stats, seeded, step_seed
+
+Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, output, weight copies
+
+
+@register_algorithm("ddg")
+class DecoupledBackprop(PartAlgorithm):
+    """One part under DDG. Options: warmup ('skip' or 'zeros'), as for Features Replay."""
+
+    def __init__(self, *args: Any, warmup: str = "skip", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if warmup not in ("skip", "zeros"):
+            raise ValueError(f"bad option warmup={warmup!r}")
+        self.warmup = warmup
+        self.delay = self.num_parts - 1 - self.index
+        self.graphs: Deque[Graph] = deque()
+
+    @classmethod
+    def staleness_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - 1 - index
+
+    @classmethod
+    def history_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - index if index < num_parts - 1 else 0  # graphs kept, K - k + 1
+
+    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+        if self.is_last:
+            assert target is not None
+            return self._last_part_forward(h_in, target, step)
+        x = h_in.detach().requires_grad_(not self.is_first)
+        weights = {n: p.detach().clone().requires_grad_(True)
+                   for n, p in self.part.named_parameters()}
+        with self.timed("forward"):
+            out = self._run_with(weights, x, step)
+        self.graphs.append((step, x, out, weights))
+        return ForwardResult(output=out.detach())
+
+    def _run_with(self, weights: Dict[str, Tensor], x: Tensor, step: int) -> Tensor:
+        with seeded(step_seed(self.seed, step, self.index), self.device):
+            return functional_call(self.part, weights, (x,), strict=False)
+
+    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+        if self.is_last:
+            with self.timed("backward"):
+                self._loss.backward()
+            grad_in = None if self.is_first else self._input.grad
+            self._apply_update()
+            del self._input, self._loss
+            return grad_in
+        stale_step = step - self.delay
+        if stale_step < 0:  # warm-up: no stored graph is due yet
+            if self.warmup == "zeros":
+                for p in self.part.parameters():
+                    p.grad = torch.zeros_like(p)
+                self._apply_update()
+            return None
+        sample_step, x, out, weights = self.graphs.popleft()
+        assert sample_step == stale_step, (sample_step, stale_step)
+        with self.timed("backward"):
+            out.backward(delta)  # through the graph of iteration t-(K-k), at its own weights
+        for name, p in self.part.named_parameters():
+            p.grad = weights[name].grad  # the stale gradient, applied to the current weights
+        grad_in = None if self.is_first else x.grad
+        self._apply_update()
+        return grad_in
+
+    def expects_delta(self, step: int) -> bool:
+        return not self.is_last and step - self.delay >= 0
+
+    def sends_delta(self, step: int) -> bool:
+        return not self.is_first and step - self.delay >= 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        # A live graph cannot be saved; its input and weight copies can, and rebuild it exactly.
+        return {"steps": [s for s, _, _, _ in self.graphs],
+                "inputs": [x.detach().cpu() for _, x, _, _ in self.graphs],
+                "weights": [{n: w.detach().cpu() for n, w in ws.items()} for _, _, _, ws in self.graphs]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.graphs = deque()
+        for step, x, ws in zip(state["steps"], state["inputs"], state["weights"]):
+            x = x.to(self.device).requires_grad_(not self.is_first)
+            weights = {n: w.to(self.device).requires_grad_(True) for n, w in ws.items()}
+            with frozen_bn_stats(self.part):  # the first forward already updated the statistics
+                out = self._run_with(weights, x, int(step))
+            self.graphs.append((int(step), x, out, weights))
