@@ -171,6 +171,8 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
         optimizer = build_optimizer(part.parameters(), cfg.optimizer)
         algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
                                      device, cfg.train.seed, options))
+        if cfg.train.measure_memory:
+            algos[-1].measure_memory()
     return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 

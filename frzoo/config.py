@@ -108,6 +108,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
     log_every: int = 10  # steps between metrics.jsonl records
     threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).
+    measure_memory: bool = False
     progress: bool = True
 
 

@@ -255,6 +255,8 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),
         "best_test_acc1": progress["best_test_acc1"],
         "part_time_share": _time_shares(progress),
+        "part_memory_bytes": [{k: int(v) for k, v in phases.items() if k.endswith("_bytes")}
+                              for phases in progress.get("part_seconds", [])],
         **{f"final_{k}": v for k, v in (progress["last_eval"] or {}).items() if k != "step"},
     }
     if leader:
@@ -287,7 +289,10 @@ def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float
         if len(totals) <= k:
             totals.append({})
         for phase, value in phases.items():
-            totals[k][phase] = totals[k].get(phase, 0.0) + value * steps
+            if phase.endswith("_bytes"):  # memory: the run's peak, not a sum
+                totals[k][phase] = max(totals[k].get(phase, 0.0), value)
+            else:
+                totals[k][phase] = totals[k].get(phase, 0.0) + value * steps
 
 
 def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
@@ -296,7 +301,8 @@ def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
     shares = []
     for phases in progress.get("part_seconds", []):
         wall = max(phases.get("step", 0.0), 1e-9)
-        row = {phase: value / wall for phase, value in phases.items() if phase != "step"}
+        row = {phase: value / wall for phase, value in phases.items()
+               if phase != "step" and not phase.endswith("_bytes")}
         row["other"] = max(0.0, 1.0 - sum(row.values()))
         shares.append(row)
     return shares
@@ -331,7 +337,8 @@ class _Window:
         out = {"loss": self.loss / steps, "acc": 100 * self.correct / max(self.count, 1),
                "images_per_s": self.count / max(self.seconds, 1e-9)}
         for k, phases in enumerate(timings or []):
-            out.update({f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
+            out.update({f"part{k + 1}_{phase}" if phase.endswith("_bytes") else
+                        f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
         self.reset()
         return out
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..memory import MemoryMeter, static_bytes
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -104,6 +106,28 @@ class PartAlgorithm:
             raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
         # Seconds spent in each phase since the executor last read them (see PHASES).
         self.clock: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.memory: Optional[MemoryMeter] = None  # see measure_memory()
+
+    def measure_memory(self) -> None:
+        """Count, from now on, the bytes this part keeps alive for backward (frzoo.memory)."""
+        self.memory = MemoryMeter(self.part, self.held_tensors)
+
+    def held_tensors(self) -> List[Tensor]:
+        """Tensors this part holds from one iteration to the next (its history)."""
+        return []
+
+    def memory_report(self) -> Dict[str, int]:
+        """Peak activation bytes since the last report, and parameter/optimizer bytes."""
+        out = static_bytes(self.part, self.optimizer)
+        if self.device.type == "cuda":
+            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.memory is not None:
+            out["peak_activation_bytes"] = self.memory.read_peak()
+        return out
+
+    def _recording(self) -> Any:
+        return self.memory.recording() if self.memory is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -149,7 +173,7 @@ class PartAlgorithm:
     # -- helpers for subclasses
     def _run(self, h_in: Tensor, sample_step: int) -> Tensor:
         """The part's forward on `h_in` with the RNG of sample `sample_step`."""
-        with seeded(step_seed(self.seed, sample_step, self.index), self.device):
+        with seeded(step_seed(self.seed, sample_step, self.index), self.device), self._recording():
             return self.part(h_in)
 
     def _last_part_forward(self, h_in: Tensor, target: Tensor, step: int) -> ForwardResult:

@@ -14,7 +14,7 @@ forward). The copies cost K-k parameter sets per part, small beside the stored a
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ class DecoupledBackprop(PartAlgorithm):
         return ForwardResult(output=out.detach())
 
     def _run_with(self, weights: Dict[str, Tensor], x: Tensor, step: int) -> Tensor:
-        with seeded(step_seed(self.seed, step, self.index), self.device):
+        with seeded(step_seed(self.seed, step, self.index), self.device), self._recording():
             return functional_call(self.part, weights, (x,), strict=False)
 
     def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
@@ -86,6 +86,10 @@ class DecoupledBackprop(PartAlgorithm):
         grad_in = None if self.is_first else x.grad
         self._apply_update()
         return grad_in
+
+    def held_tensors(self) -> List[Tensor]:
+        # the stored inputs and weight copies; the graphs' saved activations are counted as saved
+        return [t for _, x, _, ws in self.graphs for t in (x, *ws.values())]
 
     def expects_delta(self, step: int) -> bool:
         return not self.is_last and step - self.delay >= 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import nullcontext
-from typing import Any, Deque, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -92,6 +92,9 @@ class FeaturesReplay(PartAlgorithm):
         grad_in = None if self.is_first else h_stale.grad  # taken at w^t, before the update
         self._apply_update()
         return grad_in
+
+    def held_tensors(self) -> List[Tensor]:
+        return [h for _, h in self.history]
 
     def expects_delta(self, step: int) -> bool:
         return not self.is_last and step - self.delay >= 0

@@ -76,10 +76,13 @@ class PhaseClock:
         self.extra[phase] = self.extra.get(phase, 0.0) + seconds
 
     def read(self, algo: PartAlgorithm) -> Dict[str, float]:
-        """Mean seconds per step of every phase since the last read, then reset."""
+        """Mean seconds per step of every phase since the last read, then reset; with memory
+        measurement on, the part's peak bytes in the window too (keys ending in `_bytes`)."""
         steps = max(self.steps, 1)
         out = {phase: algo.clock[phase] / steps for phase in PHASES}
         out.update({phase: value / steps for phase, value in self.extra.items()})
+        if algo.memory is not None or algo.device.type == "cuda":
+            out.update({k: float(v) for k, v in algo.memory_report().items()})
         algo.clock.update(dict.fromkeys(PHASES, 0.0))
         self.extra = {}
         self.steps = 0

@@ -44,6 +44,7 @@ from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_p
 # order of calls between two ranks, which the schedule keeps the same on both sides).
 DATA, STOP, END = 0, 1, 2
 ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL, TIMING = 1, 2, 3, 4, 5, 6
+MEMORY_KEYS = ("params_bytes", "optimizer_bytes", "peak_activation_bytes", "peak_allocated_bytes")
 HEADER_LEN = 10  # kind, dtype, ndim, up to 7 dims
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
 
@@ -184,16 +185,16 @@ class DistributedExecutor(Executor):
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         mine = self.clock.read(self.algo)
-        keys = [*PHASES, "wait", "step"]
+        keys = [*PHASES, "wait", "step", *MEMORY_KEYS]
         if not self.is_leader:
-            self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, 0.0) for k in keys],
+            self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, -1.0) for k in keys],
                                                             dtype=torch.float64))
             return None
         rows = []
         for rank in range(self.world - 1):
             values = self._recv(rank, TIMING)[1]
             assert values is not None
-            rows.append(dict(zip(keys, values.tolist())))
+            rows.append({k: v for k, v in zip(keys, values.tolist()) if v != -1.0})
         return rows + [mine]
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
