@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -44,6 +45,7 @@ DEFAULT_HOST = "https://api.wandb.ai"
 RUN_ID_FILE = "wandb-run.json"  # in the run folder: lets a resumed run continue the same W&B run
 PROBE_TIMEOUT_S = 3.0  # an unreachable server costs this, not W&B's 90 s init timeout
 INIT_TIMEOUT_S = 30.0
+WRITE_TIMEOUT_S = 10.0  # how long finish() waits for W&B to flush an offline run file
 
 Echo = Callable[[str], None]
 
@@ -187,6 +189,7 @@ class WandbLogger(Logger):
         self.run: Any = None
         self.mode: Optional[str] = None  # the mode the run actually got
         self.partition: List[Dict[str, Any]] = []
+        self.local_executor = True  # every part in this process (else: only this process's)
         self._broken = False  # a W&B call failed: stop calling W&B, keep training
         self._finished = False
 
@@ -203,6 +206,7 @@ class WandbLogger(Logger):
         """Open the run: config = resolved recipe + partition; log the partition table once."""
         recipe = dict(config.get("recipe") or {})
         self.partition = list(config.get("partition") or [])
+        self.local_executor = recipe.get("executor", "local") == "local"
         run_config = {**recipe,
                       "partition": [row["modules"] for row in self.partition],
                       "num_parts": len(self.partition)}
@@ -237,11 +241,16 @@ class WandbLogger(Logger):
         self._finished = True
         if self.run is None:
             return
+        run_file = Path(self.run.dir).parent / f"run-{self.run.id}.wandb"
         try:  # even after a failed call: an unfinished run would be closed only at exit
             self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001  W&B must not stop training
             if not self._broken:
                 self._fail(f"W&B: finishing the run failed ({type(exc).__name__}: {exc})")
+            return
+        if self.mode == "offline" and not wait_until_written(run_file):
+            self.echo(f"W&B: {run_file} was not complete {WRITE_TIMEOUT_S:.0f} s after the run "
+                      f"finished; W&B's service is still writing it.")
 
     def abort(self) -> None:
         """Close the run as failed: training raised before the trainer could close it."""
@@ -328,16 +337,22 @@ class WandbLogger(Logger):
         self.run.log_artifact(artifact)
 
     def _device_memory(self) -> Dict[str, float]:
-        """Peak CUDA memory of each part's device (parts sharing a device report the same)."""
+        """Peak CUDA memory of each part's device (parts sharing a device report the same).
+
+        Only devices this process uses: in a one-process-per-part runtime asking about another
+        rank's GPU would open a CUDA context on it from the logging process.
+        """
         devices = [str(row.get("device", "cpu")) for row in self.partition]
         if not any(d.startswith("cuda") for d in devices):
             return {}
         import torch  # noqa: PLC0415
         if not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return {}
+        mine = None if self.local_executor else str(torch.device("cuda", torch.cuda.current_device()))
         return {f"part{k + 1}/max_memory_allocated_mb":
                 torch.cuda.max_memory_allocated(torch.device(d)) / 2 ** 20
-                for k, d in enumerate(devices) if d.startswith("cuda")}
+                for k, d in enumerate(devices)
+                if d.startswith("cuda") and (mine is None or str(torch.device(d)) == mine)}
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self._broken:
@@ -371,6 +386,8 @@ def _record_payloads(data: bytes, path: Path) -> Iterator[bytes]:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if pos + _HEADER + length > len(data):
+            break  # a record still being written
         payload = data[pos + _HEADER:pos + _HEADER + length]
         pos += _HEADER + length
         if kind == 0 and length == 0:  # zeros: the writer stopped here (crash or still open)
@@ -384,6 +401,39 @@ def _record_payloads(data: bytes, path: Path) -> Iterator[bytes]:
         elif kind == _LAST:
             yield pending + payload
             pending = b""
+
+
+def run_file_complete(path: Path) -> bool:
+    """Whether a `.wandb` file holds its exit record, i.e. the run was finished and flushed."""
+    from wandb.proto import wandb_internal_pb2 as pb  # noqa: PLC0415
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    if data[:4] != _FILE_IDENT:
+        return False
+    for payload in _record_payloads(data, Path(path)):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def wait_until_written(path: Path, timeout: float = WRITE_TIMEOUT_S) -> bool:
+    """Wait for W&B's service to flush an offline run file.
+
+    `run.finish()` returns once the service has handled the exit; the service closes (flushes)
+    the file a moment later, on its own time. Waiting here means that when frzoo says a run is
+    done, its offline run is complete on disk: ready for `wandb sync` or a reader.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if run_file_complete(path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _set_item(target: Dict[str, Any], item: Any) -> None:

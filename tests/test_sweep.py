@@ -130,7 +130,8 @@ def test_local_grid_sweep_of_four_trials_interrupted_and_continued(tmp_path, cap
     ({"optimizer.lrr": {"values": [0.1]}}, "optimizer.lrr", "Did you mean 'optimizer.lr'"),
     ({"optimizer.lr": {"values": [0.1, -1]}}, "optimizer.lr", "must be zero or more"),
     ({"train.epochs": {"values": [1, "many"]}}, "train.epochs", "many"),
-    ({"algorithm.name": {"values": ["fr", "ddg"]}}, "algorithm.name", "unknown algorithm 'ddg'"),
+    ({"algorithm.name": {"values": ["fr", "fancy"]}}, "algorithm.name",
+     "unknown algorithm 'fancy'"),
     ({"split.points": {"values": [["layer3"], ["layer9"]]}}, "split.points", "layer9"),
     ({"optimizer.lr": {"min": -1.0, "max": 0.1}}, "optimizer.lr", "must be zero or more"),
 ])

@@ -17,7 +17,7 @@ from frzoo.errors import FrzooError
 from frzoo.loggers import build_loggers, read_jsonl
 from frzoo.trainer import train
 from frzoo.wandb_logger import (WandbLogger, find_offline_runs, metric_name, read_offline_run,
-                                resolve_mode, wandb_metrics)
+                                resolve_mode, run_file_complete, wandb_metrics)
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=32", "data.num_test=16",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer3]", "train.epochs=2",
@@ -102,6 +102,14 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tmp_path, caps
 
     # the final model as an artifact
     assert {"type": "model", "name": f"model-{run.run['id']}", "files": ["final.pt"]} in run.artifacts
+
+    # a file cut short (a run still being written, or killed) reads as far as it goes
+    data = files[0].read_bytes()
+    cut = tmp_path / "run-cut.wandb"
+    cut.write_bytes(data[:len(data) // 2])
+    assert run_file_complete(files[0]) and not run_file_complete(cut)
+    partial = read_offline_run(cut)
+    assert partial.exit_code is None and partial.run["id"] == run.run["id"]
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
