@@ -110,6 +110,9 @@ class TrainConfig:
     threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
     # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).
     measure_memory: bool = False
+    # Every N steps, compare each part's update with the true gradient on the same sample
+    # (sigma, logged as partK_sigma over each log interval). 0 = off. Local executor only.
+    sigma_every: int = 0
     progress: bool = True
 
 
@@ -278,6 +281,10 @@ def validate(cfg: DictConfig) -> None:
     positive("train.threads", allow_none=True)
     positive("optimizer.lr", allow_zero=True)
     positive("distributed.timeout_s")
+    positive("train.sigma_every", allow_zero=True)
+    if cfg.train.sigma_every and cfg.executor != "local":
+        raise RecipeError("train.sigma_every needs the whole model in one process: use "
+                          "executor=local for sigma measurements.")
     positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)

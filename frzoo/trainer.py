@@ -6,6 +6,8 @@ it. That is what makes a resumed run equal, bit for bit, to one that never stopp
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -37,24 +39,35 @@ def checkpoint_path(out_dir: Path) -> Path:
 
 @contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """Refuse to let two runs write into one folder at the same time."""
+    """Refuse to let two runs write into one folder at the same time.
+
+    An exclusive flock on `<out_dir>/.lock`: the kernel drops it when the holder dies (even by
+    SIGKILL), so a killed run never blocks its resumption and no stale-pid guess is needed.
+    """
     lock = out_dir / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip() or "?"
-        alive = pid.isdigit() and _pid_alive(int(pid))
-        if alive:
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise FrzooError(f"run folder '{out_dir}' is in use by another frzoo run (pid {pid}); "
                              f"choose another run.out_dir.") from None
-        lock.unlink()  # left behind by a run that was killed
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        try:  # the holder we raced with may have removed the file: lock the one at the path
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before the unlock, so a waiter re-checks the path
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,6 +95,13 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
     if resume and not checkpoint_path(out_dir).exists():
         raise FrzooError(f"nothing to resume in '{out_dir}': {checkpoint_path(out_dir)} "
                          f"does not exist.")
+
+
+def remove_partial_files(out_dir: Path) -> None:
+    """Delete the temporary files of writes a killed run never finished (see atomic_save)."""
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
 
 
 class StopRequest:
@@ -135,8 +155,11 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
         load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
         data = build_data(cfg.data, cfg.train.seed)
         job = build_job(cfg, data.info)
-        return run_loop(cfg, out_dir, resume, job=job, data=data,
-                        executor=LocalExecutor(job.algorithms), loggers=loggers, echo=echo)
+        executor = LocalExecutor(job.algorithms)
+        if cfg.train.sigma_every:
+            executor.measure_sigma(cfg.train.sigma_every)
+        return run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
+                        loggers=loggers, echo=echo)
 
 
 def _resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Any) -> DictConfig:
@@ -153,10 +176,29 @@ def _resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Any) -> D
     return resolve_auto_split(cfg, build_data(cfg.data, cfg.train.seed).info, echo)
 
 
+# errno values that mean "the run folder cannot take more data", whichever write hit them
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
              executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
+    try:
+        return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
+                         loggers=loggers, echo=echo)
+    except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" writing '{exc.filename}'" if exc.filename else ""
+        raise FrzooError(f"run.out_dir '{out_dir}' cannot be written{where} ({exc.strerror}); "
+                         f"training stopped. The last good checkpoint is "
+                         f"{checkpoint_path(out_dir)} (step {_saved_step(out_dir)}); free space "
+                         f"and resume with `frzoo run --resume {out_dir}`.") from None
+
+
+def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
+              executor: Executor, loggers: Sequence[Logger], echo: Any) -> Dict[str, Any]:
     leader = executor.is_leader
     recipe, partition = to_container(cfg), job.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
@@ -168,6 +210,7 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
         progress = state["progress"]
     table = partition_table(job)
     if leader:
+        remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
         save_recipe(cfg, out_dir / "recipe.yaml")
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
@@ -181,8 +224,9 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
 
     logger: Logger = NullLogger()
     if leader:
+        # A fresh start keeps no records of an earlier start killed before its first checkpoint.
         logger = MultiLogger([JsonlLogger(out_dir / "metrics.jsonl",
-                                          resume_from_step=progress["step"] if resume else None),
+                                          resume_from_step=progress["step"] if resume else -1),
                               *loggers])
         # Trackers (W&B) open their run here: the partition is known, so it goes into the config.
         logger.start({"recipe": recipe, "partition": table, "step": progress["step"]})
@@ -193,6 +237,12 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
     step = progress["step"]
     bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
     window = _Window()
+    if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
+            and progress.get("last_eval_step") != step and cfg.train.eval_every \
+            and (step // steps_per_epoch) % cfg.train.eval_every == 0:
+        # The checkpoint was written at the epoch's end, before its evaluation: run it now.
+        _record_eval(executor, data, logger, progress, step, steps_per_epoch)
+        save_checkpoint()
     with StopRequest(enabled=executor.accepts_stop) as stop:
         while step < total_steps and not executor.stopped:
             epoch, first_batch = divmod(step, steps_per_epoch)
@@ -289,6 +339,8 @@ def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float
         if len(totals) <= k:
             totals.append({})
         for phase, value in phases.items():
+            if phase == "sigma":  # a ratio over the window: logged, not summed
+                continue
             if phase.endswith("_bytes"):  # memory: the run's peak, not a sum
                 totals[k][phase] = max(totals[k].get(phase, 0.0), value)
             else:
@@ -337,8 +389,8 @@ class _Window:
         out = {"loss": self.loss / steps, "acc": 100 * self.correct / max(self.count, 1),
                "images_per_s": self.count / max(self.seconds, 1e-9)}
         for k, phases in enumerate(timings or []):
-            out.update({f"part{k + 1}_{phase}" if phase.endswith("_bytes") else
-                        f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
+            out.update({f"part{k + 1}_{phase}" if phase.endswith("_bytes") or phase == "sigma"
+                        else f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
         self.reset()
         return out
 

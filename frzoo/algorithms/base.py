@@ -107,6 +107,7 @@ class PartAlgorithm:
         # Seconds spent in each phase since the executor last read them (see PHASES).
         self.clock: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.memory: Optional[MemoryMeter] = None  # see measure_memory()
+        self.before_update: Optional[Callable[["PartAlgorithm"], None]] = None
 
     def measure_memory(self) -> None:
         """Count, from now on, the bytes this part keeps alive for backward (frzoo.memory)."""
@@ -185,6 +186,8 @@ class PartAlgorithm:
         return ForwardResult(loss=self._loss.detach(), logits=logits.detach(), target=target)
 
     def _apply_update(self) -> None:
+        if self.before_update is not None:  # e.g. the sigma probe reads the gradient used here
+            self.before_update(self)
         with self.timed("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
