@@ -53,26 +53,34 @@ class SigmaProbe:
         return step % self.every == 0
 
     def compute_true_gradients(self, step: int) -> None:
-        """Before any update of iteration `step`: per part, backprop on that part's sample."""
+        """Before any update of iteration `step`: backprop each part's sample (one pass per
+        distinct sample serves every part that was trained on it)."""
         samples = {s: (x, y) for s, x, y in self.recent}
-        self.true = {}
+        wanted: Dict[int, List[int]] = {}
         for k, algo in enumerate(self.algorithms):
-            sample = step - algo.staleness
-            if sample in samples:
-                self.true[k] = self._true_gradient(k, sample, *samples[sample])
+            if step - algo.staleness in samples:
+                wanted.setdefault(step - algo.staleness, []).append(k)
+        self.true = {}
+        for sample, parts in wanted.items():
+            self.true.update(self._true_gradients(parts, sample, *samples[sample]))
 
-    def _true_gradient(self, k: int, sample: int, x: Tensor, y: Tensor) -> List[Tensor]:
+    def _true_gradients(self, parts: List[int], sample: int, x: Tensor,
+                        y: Tensor) -> Dict[int, List[Tensor]]:
         saved = [{n: p.grad for n, p in a.part.named_parameters()} for a in self.algorithms]
         h = x
         for algo in self.algorithms:
             with frozen_bn_stats(algo.part), seeded(step_seed(algo.seed, sample, algo.index), algo.device):
                 h = algo.part(h.to(algo.device))
-        weights = list(probed_weights(self.algorithms[k].part).values())
-        grads = torch.autograd.grad(F.cross_entropy(h, y.to(h.device)), weights)
+        weights = [list(probed_weights(self.algorithms[k].part).values()) for k in parts]
+        grads = torch.autograd.grad(F.cross_entropy(h, y.to(h.device)), [w for ws in weights for w in ws])
         for algo, grads_before in zip(self.algorithms, saved):  # leave .grad as it was
             for n, p in algo.part.named_parameters():
                 p.grad = grads_before[n]
-        return [g.detach() for g in grads]
+        out, i = {}, 0
+        for k, ws in zip(parts, weights):
+            out[k] = [g.detach() for g in grads[i:i + len(ws)]]
+            i += len(ws)
+        return out
 
     def compare(self, k: int, algo: PartAlgorithm) -> None:
         """Called with part k's gradients in .grad, just before its optimizer step."""
