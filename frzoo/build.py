@@ -19,7 +19,7 @@ from .data import DataInfo
 from .errors import FrzooError
 from .models import create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
-from .partition import (EquivalenceReport, Part, Partition, build_parts, check_equivalence,
+from .partition import (EquivalenceReport, Partition, build_checked_parts, build_parts,
                         resolve_partition)
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
 
@@ -29,7 +29,7 @@ class Job:
     """Everything a trainer or a planner needs, built once from a recipe."""
     model: nn.Module
     partition: Partition
-    parts: List[Part]
+    parts: List[nn.Module]  # partition.Part (chain) or fx_split.FxPart: both have .names
     devices: List[torch.device]
     report: EquivalenceReport
     algorithms: List[PartAlgorithm]  # the parts this process runs (all of them, or one)
@@ -146,10 +146,12 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     load_plugins(cfg.plugins)
     model = build_model(cfg.model, info, cfg.train.seed)
     partition = build_partition(model, cfg)
-    parts = build_parts(model, partition)
     sample = torch.randn(2, info.channels, info.image_size, info.image_size,
                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    report = check_equivalence(model, parts, sample) if check else EquivalenceReport()
+    if check:  # a chain split that fails the check is redone on the model's fx trace
+        partition, parts, report = build_checked_parts(model, partition, sample)
+    else:
+        parts, report = build_parts(model, partition), EquivalenceReport()
     if check and not report.exact:
         bad = report.first_bad_part()
         where = (report.problem if report.problem else
@@ -158,7 +160,9 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
         raise FrzooError(
             f"the split parts of '{cfg.model.name}' do not compute what the whole model "
             f"computes: {where}. Its forward is probably not a chain of its children (functional "
-            f"code or root-owned parameters between them); cut elsewhere, or train it unsplit.")
+            f"code or root-owned parameters between them); cut elsewhere, or train it unsplit."
+            + (f" The traced (fx) split was refused too: {report.fallback_error}"
+               if report.fallback_error else ""))
     devices = resolve_devices(cfg.devices, partition.num_parts)
     scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
     algo_cls = ALGORITHMS.get(cfg.algorithm.name)
@@ -176,7 +180,7 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 
-def _make_algorithm(cls: Any, part: Part, optimizer: torch.optim.Optimizer, index: int,
+def _make_algorithm(cls: Any, part: nn.Module, optimizer: torch.optim.Optimizer, index: int,
                     num_parts: int, device: torch.device, seed: int,
                     options: Dict[str, Any]) -> PartAlgorithm:
     # Pass each algorithm only the options it names (fr takes warmup/replay_bn, bp takes none).

@@ -1,4 +1,4 @@
-"""`frzoo run | plan | models | eval | export | sweep | agent`.
+"""`frzoo run | plan | models | eval | export | sweep | agent | report`.
 
 Errors that are the user's to fix (FrzooError) print one line and exit with status 2.
 """
@@ -79,6 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
+    if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
+        _print_candidates(cfg, data.info)
     job = build_job(cfg, data.info)
     if args.points:
         print("# valid split points, in execution order")
@@ -100,6 +102,52 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nsplit check: the chained parts equal the whole model exactly "
           f"(max |diff| per part: {diffs}; eval mode, random input)")
     return 0
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _print_candidates(cfg: Any, info: Any) -> None:
+    """Every valid split point of the recipe's model with the block that starts there."""
+    import torch
+    from .build import build_model
+    from .fx_split import profile_blocks
+    from .partition import all_cut_points
+    model = build_model(cfg.model, info, cfg.train.seed)
+    sample = torch.randn(1, info.channels, info.image_size, info.image_size)
+    batch = cfg.data.batch_size
+    try:
+        blocks = profile_blocks(model, sample)
+    except FrzooError as exc:  # not traceable: only the chain's points are known
+        print(f"# split candidates: {exc}\n# chain split points instead:")
+        print("\n".join(all_cut_points(model)) + "\n")
+        return
+    print(f"# split candidates of {cfg.model.name} at {info.channels}x{info.image_size}x"
+          f"{info.image_size}: cut BEFORE the point; params and FLOPs (2 per multiply-add of "
+          f"conv, linear and matrix products, per sample) of the block from this point to the "
+          f"next; activation = the tensor sent across the cut (per sample; bytes per batch of "
+          f"{batch})")
+    header = (f"{'point':<40} {'params':>9} {'FLOPs':>9}  {'activation':<16} {'elements':>9} "
+              f"{'bytes/batch':>11}")
+    print(header)
+    print("-" * len(header))
+    total_params = total_flops = 0
+    for block in blocks:
+        shape = "x".join(map(str, block.input_shape[1:]))
+        label = block.point or "(input)"
+        if block.aliases:
+            label += f" (= {block.aliases[0]}{', ...' if len(block.aliases) > 1 else ''})"
+        numel = int(torch.Size(block.input_shape[1:]).numel())
+        print(f"{label[:40]:<40} {_si(block.params):>9} {_si(block.flops):>9}  {shape:<16} "
+              f"{_si(numel):>9} {_si(block.input_bytes * batch):>11}")
+        total_params += block.params
+        total_flops += block.flops
+    print(f"{len(blocks) - 1} points; total {_si(total_params)} parameters, {_si(total_flops)} "
+          f"FLOPs per sample\n")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -206,6 +254,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Figures and a markdown summary comparing finished runs (docs/report.md)."""
+    from .report import build_report
+    out = (Path(args.output) if args.output
+           else Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = build_report(args.run_dirs, out)
+    print(f"wrote {report.markdown} and {len(report.figures)} figures"
+          + (f"; skipped: {'; '.join(dict.fromkeys(report.skipped.values()))}"
+             if report.skipped else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frzoo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the resolved recipe and partition; train nothing")
     p.add_argument("args", nargs="+", metavar="RECIPE [key=value ...]")
     p.add_argument("--points", action="store_true", help="also list every valid split point")
+    p.add_argument("--candidates", action="store_true",
+                   help="list every valid split point of the traced forward with the "
+                        "parameters, FLOPs and activation size of the block it starts")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("models", help="list architectures (timm's and plugins')")
     p.add_argument("pattern", nargs="?", help="substring or glob, e.g. 'resnet*'")
@@ -254,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entity")
     p.add_argument("--count", type=int, help="run at most N trials")
     p.set_defaults(fn=cmd_agent)
+    p = sub.add_parser("report", help="PNG figures and a markdown summary comparing runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", metavar="OUT_DIR",
+                   help="folder for report.md and the PNGs (default runs/report-DATE-TIME)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

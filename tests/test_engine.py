@@ -368,3 +368,18 @@ def test_ddg_state_roundtrip_rebuilds_the_graphs_exactly():
     for t, (x, y) in enumerate(data[4:], start=4):
         ex_c.train_step((x, y), t)
     assert_same_weights(a, c)
+
+
+def test_a_part_starting_with_an_in_place_op_keeps_its_history_intact():
+    import timm
+    from frzoo.partition import build_parts, partition_from_points
+    model = timm.create_model("test_resnet", num_classes=5)
+    parts = build_parts(model, partition_from_points(model, ["act1", "layer3"]))  # act1: ReLU(inplace)
+    algos = [FeaturesReplay(p, optimizer(p.parameters()), index=i, num_parts=3,
+                            device=torch.device("cpu"), loss_fn=F.cross_entropy) for i, p in enumerate(parts)]
+    ex = LocalExecutor(algos)
+    g = torch.Generator().manual_seed(0)
+    for t in range(4):
+        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)
+        ex.train_step((x, y), t)
+    assert parts[1].copy_input and not parts[0].copy_input

@@ -99,10 +99,14 @@ def test_k_rule_is_ceil_chunks_of_blocks():
         points_for_k(model, 9)
 
 
-def test_model_whose_forward_is_not_a_chain_is_refused():
-    vit = timm.create_model("test_vit", num_classes=3)
-    with pytest.raises(FrzooError, match="outside the modules of its forward chain"):
-        build_parts(vit, partition_from_points(vit, ["blocks"]))
+def test_model_whose_forward_is_not_a_chain_is_split_on_its_trace():
+    # the root owns cls_token and pos_embed: the chain parts would leave them out, so the parts
+    # are cut from the traced forward instead (tests/test_fx_split.py has the details)
+    from frzoo.fx_split import FxPart
+    vit = timm.create_model("test_vit", num_classes=3, img_size=32)
+    parts = build_parts(vit, partition_from_points(vit, ["blocks"]))
+    assert all(isinstance(p, FxPart) for p in parts)
+    assert check_equivalence(vit, parts, torch.randn(2, 3, 32, 32)).exact
 
 
 def test_functional_code_between_children_is_caught_by_the_check():

@@ -1,0 +1,647 @@
+"""Split a model whose forward is not a plain chain of its children, by tracing it with torch.fx.
+
+The chain split (frzoo.partition) needs the root's forward to be ``for m in children: x = m(x)``.
+Most timm models are not quite that: a ViT concatenates its class token and adds a position
+embedding that the root owns, a Mixer averages tokens between its last norm and its head, a Swin
+or ConvNeXt stage is not an ``nn.Sequential``. Here the forward is traced into a graph of
+operations (timm's own leaf modules and functions stay opaque, as in timm's fx feature
+extraction), and a cut BEFORE module M puts every node before M's first node in one part and the
+rest in the next. A cut is valid when exactly ONE value computed before it is used after it; that
+tensor is what the part sends. Inside a residual block the input and the branch cross; inside a
+ViT's token path the class token might: such cuts are refused, naming valid ones near them.
+
+Why not ``torch.fx.passes.split_module``: it hands every parameter or buffer read with
+``get_attr`` (a ViT's ``cls_token``/``pos_embed``, a LayerScale gamma, a Swin relative-position
+table) to the sub-graphs as extra INPUTS fetched by the top-level module, and it renames module
+paths (``blocks.0.attn`` -> ``blocks_0_attn``). A part must take one tensor and hold its own
+weights under their original names, so the per-part graphs are built here directly: each part's
+graph copies its nodes, re-reads the tensors it uses with its own ``get_attr``, and runs against a
+holder module that contains the model's OWN module objects at their original paths (and the
+root-owned tensors it uses, as the same Parameter objects). Export by original names, BatchNorm
+statistics, ``.train()``/``.eval()`` and ``.to(device)`` therefore act on the model's own objects.
+
+Python branches on ``self.training`` (drop-path, attention dropout) are resolved while tracing,
+so the model is traced twice, in train and in eval mode, and each part runs the graph of its
+current mode: a part behaves exactly as the same modules do inside the whole model.
+"""
+from __future__ import annotations
+
+import bisect
+import inspect
+import math
+import operator
+import weakref
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .errors import FrzooError
+from .partition import FX_PREFIX, Partition
+from .registry import suggest
+_MODES = (True, False)  # training, eval: the model is traced in both
+
+
+# ---------------------------------------------------------------- tracing
+class ModelTracer(fx.Tracer):
+    """torch.fx's tracer that keeps timm's registered leaf modules and functions opaque (the set
+    timm's own fx feature extraction uses), besides torch.nn's built-in modules."""
+
+    def __init__(self) -> None:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.leaf_types = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _module_paths(node: fx.Node) -> List[str]:
+    """The modules a node runs inside, outermost first (the root, '', is implied)."""
+    paths = [v[0] for v in node.meta.get("nn_module_stack", {}).values()]
+    if node.op == "call_module" and node.target not in paths:
+        paths.append(str(node.target))
+    return paths
+
+
+@dataclass
+class ModeGraph:
+    """The forward traced in one mode, with what the cut rules need per node."""
+    graph: fx.Graph
+    nodes: List[fx.Node]  # in execution order
+    input: fx.Node  # the one tensor the forward takes
+    constants: Dict[fx.Node, Any]  # the forward's other arguments, fixed to their defaults
+    output: fx.Node  # the one tensor the forward returns
+    index: Dict[fx.Node, int] = field(default_factory=dict)
+    first: Dict[str, int] = field(default_factory=dict)  # module path -> its first node
+    last: Dict[str, int] = field(default_factory=dict)  # module path -> its last node
+    last_use: Dict[fx.Node, int] = field(default_factory=dict)  # value -> its last user
+    attr_span: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # tensor -> users' span
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        end = len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            if node.op in ("placeholder", "output"):
+                continue
+            for path in _module_paths(node):
+                self.first.setdefault(path, i)
+                self.last[path] = i
+            users = [end if u.op == "output" else self.index[u] for u in node.users]
+            if users:
+                self.last_use[node] = max(users)
+            if node.op == "get_attr" and users:
+                lo, hi = self.attr_span.get(str(node.target), (end, -1))
+                self.attr_span[str(node.target)] = (min(lo, min(users)), max(hi, max(users)))
+        self.last_use[self.input] = max((self.index[u] for u in self.input.users), default=-1)
+
+    def is_free(self, node: fx.Node) -> bool:
+        """Values any part can have without receiving them: tensors it reads itself, and the
+        forward arguments that were fixed to constants."""
+        return node.op == "get_attr" or node in self.constants
+
+    def crossing(self, i: int) -> List[fx.Node]:
+        """Values computed before node i and used at or after it (what would have to be sent)."""
+        return [n for n in self.nodes[:i]
+                if not self.is_free(n) and n.op != "output" and self.last_use.get(n, -1) >= i]
+
+    def cut_problem(self, i: int, point: str) -> Optional[str]:
+        """Why a cut before node i (the first node of module `point`) is invalid, or None."""
+        crossing = self.crossing(i)
+        if len(crossing) != 1:
+            return (f"{len(crossing)} values would cross the cut "
+                    f"({', '.join(_describe(n) for n in crossing[:4])}"
+                    f"{', ...' if len(crossing) > 4 else ''}), and a part sends exactly one tensor")
+        if crossing[0] is self.input:
+            return "nothing runs before it, so the first part would be empty"
+        enclosing = _ancestors(point)
+        for path, start in self.first.items():
+            if start < i <= self.last[path] and path not in enclosing:
+                return (f"module '{path}' runs on both sides of the cut (it is called more than "
+                        f"once), so its weights would be in two parts")
+        for target, (lo, hi) in self.attr_span.items():
+            if lo < i <= hi:
+                return f"tensor '{target}' is used on both sides of the cut (shared weights)"
+        return None
+
+    @cached_property
+    def valid_points(self) -> List[Tuple[int, List[str]]]:
+        """Every valid cut, in execution order: (node index, modules starting there, outermost
+        first)."""
+        starting: Dict[int, List[str]] = {}
+        for path, i in self.first.items():
+            starting.setdefault(i, []).append(path)
+        out = []
+        for i in sorted(starting):
+            names = sorted(starting[i], key=lambda p: p.count("."))
+            if self.cut_problem(i, names[0]) is None:
+                out.append((i, names))
+        return out
+
+
+def _describe(node: fx.Node) -> str:
+    paths = _module_paths(node)
+    return f"{node.name} from '{paths[-1]}'" if paths else node.name
+
+
+def _ancestors(path: str) -> Set[str]:
+    """`a.b.c` -> {'a', 'a.b', 'a.b.c'}: the modules whose forward a cut at `path` may open."""
+    atoms = path.split(".")
+    return {".".join(atoms[:j]) for j in range(1, len(atoms) + 1)}
+
+
+@dataclass
+class Trace:
+    """A model traced in train (True) and eval (False) mode."""
+    graphs: Dict[bool, ModeGraph]
+
+    @property
+    def eval(self) -> ModeGraph:
+        return self.graphs[False]
+
+
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, Tuple[Tuple[int, ...], Trace]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def trace_model(model: nn.Module) -> Trace:
+    """Trace `model` in both modes (cached while its module tree is unchanged)."""
+    fingerprint = tuple(id(m) for m in model.modules())
+    cached = _TRACES.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not params:
+        raise FrzooError(f"{type(model).__name__}.forward takes no tensor argument; it cannot "
+                         f"be split. Train it unsplit (K=1).")
+    required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
+    if required:
+        raise FrzooError(f"{type(model).__name__}.forward needs more than one input "
+                         f"({params[0].name}, {', '.join(required)}); a split model takes one "
+                         f"tensor. Train it unsplit (K=1).")
+    concrete = {p.name: p.default for p in params[1:]}
+    modes = {m: m.training for m in model.modules()}
+    graphs = {}
+    try:
+        for training in _MODES:
+            model.train(training)
+            try:
+                graph = ModelTracer().trace(model, concrete_args=concrete or None)
+            except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable code
+                raise FrzooError(
+                    f"torch.fx cannot trace {type(model).__name__} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), "
+                    f"so it can only be cut where its forward is a chain of its children "
+                    f"(`frzoo plan RECIPE --points`); or train it unsplit (K=1).") from None
+            graphs[training] = _mode_graph(model, graph, list(concrete.values()))
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    trace = Trace(graphs)
+    _TRACES[model] = (fingerprint, trace)
+    return trace
+
+
+def _mode_graph(model: nn.Module, graph: fx.Graph, defaults: List[Any]) -> ModeGraph:
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, fx.Node):
+        raise FrzooError(f"{type(model).__name__}.forward returns {type(result).__name__} in "
+                         f"{'train' if model.training else 'eval'} mode, not one tensor; a split "
+                         f"model's last part must return the logits alone. Train it unsplit (K=1).")
+    return ModeGraph(graph, nodes, placeholders[0], dict(zip(placeholders[1:], defaults)), result)
+
+
+# ---------------------------------------------------------------- resolving points
+def fx_partition(model: nn.Module, points: Sequence[str]) -> Partition:
+    """The partition for cuts before `points` in the traced forward: module names per part.
+
+    The names are the root's children, with every module that contains a split point replaced by
+    its children until the point itself is an entry (like the chain split, but any module may be
+    opened, not only ``nn.Sequential``), ordered by their first call and grouped by part.
+    """
+    trace = trace_model(model)
+    modules = dict(model.named_modules())
+    cuts: Dict[bool, List[int]] = {}
+    for training, mg in trace.graphs.items():
+        cuts[training] = [_checked_cut(model, mg, modules, p) for p in points]
+        for a, b, name in zip(cuts[training], cuts[training][1:], points[1:]):
+            if b <= a:
+                raise FrzooError(
+                    f"split points must be in execution order without repeats; '{name}' runs at "
+                    f"or before the point before it (order given: {', '.join(points)}). "
+                    f"{_list_valid(mg)}")
+    entries = _open_chain(model, points)
+    mg = trace.eval
+    position: Dict[str, int] = {}
+    previous = -1
+    for name in entries:  # a module never called keeps its place after its predecessor
+        previous = position[name] = mg.first.get(name, previous)
+    entries.sort(key=lambda name: position[name])
+    parts: List[List[str]] = [[] for _ in range(len(points) + 1)]
+    for name in entries:
+        parts[bisect.bisect_right(cuts[False], position[name])].append(name)
+    for k, point in enumerate(points, start=1):  # a container point starts at its first child
+        assert parts[k] and (parts[k][0] == point or parts[k][0].startswith(point + ".")), \
+            (parts[k][:1], point)
+    for training, graph in trace.graphs.items():
+        _owners(model, graph, cuts[training], parts)  # every module and tensor in one part
+    return Partition(tuple(tuple(p) for p in parts), method="fx")
+
+
+def _checked_cut(model: nn.Module, mg: ModeGraph, modules: Dict[str, nn.Module],
+                 point: str) -> int:
+    if point not in modules or point == "":
+        names = [n for n in modules if n]
+        raise FrzooError(f"split point '{point}' is not a module of {type(model).__name__}."
+                         f"{suggest(point, names)} {_list_valid(mg)}")
+    if point not in mg.first:
+        leaf = next((p for p in sorted(_ancestors(point), key=len) if p in mg.first
+                     and any(n.op == "call_module" and n.target == p for n in mg.nodes)), None)
+        where = (f"it runs inside '{leaf}' ({type(modules[leaf]).__name__}), which is traced as "
+                 f"one operation" if leaf else "the traced forward never calls it")
+        raise FrzooError(f"cannot cut at '{point}': {where}. {_near_text(mg, None, leaf)}")
+    i = mg.first[point]
+    problem = mg.cut_problem(i, point)
+    if problem is None:
+        return i
+    inside = [p for p in sorted(_ancestors(point) - {point}, key=len, reverse=True)
+              if mg.first.get(p, i) < i]
+    owner = (f"'{inside[0]}' ({type(modules[inside[0]]).__name__})" if inside
+             else f"the forward of {type(model).__name__}")
+    raise FrzooError(f"cannot cut at '{point}': it lies inside {owner}, and there {problem}. "
+                     f"{_near_text(mg, i, point)}")
+
+
+def _near_text(mg: ModeGraph, i: Optional[int], name: Optional[str], width: int = 3) -> str:
+    valid = mg.valid_points
+    if not valid:
+        return "The traced forward has no valid cut point; train it unsplit (K=1)."
+    if i is None and name is not None and name in mg.first:
+        i = mg.first[name]
+    at = bisect.bisect_left([v[0] for v in valid], i) if i is not None else 0
+    near = [names[0] for _, names in valid[max(0, at - width): at + width]]
+    return f"Valid points near it: {', '.join(near)}."
+
+
+def _list_valid(mg: ModeGraph) -> str:
+    valid = [names[0] for _, names in mg.valid_points]
+    if len(valid) <= 60:
+        return f"Valid points: {', '.join(valid)}."
+    return (f"Valid points ({len(valid)}): {', '.join(valid[:25])}, ..., "
+            f"{', '.join(valid[-10:])}; `frzoo plan RECIPE --candidates` lists them all.")
+
+
+def _open_chain(model: nn.Module, points: Sequence[str]) -> List[str]:
+    chain = [name for name, _ in model.named_children()]
+    for point in points:
+        while point not in chain:
+            owner = next(c for c in chain if point.startswith(c + "."))
+            i = chain.index(owner)
+            chain[i:i + 1] = [f"{owner}.{c}" for c, _ in model.get_submodule(owner).named_children()]
+    return chain
+
+
+def _covering(path: str, entries: Dict[str, int]) -> Optional[str]:
+    """The entry that is `path` or contains it."""
+    atoms = path.split(".")
+    for j in range(len(atoms), 0, -1):
+        candidate = ".".join(atoms[:j])
+        if candidate in entries:
+            return candidate
+    return None
+
+
+def _owners(model: nn.Module, mg: ModeGraph, cuts: List[int],
+            parts: Sequence[Sequence[str]]) -> Dict[str, int]:
+    """Check that each part's nodes use only its own entries; return the part of each tensor
+    read with get_attr that no entry covers (the root's own cls_token, pos_embed, ...)."""
+    entry_part = {name: k for k, names in enumerate(parts) for name in names}
+    loose: Dict[str, int] = {}
+    for i, node in enumerate(mg.nodes):
+        if node.op in ("placeholder", "output") or node in mg.constants:
+            continue
+        if node.op == "get_attr":
+            target = str(node.target)
+            for user in node.users:
+                k = len(cuts) if user.op == "output" else bisect.bisect_right(cuts, mg.index[user])
+                entry = _covering(target, entry_part)
+                if entry is None:
+                    if loose.setdefault(target, k) != k:
+                        raise FrzooError(
+                            f"tensor '{target}' is used by part {loose[target] + 1} and part "
+                            f"{k + 1} (shared weights); move the cut so both users are in one "
+                            f"part.")
+                else:
+                    _same_part(model, target, entry, k, entry_part)
+            continue
+        paths = _module_paths(node)
+        entry = _covering(paths[-1], entry_part) if paths else None
+        if entry is not None:  # code of an opened module (or the root) may run in any part
+            _same_part(model, paths[-1], entry, bisect.bisect_right(cuts, i), entry_part)
+    return loose
+
+
+def _same_part(model: nn.Module, path: str, entry: str, k: int, entry_part: Dict[str, int]) -> None:
+    if entry_part[entry] != k:
+        raise FrzooError(f"'{path}' runs in part {k + 1} but belongs to '{entry}' in part "
+                         f"{entry_part[entry] + 1}: {type(model).__name__} uses it on both sides "
+                         f"of a cut (called twice, or shared weights); move the cut.")
+
+
+# ---------------------------------------------------------------- building parts
+class FxPart(nn.Module):
+    """A part cut out of the traced forward: one tensor in, one tensor out.
+
+    ``self.fx`` holds the model's own module objects (and root-owned tensors) at their original
+    paths, so ``state_dict()`` keys are ``fx.`` + the model's own names. The part runs the graph
+    traced in the mode of its first module, like a chain Part, whose behaviour is its modules':
+    ``part.train()``/``part.eval()`` and ``model.train()``/``model.eval()`` both switch it.
+    """
+
+    def __init__(self, names: Sequence[str], holder: nn.Module,
+                 graphs: Dict[bool, fx.Graph]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.fx = holder
+        self.graphs = graphs  # plain attribute: one fx.Graph per mode, for inspection
+        self._forwards = {mode: _compile(holder, graph) for mode, graph in graphs.items()}
+        # The part's mode is that of its first module (one of the model's own, not registered
+        # twice here: object.__setattr__ keeps it out of the module tree).
+        object.__setattr__(self, "_mode_of", holder.get_submodule(self.names[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forwards[self._mode_of.training](self.fx, x)
+
+    def original_state_dict(self) -> Dict[str, Tensor]:
+        """This part's state in the whole model's parameter names."""
+        return {key[len(FX_PREFIX):]: value for key, value in self.state_dict().items()}
+
+    def code(self, training: Optional[bool] = None) -> str:
+        """The Python code of the part's forward (in its current mode by default)."""
+        mode = self._mode_of.training if training is None else training
+        return self.graphs[mode].python_code(root_module="self").src
+
+    def extra_repr(self) -> str:
+        names = self.names
+        return f"names={names[0] if len(names) == 1 else f'{names[0]} .. {names[-1]}'}"
+
+
+def _compile(holder: nn.Module, graph: fx.Graph) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The generated forward of `graph`, to be called with `holder` as self. The throwaway
+    GraphModule checks that every module and tensor the graph names exists in the holder."""
+    return type(fx.GraphModule(holder, graph)).forward
+
+
+def build_fx_parts(model: nn.Module, partition: Partition) -> List[FxPart]:
+    """One FxPart per part of an fx partition (see :func:`fx_partition`)."""
+    trace = trace_model(model)
+    points = partition.points
+    expected = fx_partition(model, points)  # validates the cuts; the names must be these
+    if expected.parts != partition.parts:
+        raise FrzooError(f"the partition does not match the traced forward of "
+                         f"{type(model).__name__}: for split points {points} the parts are "
+                         f"{expected.to_list()}.")
+    graphs: List[Dict[bool, fx.Graph]] = [{} for _ in partition.parts]
+    loose: Dict[str, int] = {}
+    for training, mg in trace.graphs.items():
+        cuts = [mg.first[p] for p in points]
+        for target, k in _owners(model, mg, cuts, partition.parts).items():
+            if loose.setdefault(target, k) != k:
+                raise FrzooError(f"tensor '{target}' is used by part {loose[target] + 1} in one "
+                                 f"mode and by part {k + 1} in the other; move the cut.")
+        bounds = [0, *cuts, len(mg.nodes)]
+        sent = [mg.crossing(c)[0] for c in cuts]  # the one tensor crossing each cut
+        ins, outs = [mg.input, *sent], [*sent, mg.output]
+        for k in range(len(partition.parts)):
+            graphs[k][training] = _part_graph(mg, bounds[k], bounds[k + 1], ins[k], outs[k])
+    covered = dict.fromkeys((n for names in partition.parts for n in names), 0)
+    unused = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]
+              if _covering(n, covered) is None and n not in loose]
+    last = len(partition.parts) - 1
+    parts = []
+    for k, names in enumerate(partition.parts):
+        own = [t for t, owner in loose.items() if owner == k] + (unused if k == last else [])
+        holder = _holder(model, names, own)
+        parts.append(FxPart(names, holder, {m: _protect_input(g, holder)
+                                            for m, g in graphs[k].items()}))
+    _check_disjoint(parts)
+    return parts
+
+
+def _part_graph(mg: ModeGraph, a: int, b: int, source: fx.Node, result: fx.Node) -> fx.Graph:
+    """Nodes [a, b) of the traced forward as a graph of one input (`source`) and one output."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, Any] = dict(mg.constants)
+    env[source] = graph.placeholder("x")
+
+    def value(node: fx.Node) -> Any:
+        if node not in env:  # a tensor the part reads itself: its own get_attr, just in time
+            assert node.op == "get_attr", f"{node} crosses a validated cut"
+            env[node] = graph.get_attr(str(node.target))
+        return env[node]
+
+    for node in mg.nodes[a:b]:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        env[node] = graph.node_copy(node, value)
+    graph.output(value(result))
+    graph.lint()
+    return graph
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.setitem}
+
+
+def _mutates(node: fx.Node, holder: nn.Module) -> bool:
+    """Whether `node` may write into its first argument."""
+    if node.op == "call_module":
+        return bool(getattr(holder.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.startswith("_")))
+    return False
+
+
+def _protect_input(graph: fx.Graph, holder: nn.Module) -> fx.Graph:
+    """Clone the part's input first when the part would write into it: Features Replay keeps
+    the input for the replay, so the part must not change it (the whole model does not care)."""
+    source = next(n for n in graph.nodes if n.op == "placeholder")
+    if any(_mutates(user, holder) and user.args and user.args[0] is source
+           for user in source.users):
+        with graph.inserting_after(source):
+            copy = graph.call_method("clone", (source,))
+        source.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    return graph
+
+
+def _holder(model: nn.Module, entries: Sequence[str], tensors: Sequence[str]) -> nn.Module:
+    """A module tree with the model's own modules at `entries` and its own tensors at `tensors`,
+    under their original paths (intermediate levels are empty modules)."""
+    holder = nn.Module()
+    for name in entries:
+        parent, _, attr = name.rpartition(".")
+        _level(holder, parent).add_module(attr, model.get_submodule(name))
+    for name in tensors:
+        parent, _, attr = name.rpartition(".")
+        owner, target = model.get_submodule(parent), _level(holder, parent)
+        value = getattr(owner, attr)
+        if attr in owner._parameters:
+            target.register_parameter(attr, value)
+        else:  # a buffer keeps its persistence; a plain tensor attribute (a constant fx
+            # stored on the model while tracing) moves with the part but is not saved
+            persistent = attr in owner._buffers and attr not in owner._non_persistent_buffers_set
+            target.register_buffer(attr, value, persistent=persistent)
+    return holder
+
+
+def _level(holder: nn.Module, path: str) -> nn.Module:
+    module = holder
+    for atom in path.split(".") if path else []:
+        if atom not in module._modules:
+            module.add_module(atom, nn.Module())
+        module = module._modules[atom]  # type: ignore[assignment]
+    return module
+
+
+def _check_disjoint(parts: Sequence[FxPart]) -> None:
+    seen: Dict[int, int] = {}
+    for k, part in enumerate(parts):
+        for t in part.parameters():
+            if seen.setdefault(id(t), k) != k:
+                raise FrzooError(f"a parameter is shared between part {seen[id(t)] + 1} and part "
+                                 f"{k + 1} (tied weights); move the cut so both users are in "
+                                 f"one part.")
+
+
+# ---------------------------------------------------------------- candidates
+@dataclass
+class Block:
+    """The stretch of the forward from one valid cut to the next."""
+    point: str  # the module the block starts at ('' for the model's input)
+    aliases: List[str]  # other modules starting at the same place
+    params: int  # parameters first used in this block
+    flops: int  # 2 per multiply-add of convolutions, linear layers and matrix products
+    input_shape: Tuple[int, ...]  # the tensor that crosses the cut before the block
+    input_bytes: int
+
+
+def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
+    """Every valid cut of `model`, with the parameters, FLOPs and input activation of the block
+    that starts there, measured on `sample` in eval mode."""
+    trace = trace_model(model)
+    mg = trace.eval
+    valid = [(i, names) for i, names in mg.valid_points if _valid_in_train(trace, names[0])]
+    starts = [0] + [i for i, _ in valid]
+    flops, shapes = _run_profile(model, mg, sample)
+    params = [0] * len(starts)
+    seen: Set[int] = set()
+    for i, node in enumerate(mg.nodes):
+        if node.op == "call_module":
+            tensors = list(model.get_submodule(str(node.target)).parameters())
+        elif node.op == "get_attr" and node.users:
+            value = _attr(model, str(node.target))
+            tensors = [value] if isinstance(value, nn.Parameter) else []
+            i = min((mg.index[u] for u in node.users if u.op != "output"), default=i)
+        else:
+            tensors = []
+        block = bisect.bisect_right(starts, i) - 1
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                params[block] += t.numel()
+    flops_per_block = [0] * len(starts)
+    for i, node in enumerate(mg.nodes):
+        flops_per_block[bisect.bisect_right(starts, i) - 1] += flops.get(node, 0)
+    blocks = [Block("", [], params[0], flops_per_block[0], tuple(sample.shape),
+                    sample.numel() * sample.element_size())]
+    for j, (i, names) in enumerate(valid, start=1):
+        shape, size = shapes[mg.crossing(i)[0]]
+        blocks.append(Block(names[0], names[1:], params[j], flops_per_block[j], shape, size))
+    return blocks
+
+
+def _valid_in_train(trace: Trace, point: str) -> bool:
+    mg = trace.graphs[True]
+    return point in mg.first and mg.cut_problem(mg.first[point], point) is None
+
+
+def _attr(model: nn.Module, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+_MATMULS = {torch.matmul, torch.bmm, torch.mm, operator.matmul, torch.einsum}
+
+
+def _run_profile(model: nn.Module, mg: ModeGraph, sample: Tensor
+                 ) -> Tuple[Dict[fx.Node, int], Dict[fx.Node, Tuple[Tuple[int, ...], int]]]:
+    """FLOPs of every node (conv/linear modules counted by hooks, matrix products and attention
+    by their shapes) and the shape and size of every tensor value, from one eval forward."""
+    flops: Dict[fx.Node, int] = {}
+    shapes: Dict[fx.Node, Tuple[Tuple[int, ...], int]] = {}
+    current = [0]
+
+    def conv_or_linear(module: nn.Module, _args: Any, out: Any) -> None:
+        if not isinstance(out, Tensor):
+            return
+        if isinstance(module, nn.Linear):
+            current[0] += 2 * out.numel() * module.in_features
+        else:
+            per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            current[0] += 2 * out.numel() * per_output
+
+    class Profiler(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            current[0] = 0
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            out = super().run_node(node)
+            flops[node] = current[0] + _functional_flops(node, args, kwargs, out)
+            if isinstance(out, Tensor):
+                shapes[node] = (tuple(out.shape), out.numel() * out.element_size())
+            return out
+
+    hooks = [m.register_forward_hook(conv_or_linear) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            Profiler(fx.GraphModule(model, mg.graph)).run(sample, *mg.constants.values())
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in modes.items():
+            m.training = flag
+    return flops, shapes
+
+
+def _functional_flops(node: fx.Node, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> int:
+    if not isinstance(out, Tensor):
+        return 0
+    target = node.target
+    if node.op == "call_method" and target in ("matmul", "bmm", "mm"):
+        target = torch.matmul
+    if target in _MATMULS and target is not torch.einsum and len(args) >= 2 \
+            and isinstance(args[0], Tensor):
+        return 2 * out.numel() * args[0].shape[-1]
+    if target is torch.nn.functional.linear and isinstance(args[1], Tensor):
+        return 2 * out.numel() * args[1].shape[-1]
+    if target in (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                  torch.nn.functional.conv3d, torch.conv2d) and isinstance(args[1], Tensor):
+        return 2 * out.numel() * math.prod(args[1].shape[1:])
+    if target is torch.nn.functional.scaled_dot_product_attention:
+        q, k = args[0], args[1]
+        return 2 * q.numel() * k.shape[-2] + 2 * out.numel() * k.shape[-2]
+    return 0
