@@ -28,18 +28,64 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "tra
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    Whatever stops the write (a kill, a full disk), `path` holds either the previous complete
+    file or the new complete one, never a part of one. A failed write is a one-line FrzooError.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            sink = _Sink(fh)
+            torch.save(obj, sink)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer turns a failed write into a RuntimeError; the sink kept the cause
+        cause = sink.error if sink is not None and sink.error is not None else exc
+        if not isinstance(cause, OSError):
+            raise
+        kept = "the previous version is kept" if path.exists() else "no earlier version exists"
+        raise FrzooError(f"could not write '{path}' ({cause.strerror or cause}); {kept}. Free "
+                         f"space or choose a writable run.out_dir.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class _Sink:
+    """The file torch.save writes to, remembering the OSError of a failed write."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: Any = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_file(path: Path) -> Dict[str, Any]:
@@ -48,7 +94,7 @@ def load_file(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
-        raise FrzooError(f"checkpoint '{path}' is unreadable ({str(exc).splitlines()[0]}); "
+        raise FrzooError(f"checkpoint '{path}' is unreadable ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); "
                          f"it may be truncated or not a frzoo checkpoint.") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise FrzooError(f"checkpoint '{path}' is not a frzoo checkpoint of format "

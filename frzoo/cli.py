@@ -175,8 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     job = build_job(cfg, data.info)
     weights = Path(args.weights) if args.weights else run_dir / "final.pt"
     if weights.exists():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        job.model.load_state_dict(state)
+        from .models import load_init_checkpoint
+        load_init_checkpoint(job.model, str(weights), what="--weights")  # weights-only
     else:
         executor = LocalExecutor(job.algorithms)
         executor.load_checkpoint(load_file(checkpoint_path(run_dir)))

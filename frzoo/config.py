@@ -180,7 +180,10 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe '{path}' is not valid YAML: {exc}") from exc
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"recipe '{path}' is not valid YAML{at}: {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -241,8 +244,11 @@ def load_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Di
                               f"(e.g. optimizer.lr=0.1).")
         try:
             layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise RecipeError(f"override '{item}' could not be parsed: {exc}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RecipeError(f"override '{item}' could not be parsed ({first}); write it as "
+                              f"dotted.key=value with a YAML value, quoted if it has spaces "
+                              f"or brackets.") from None
         cfg = _merge(cfg, layer, f"override '{item}'")
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)

@@ -39,6 +39,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line, or None for a blank or cut-off one (a full disk, a kill)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 class JsonlLogger(Logger):
     """One JSON object per line: {"step": ..., "kind": "train"|"eval"|..., ...}."""
 
@@ -47,7 +55,7 @@ class JsonlLogger(Logger):
         if resume_from_step is not None and path.exists():
             # Records written after the checkpoint we resume from would be repeated: drop them.
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
+                    if _step_of(line) is not None and _step_of(line) <= resume_from_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._fh = open(path, "a", buffering=1)
 

@@ -70,31 +70,31 @@ def _binds(fn: Any, kwargs: Dict[str, Any]) -> bool:
     return True
 
 
-def load_init_checkpoint(model: nn.Module, path: str) -> None:
+def load_init_checkpoint(model: nn.Module, path: str, what: str = "model.init_checkpoint") -> None:
     """Load a state_dict in the model's own parameter names, without executing pickled code."""
     file = Path(path)
     if not file.is_file():
-        raise FrzooError(f"model.init_checkpoint '{path}' does not exist.")
+        raise FrzooError(f"{what} '{path}' does not exist.")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FrzooError(f"model.init_checkpoint '{path}' could not be read as a weights-only "
+        raise FrzooError(f"{what} '{path}' could not be read as a weights-only "
                          f"checkpoint: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise FrzooError(f"model.init_checkpoint '{path}' holds a {type(state).__name__}, "
+        raise FrzooError(f"{what} '{path}' holds a {type(state).__name__}, "
                          f"not a state_dict.")
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
     if wrong:
-        raise FrzooError(f"model.init_checkpoint '{path}' does not match the model: "
+        raise FrzooError(f"{what} '{path}' does not match the model: "
                          f"{len(wrong)} tensors have other shapes (file vs model), e.g. "
                          f"{'; '.join(wrong[:3])}.")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise FrzooError(
-            f"model.init_checkpoint '{path}' does not match the model: "
+            f"{what} '{path}' does not match the model: "
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}).")

@@ -33,7 +33,6 @@ import threading
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -41,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from .errors import FrzooError
+from .locks import folder_lock
 from .loggers import Logger, build_loggers, close_loggers, read_jsonl
 from .wandb_logger import check_metric_name, wandb_metrics
 
@@ -672,27 +672,10 @@ def _counts(states: Iterator[str]) -> List[tuple]:
     return sorted(out.items())
 
 
-@contextmanager
-def _sweep_lock(sweep_dir: Path) -> Iterator[None]:
+def _sweep_lock(sweep_dir: Path) -> Any:
     """One process per local sweep: two would propose and train the same trials."""
-    from .trainer import _pid_alive  # noqa: PLC0415
-    lock = sweep_dir / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip() or "?"
-        if pid.isdigit() and _pid_alive(int(pid)):
-            raise FrzooError(f"sweep folder '{sweep_dir}' is in use by another frzoo sweep (pid "
-                             f"{pid}); wait for it, or start this one with --name NEW_NAME.") from None
-        lock.unlink()  # left behind by a sweep that was killed
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
+    return folder_lock(sweep_dir, f"sweep folder '{sweep_dir}' is in use by another frzoo sweep "
+                                  f"(pid {{pid}}); wait for it, or start this one with --name "
+                                  f"NEW_NAME.")
 __all__ = ["SweepSpec", "load_sweep", "validate_parameters", "server_sweep_config", "LocalSweep",
            "LocalSweepResult", "Trial", "TrialWatcher", "override", "param_overrides"]

@@ -7,13 +7,11 @@ it. That is what makes a resumed run equal, bit for bit, to one that never stopp
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -28,6 +26,7 @@ from .data import DataModule, build_data
 from .errors import FrzooError, NonFiniteLossError
 from .executors import LocalExecutor
 from .executors.base import Executor
+from .locks import folder_lock
 from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
 
@@ -37,47 +36,10 @@ def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / "checkpoints" / "last.pt"
 
 
-@contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """Refuse to let two runs write into one folder at the same time.
-
-    An exclusive flock on `<out_dir>/.lock`: the kernel drops it when the holder dies (even by
-    SIGKILL), so a killed run never blocks its resumption and no stale-pid guess is needed.
-    """
-    lock = out_dir / ".lock"
-    while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise FrzooError(f"run folder '{out_dir}' is in use by another frzoo run (pid {pid}); "
-                             f"choose another run.out_dir.") from None
-        try:  # the holder we raced with may have removed the file: lock the one at the path
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # before the unlock, so a waiter re-checks the path
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
+def run_lock(out_dir: Path) -> Any:
+    """Refuse to let two runs write into one folder at the same time."""
+    return folder_lock(out_dir, f"run folder '{out_dir}' is in use by another frzoo run "
+                                f"(pid {{pid}}); choose another run.out_dir.")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool) -> None:

@@ -28,7 +28,7 @@ import traceback
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,22 @@ DATA, STOP, END = 0, 1, 2
 ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL, TIMING = 1, 2, 3, 4, 5, 6
 MEMORY_KEYS = ("params_bytes", "optimizer_bytes", "peak_activation_bytes", "peak_allocated_bytes")
 HEADER_LEN = 10  # kind, dtype, ndim, up to 7 dims
+TRAINING, EVALUATION = 0, 1  # send channels (see DistributedExecutor._advance)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
+
+
+class PeerStalled(FrzooError):
+    """This process waited longer than distributed.timeout_s for another part."""
+
+    def __init__(self, message: str, peer: Optional[int]) -> None:
+        super().__init__(message)
+        self.peer = peer  # the rank waited for; None where a collective does not say which
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("Timed out" in text or "timed out" in text
+                                              or "Timeout" in text or "timeout" in text)
 
 
 class DistributedExecutor(Executor):
@@ -63,9 +78,17 @@ class DistributedExecutor(Executor):
         # gloo moves CPU tensors; NCCL moves tensors on the part's own GPU.
         self.wire = torch.device("cpu") if backend == "gloo" else algorithm.device
         self.mailbox: Deque[Tensor] = deque()  # deltas received before they are due (checkpoint)
-        self.pending: List[Tuple[Any, Tensor]] = []  # isend works and the tensors they read
+        # isend works and the tensors they read, with the channel (TRAINING or EVALUATION) and
+        # the tick of that channel (a training step, an evaluation batch) they were sent at.
+        self.pending: List[Tuple[int, int, Any, Tensor]] = []
+        self.ticks = [0, 0]
+        self.channel = TRAINING
         self.clock = PhaseClock()
         self.next_step = 0
+        self.timeout_s: Optional[float] = None  # for the message when a peer stops answering
+
+    def _waiting(self, peer: Optional[int], what: str) -> "_Waiting":
+        return _Waiting(self, peer, what)
 
     # -- transport
     def _send(self, dst: int, tag: int, tensor: Optional[Tensor], kind: int = DATA) -> None:
@@ -77,29 +100,53 @@ class DistributedExecutor(Executor):
             header[2] = tensor.dim()
             header[3:3 + tensor.dim()] = torch.tensor(tensor.shape)
         header = header.to(self.wire)
-        self.pending.append((dist.isend(header, dst, tag=tag), header))
+        tick = self.ticks[self.channel]
+        self.pending.append((self.channel, tick, dist.isend(header, dst, tag=tag), header))
         if tensor is not None:
             payload = tensor.detach().to(self.wire).contiguous()
-            self.pending.append((dist.isend(payload, dst, tag=tag), payload))
-        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+            self.pending.append((self.channel, tick, dist.isend(payload, dst, tag=tag), payload))
+
+    def _advance(self, channel: int) -> None:
+        """Next tick of `channel`: wait for its sends of `world + 1` ticks ago and drop them.
+
+        gloo's `is_completed()` stays False until `wait()`, so without this the list would keep
+        every tensor sent since the last checkpoint (memory growing all epoch). Within a channel
+        a message's receiver needs nothing newer than the next tick from this rank to take it,
+        and no rank runs more than `world` ticks ahead of another, so this wait is over (or
+        nearly) and cannot deadlock; it only bounds memory. The channels are kept apart because
+        a training step's last delta is taken only after the evaluation that may follow it.
+        """
+        self.ticks[channel] += 1
+        due = self.ticks[channel] - self.world - 1
+        old = [entry for entry in self.pending if entry[0] == channel and entry[1] <= due]
+        if not old:
+            return
+        with self._waiting(None, "its sends to complete"):
+            for entry in old:
+                entry[2].wait()
+        self.pending = [entry for entry in self.pending
+                        if not (entry[0] == channel and entry[1] <= due)]
 
     def _recv(self, src: int, tag: int) -> Tuple[int, Optional[Tensor]]:
         start = time.perf_counter()
         header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.wire)
-        dist.recv(header, src, tag=tag)
+        with self._waiting(src, "a message"):
+            dist.recv(header, src, tag=tag)
         header = header.cpu()
         kind = int(header[0])
         payload = None
         if kind == DATA:
             shape = [int(d) for d in header[3:3 + int(header[2])]]
             payload = torch.empty(shape, dtype=DTYPES[int(header[1])], device=self.wire)
-            dist.recv(payload, src, tag=tag)
+            with self._waiting(src, "a message"):
+                dist.recv(payload, src, tag=tag)
         self.clock.add("wait", time.perf_counter() - start)
         return kind, payload
 
     def flush(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
+        with self._waiting(None, "its sends to complete"):
+            for _, _, work, _ in self.pending:
+                work.wait()
         self.pending = []
 
     # -- training
@@ -109,6 +156,7 @@ class DistributedExecutor(Executor):
         return iter([None] * (data.steps_per_epoch() - first_batch))
 
     def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+        self._advance(TRAINING)
         start = time.perf_counter()
         result = self._train_step(batch, step, stop)
         self.clock.add("step", time.perf_counter() - start)
@@ -156,9 +204,17 @@ class DistributedExecutor(Executor):
 
     # -- evaluation through the same pipeline (eval mode, no history)
     def evaluate(self, data: Any) -> Optional[Dict[str, float]]:
+        self.channel = EVALUATION
+        try:
+            return self._evaluate(data)
+        finally:
+            self.channel = TRAINING
+
+    def _evaluate(self, data: Any) -> Optional[Dict[str, float]]:
         totals = EvalTotals()
         if self.is_first:
             for x, y in data.test_batches():
+                self._advance(EVALUATION)  # bounds the evaluation's sends in flight too
                 h = eval_forward(self.algo, x)
                 if self.is_leader:
                     totals.add(h, y)
@@ -175,6 +231,7 @@ class DistributedExecutor(Executor):
                         self._send(self.rank + 1, EVAL_ACT, None, kind=END)
                     break
                 assert h is not None
+                self._advance(EVALUATION)
                 out = eval_forward(self.algo, h)
                 if self.is_leader:
                     totals.add(out, self._recv(0, EVAL_LABEL)[1])  # type: ignore[arg-type]
@@ -200,7 +257,8 @@ class DistributedExecutor(Executor):
     def _gather(self, obj: Any) -> Optional[List[Any]]:
         self.flush()
         out: Optional[List[Any]] = [None] * self.world if self.is_leader else None
-        dist.gather_object(obj, out, dst=self.world - 1)
+        with self._waiting(None, "the other parts to gather a checkpoint"):
+            dist.gather_object(obj, out, dst=self.world - 1)
         return out
 
     def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
@@ -229,6 +287,26 @@ class DistributedExecutor(Executor):
         self.flush()
 
 
+class _Waiting:
+    """Turns a transport timeout into PeerStalled naming the part this process waited for."""
+
+    def __init__(self, executor: DistributedExecutor, peer: Optional[int], what: str) -> None:
+        self.executor, self.peer, self.what = executor, peer, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        if exc is None or not _is_timeout(exc):
+            return False
+        me = self.executor.rank
+        limit = f"{self.executor.timeout_s:g} s" if self.executor.timeout_s else "the timeout"
+        whom = (f"part {self.peer + 1} (rank {self.peer})" if self.peer is not None
+                else "the other parts")
+        raise PeerStalled(f"part {me + 1} (rank {me}) waited more than {limit} "
+                          f"(distributed.timeout_s) for {self.what} from {whom}", self.peer) from None
+
+
 def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
@@ -251,7 +329,7 @@ def run_worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_si
     """Build this rank's part and run the shared training loop. The process group is set up."""
     from ..build import build_job, load_plugins, num_parts_requested, resolve_devices
     from ..data import build_data
-    from ..loggers import build_loggers
+    from ..loggers import build_loggers, close_loggers
     from ..trainer import run_loop
     load_plugins(cfg.plugins)
     data = build_data(cfg.data, cfg.train.seed)
@@ -263,14 +341,19 @@ def run_worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_si
     if device.type == "cuda":
         torch.cuda.set_device(device)
     executor = DistributedExecutor(job.algorithms[0], rank, world_size, choose_backend(cfg))
+    executor.timeout_s = cfg.distributed.timeout_s
     echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
     loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume, echo=echo) \
         if executor.is_leader else []
     try:
         run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor, loggers=loggers,
                  echo=echo)
-    finally:
-        executor.close()
+    except BaseException:
+        close_loggers(loggers, failed=True)  # mark the tracker's run failed, then report
+        raise
+    # Only after success: after a failure a send may never complete, and waiting for it would
+    # replace the real error by a second timeout.
+    executor.close()
 
 
 def _threads(cfg: DictConfig, world_size: int) -> int:
@@ -307,7 +390,9 @@ def _spawned_worker(rank: int, world_size: int, cfg_dict: Dict[str, Any], out_di
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
         user = isinstance(exc, FrzooError)
         detail = str(exc) if user else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        errors.put((rank, socket.gethostname(), user, detail))
+        stalled = (-1 if exc.peer is None else exc.peer) if isinstance(exc, PeerStalled) \
+            else (-1 if _is_timeout(exc) else None)  # the rank it waited for; -1: unknown
+        errors.put((rank, socket.gethostname(), user, detail, stalled))
         code = 2 if user else 1
     finally:
         if dist.is_initialized() and code == 0:
@@ -379,22 +464,53 @@ def _supervise(procs: List[Any], errors: Any, timeout_s: float) -> Optional[Base
             deadline = time.time() + 2.0
             while time.time() < deadline and any(p.is_alive() for p in procs) and errors.empty():
                 time.sleep(0.05)
+            reports = _drain(errors)
+            stuck: List[int] = []
+            if any(report[4] is not None for report in reports):
+                # A part timed out waiting: the parts that merely waited exit within moments
+                # (their peers are gone); a part still running after that is the stuck one.
+                deadline = time.time() + 5.0
+                while time.time() < deadline and sum(p.is_alive() for p in procs) > 1:
+                    time.sleep(0.05)
+                stuck = [r for r, p in enumerate(procs) if p.is_alive()]
             _terminate(procs)
-            reports = []
-            while not errors.empty():
-                reports.append(errors.get())
-            return _explain(procs, failed, reports)
+            reports += _drain(errors)
+            return _explain(procs, failed, reports, stuck, timeout_s)
         time.sleep(0.1)
 
 
-def _explain(procs: List[Any], failed: List[int], reports: List[Tuple[int, str, bool, str]]) -> BaseException:
+def _drain(errors: Any) -> List[Tuple[int, str, bool, str, Optional[int]]]:
+    reports = []
+    while not errors.empty():
+        reports.append(errors.get())
+    return reports
+
+
+def _explain(procs: List[Any], failed: List[int],
+             reports: List[Tuple[int, str, bool, str, Optional[int]]],
+             stuck: Sequence[int] = (), timeout_s: float = 0.0) -> BaseException:
     """The error to raise: the first worker's own error, naming its part and rank."""
-    by_rank = {rank: (host, user, detail) for rank, host, user, detail in reports}
+    by_rank = {rank: (host, user, detail) for rank, host, user, detail, _ in reports}
+    waited = {rank: peer for rank, _, _, _, peer in reports if peer is not None}
+    if waited:
+        # The stalled part: one that others waited for and that was not itself waiting; else the
+        # one still running when the others had stopped.
+        blamed = sorted({p for p in waited.values() if p >= 0 and p not in waited})
+        culprit = blamed[0] if blamed else (stuck[0] if stuck else None)
+        if culprit is not None and culprit not in by_rank and (culprit in stuck
+                                                                or culprit not in failed):
+            rank = min((r for r, peer in waited.items() if peer == culprit), default=min(waited))
+            return FrzooError(
+                f"part {culprit + 1} (rank {culprit}) stalled: part {rank + 1} waited more than "
+                f"{timeout_s:g} s (distributed.timeout_s) for it, so the job was stopped (no "
+                f"process is left running). The last complete checkpoint is "
+                f"kept; resume with `frzoo run --resume`. If the part is only slow, raise "
+                f"distributed.timeout_s.")
     # The root cause is the report of a worker that did not just lose a peer.
-    origin = next((r for r in sorted(by_rank) if by_rank[r][1]), None)
+    origin = next((r for r in sorted(by_rank) if by_rank[r][1] and r not in waited), None)
     if origin is None:
-        origin = next((r for r in failed if r in by_rank and not _peer_loss(by_rank[r][2])),
-                      failed[0])
+        origin = next((r for r in failed if r in by_rank and not _peer_loss(by_rank[r][2])
+                       and r not in waited), failed[0])
     if origin in by_rank:
         host, user, detail = by_rank[origin]
         message = f"part {origin + 1} (rank {origin}, host {host}) failed: {detail}"

@@ -1,0 +1,220 @@
+"""Hostile or broken inputs reach the user as one line naming the file and the problem, from the
+CLI, never as a traceback; files are loaded without running code; recipes run no code; and,
+property-based, every invalid recipe value is rejected by validation and every valid one builds.
+
+The lower-level checks of each loader live with it (test_config, test_data, test_optim); these
+go through `frzoo run` end to end, in-process.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from frzoo.build import build_job
+from frzoo.cli import main
+from frzoo.config import CHOICES, load_recipe
+from frzoo.data import build_data
+from frzoo.errors import RecipeError
+
+TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",
+        "data.batch_size=8", "data.image_size=16", "split.points=[layer3]", "train.max_steps=2",
+        "train.progress=false", "train.threads=1"]
+
+
+class Payload:
+    """Unpickling this runs `touch <file>`: a loader that executes code would create the file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def one_line_error(capsys, *args: str) -> str:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("frzoo: error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys) -> Path:
+    out = tmp_path / "run"
+    assert main(["run", *TINY, f"run.out_dir={out}"]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(finished_run, tmp_path, capsys):
+    ckpt = finished_run / "checkpoints" / "last.pt"
+    evidence = tmp_path / "pwned"
+    torch.save({"format": 1, "evil": Payload(evidence)}, ckpt)  # a plain pickle payload
+    line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
+    assert str(ckpt) in line and "unreadable" in line
+    line = one_line_error(capsys, "export", str(finished_run))
+    assert str(ckpt) in line
+    init = tmp_path / "init.pt"
+    with open(init, "wb") as fh:
+        pickle.dump(Payload(evidence), fh)
+    line = one_line_error(capsys, "run", *TINY, f"model.init_checkpoint={init}",
+                          f"run.out_dir={tmp_path}/other")
+    assert str(init) in line and "weights-only" in line
+    assert not evidence.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(finished_run, capsys):
+    ckpt = finished_run / "checkpoints" / "last.pt"
+    data = ckpt.read_bytes()
+    for size in (0, 100, len(data) // 2, len(data) - 10):
+        ckpt.write_bytes(data[:size])
+        line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
+        assert str(ckpt) in line and "truncated" in line
+
+
+def test_a_checkpoint_of_another_architecture_says_what_differs(finished_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["run", *TINY, "model.name=resnet10t", "model.kwargs.num_classes=10",
+                 "split.points=null", f"run.out_dir={other}"]) == 0
+    capsys.readouterr()
+    ckpt = finished_run / "checkpoints" / "last.pt"
+    ckpt.write_bytes((other / "checkpoints" / "last.pt").read_bytes())
+    line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
+    assert str(ckpt) in line and "model.name: 'resnet10t' in the checkpoint, 'test_resnet' now" in line
+    init = other / "final.pt"  # resnet10t weights as init_checkpoint of test_resnet
+    line = one_line_error(capsys, "run", *TINY, f"model.init_checkpoint={init}",
+                          f"run.out_dir={tmp_path}/third")
+    assert str(init) in line and "does not match the model" in line
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def bad_inputs(tmp: Path):
+    """(what, the `frzoo run` arguments, the file the error must name, a phrase of the problem)."""
+    (tmp / "a.yaml").write_text("_base_: b.yaml\nmodel: {name: test_resnet}\n")
+    (tmp / "b.yaml").write_text("_base_: a.yaml\n")
+    yield "base cycle", [str(tmp / "a.yaml")], tmp / "a.yaml", "cycle"
+    (tmp / "list.yaml").write_text("- model\n- test_resnet\n")
+    yield "not a mapping", [str(tmp / "list.yaml")], tmp / "list.yaml", "must be a mapping"
+    (tmp / "code.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {tmp}/pwned']\n")
+    yield "python tag", [str(tmp / "code.yaml")], tmp / "code.yaml", "not valid YAML"
+    x = np.zeros((8, 16, 16, 3), np.uint8)
+    y = np.arange(8) % 2
+    npz = ["data.name=npz", "data.image_size=null"]
+    for what, arrays, phrase in [
+        ("npz 2-d images", dict(x=np.zeros((8, 16)), y=y), "dimensions"),
+        ("npz 5 channels", dict(x=np.zeros((8, 5, 16, 16)), y=y), "C = 1 or 3"),
+        ("npz string images", dict(x=np.full((8, 16, 16, 3), "a"), y=y), "x"),
+        ("npz float labels", dict(x=x, y=y + 0.5), "non-integer labels"),
+        ("npz label count", dict(x=x, y=y[:5]), "labels"),
+    ]:
+        path = write_npz(tmp / f"{what.replace(' ', '_')}.npz", x_test=x, y_test=y, **arrays)
+        yield what, [*npz, f"data.path={path}"], path, phrase
+    from PIL import Image
+    root = tmp / "images"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (255, 0, 0)).save(root / split / cls / "0.png")
+    broken = root / "train" / "b" / "1.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    yield "corrupt image", ["data.name=imagefolder", f"data.root={root}"], broken, "Delete or replace"
+
+
+def test_broken_inputs_give_one_line_naming_the_file(tmp_path, capsys):
+    tried = 0
+    for what, args, path, phrase in bad_inputs(tmp_path):
+        line = one_line_error(capsys, "run", *TINY, *args, f"run.out_dir={tmp_path}/run-{tried}")
+        assert str(path) in line, (what, line)
+        assert phrase in line, (what, line)
+        tried += 1
+    assert tried == 9
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- property-based recipe values
+INT_KEYS = {"data.batch_size": 1, "train.epochs": 1, "train.log_every": 1,
+            "train.eval_every": 0, "train.checkpoint_every": 0, "data.num_workers": 0}
+FLOAT_KEYS = {"optimizer.lr": 0.0, "optimizer.weight_decay": 0.0, "optimizer.momentum": 0.0,
+              "distributed.timeout_s": 1e-9}
+
+
+@st.composite
+def invalid_value(draw):
+    kind = draw(st.sampled_from(["choice", "int", "float", "type", "split"]))
+    if kind == "choice":
+        key = draw(st.sampled_from(sorted(CHOICES)))
+        text = draw(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8))
+        if text in CHOICES[key]:
+            text += "_x"
+        return f"{key}={text}"
+    if kind == "int":
+        key = draw(st.sampled_from(sorted(INT_KEYS)))
+        return f"{key}={draw(st.integers(-10**6, INT_KEYS[key] - 1))}"
+    if kind == "float":
+        key = draw(st.sampled_from(sorted(FLOAT_KEYS)))
+        value = draw(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False))
+        return f"{key}={value!r}"
+    if kind == "type":
+        key = draw(st.sampled_from(sorted(INT_KEYS)))
+        return f"{key}={draw(st.sampled_from(['many', '1.5', '[1]', 'abc']))}"
+    return draw(st.sampled_from(["split.k=0", "split.auto=speed", "split.parts=[[]]",
+                                 "split.k=2 split.points=[layer3]"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(invalid_value())
+def test_every_invalid_value_is_rejected_by_validation(override):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, ["model.name=test_resnet", *override.split(" ")])
+    assert "\n" not in str(info.value)
+
+
+@st.composite
+def valid_recipe(draw):
+    k = draw(st.sampled_from([None, "split.points=[layer3]", "split.points=[layer2,layer4]",
+                              "split.k=2", "split.k=3", "split.parts=[[conv1,bn1,act1,maxpool,layer1],[layer2,layer3,layer4,global_pool,fc]]"]))
+    return [o for o in [
+        k,
+        f"algorithm.name={draw(st.sampled_from(['fr', 'bp', 'ddg']))}",
+        f"algorithm.warmup={draw(st.sampled_from(CHOICES['algorithm.warmup']))}",
+        f"algorithm.replay_bn={draw(st.sampled_from(CHOICES['algorithm.replay_bn']))}",
+        f"optimizer.name={draw(st.sampled_from(CHOICES['optimizer.name']))}",
+        f"optimizer.schedule.name={draw(st.sampled_from(CHOICES['optimizer.schedule.name']))}",
+        f"optimizer.lr={draw(st.floats(0, 10, allow_nan=False))!r}",
+        f"optimizer.momentum={draw(st.floats(0, 0.99))!r}",
+        f"data.batch_size={draw(st.integers(1, 16))}",
+        f"data.image_size={draw(st.integers(8, 24))}",
+        f"data.augment={draw(st.sampled_from(CHOICES['data.augment']))}",
+        f"data.num_classes={draw(st.integers(2, 12))}",
+        f"data.channels={draw(st.sampled_from([1, 3]))}",
+        f"train.epochs={draw(st.integers(1, 1000))}",
+        f"train.eval_every={draw(st.integers(0, 5))}",
+    ] if o]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_recipe())
+def test_every_valid_recipe_builds(overrides):
+    cfg = load_recipe(None, ["model.name=test_resnet", "data.num_train=8", "data.num_test=8",
+                             *overrides])
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info)
+    assert len(job.parts) >= 1
+
+
+def test_an_override_that_is_not_yaml_is_a_recipe_error():
+    with pytest.raises(RecipeError):
+        load_recipe(None, ["model.name=test_resnet", "data.batch_size={a:"])
