@@ -251,29 +251,32 @@ def test_forward_result_of_last_part_has_loss_and_logits():
     assert not res.loss.requires_grad
 
 
-def test_executor_state_roundtrip_continues_identically():
-    data = batches(7)
-    a = tiny_model()
-    ex_a = make_executor(a, 3, FeaturesReplay)
-    train(ex_a, data)
-    # run 4 steps, snapshot everything, rebuild from scratch, restore, run the rest
+def resumed_midway(cls, data, stop: int) -> nn.Module:
+    """Train `stop` steps, snapshot every state, rebuild from scratch, restore, run the rest."""
     b = tiny_model()
-    ex_b = make_executor(b, 3, FeaturesReplay)
-    for t, (x, y) in enumerate(data[:4]):
+    ex_b = make_executor(b, 3, cls)
+    for t, (x, y) in enumerate(data[:stop]):
         ex_b.train_step((x, y), t)
     snap = copy.deepcopy({"exec": ex_b.state_dict(),
                           "parts": [(al.part.state_dict(), al.optimizer.state_dict(), al.state_dict())
                                     for al in ex_b.algorithms]})
     c = tiny_model()
-    ex_c = make_executor(c, 3, FeaturesReplay)
+    ex_c = make_executor(c, 3, cls)
     ex_c.load_state_dict(snap["exec"])
     for al, (ps, os_, st) in zip(ex_c.algorithms, snap["parts"]):
         al.part.load_state_dict(ps)
         al.optimizer.load_state_dict(os_)
         al.load_state_dict(st)
-    for t, (x, y) in enumerate(data[4:], start=4):
+    for t, (x, y) in enumerate(data[stop:], start=stop):
         ex_c.train_step((x, y), t)
-    assert_same_weights(a, c)
+    return c
+
+
+def test_executor_state_roundtrip_continues_identically():
+    data = batches(7)
+    a = tiny_model()
+    train(make_executor(a, 3, FeaturesReplay), data)
+    assert_same_weights(a, resumed_midway(FeaturesReplay, data, 4))
 
 
 # ---------------------------------------------------------------- DDG, the paper's baseline
@@ -351,23 +354,7 @@ def test_ddg_state_roundtrip_rebuilds_the_graphs_exactly():
     data = batches(7)
     a = tiny_model()
     train(make_executor(a, 3, DecoupledBackprop), data)
-    b = tiny_model()
-    ex_b = make_executor(b, 3, DecoupledBackprop)
-    for t, (x, y) in enumerate(data[:4]):
-        ex_b.train_step((x, y), t)
-    snap = copy.deepcopy({"exec": ex_b.state_dict(),
-                          "parts": [(al.part.state_dict(), al.optimizer.state_dict(), al.state_dict())
-                                    for al in ex_b.algorithms]})
-    c = tiny_model()
-    ex_c = make_executor(c, 3, DecoupledBackprop)
-    ex_c.load_state_dict(snap["exec"])
-    for al, (ps, os_, st) in zip(ex_c.algorithms, snap["parts"]):
-        al.part.load_state_dict(ps)
-        al.optimizer.load_state_dict(os_)
-        al.load_state_dict(st)
-    for t, (x, y) in enumerate(data[4:], start=4):
-        ex_c.train_step((x, y), t)
-    assert_same_weights(a, c)
+    assert_same_weights(a, resumed_midway(DecoupledBackprop, data, 4))
 
 
 def test_a_part_starting_with_an_in_place_op_keeps_its_history_intact():

@@ -185,6 +185,24 @@ class PartAlgorithm:
             self._loss = self.loss_fn(logits, target)
         return ForwardResult(loss=self._loss.detach(), logits=logits.detach(), target=target)
 
+    def _last_part_backward(self) -> Optional[Tensor]:
+        """Staleness 0: plain backprop of the loss computed in forward(), then the update."""
+        with self.timed("backward"):
+            self._loss.backward()
+        grad_in = None if self.is_first else self._input.grad
+        self._apply_update()
+        del self._input, self._loss
+        return grad_in
+
+    def _warmup_update(self, warmup: str) -> None:
+        """An iteration with no stale sample yet: 'skip' makes no update (authors' code);
+        'zeros' steps on a zero gradient (the paper's zero input and zero delta give exactly
+        that), so only weight decay and momentum act."""
+        if warmup == "zeros":
+            for p in self.part.parameters():
+                p.grad = torch.zeros_like(p)
+            self._apply_update()
+
     def _apply_update(self) -> None:
         if self.before_update is not None:  # e.g. the sigma probe reads the gradient used here
             self.before_update(self)

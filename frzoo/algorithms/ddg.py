@@ -63,19 +63,11 @@ class DecoupledBackprop(PartAlgorithm):
             return functional_call(self.part, weights, (x,), strict=False)
 
     def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
-        if self.is_last:
-            with self.timed("backward"):
-                self._loss.backward()
-            grad_in = None if self.is_first else self._input.grad
-            self._apply_update()
-            del self._input, self._loss
-            return grad_in
+        if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
+            return self._last_part_backward()
         stale_step = step - self.delay
-        if stale_step < 0:  # warm-up: no stored graph is due yet
-            if self.warmup == "zeros":
-                for p in self.part.parameters():
-                    p.grad = torch.zeros_like(p)
-                self._apply_update()
+        if stale_step < 0:  # warm-up: no stale sample exists yet
+            self._warmup_update(self.warmup)
             return None
         sample_step, x, out, weights = self.graphs.popleft()
         assert sample_step == stale_step, (sample_step, stale_step)

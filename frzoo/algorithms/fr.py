@@ -66,19 +66,11 @@ class FeaturesReplay(PartAlgorithm):
     def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
         """The Features Replay step of this part at iteration `step`."""
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
-            with self.timed("backward"):
-                self._loss.backward()
-            grad_in = None if self.is_first else self._input.grad
-            self._apply_update()
-            del self._input, self._loss
-            return grad_in
+            return self._last_part_backward()
 
         stale_step = step - self.delay  # the sample whose delta arrived: t - (K - k)
         if stale_step < 0:  # warm-up: no stale sample exists yet
-            if self.warmup == "zeros":
-                for p in self.part.parameters():
-                    p.grad = torch.zeros_like(p)
-                self._apply_update()
+            self._warmup_update(self.warmup)
             return None
 
         sample_step, h_stale = self.history.popleft()
