@@ -86,7 +86,7 @@ def main() -> None:
         for k in (2, 3, 4):
             rule = [first.index(p) if p in first else next(i for i, u in enumerate(units) if p in u)
                     for p in points_for_k(model, k)]
-            best = best_cuts(len(units), k, lambda a, b, last: part_cost(costs[a:b], last, "fr"))
+            best = best_cuts(len(units), k, lambda a, b, i: part_cost(costs[a:b], i == k - 1, "fr"))
             modelled = model_speedups(costs, sizes, args.bandwidth_gbs * 1e9, {"authors_split": rule,
                                                                              "best_split": best})
             entry["k"][k] = {**modelled, "paper_measured": PAPER.get(name, {}).get(k),

@@ -73,22 +73,24 @@ def part_cost(costs: Sequence[Tuple[float, float]], last: bool, algorithm: str) 
     return forward + backward
 
 
-def best_cuts(n: int, k: int, cost: Callable[[int, int, bool], float]) -> List[int]:
-    """Indices (into units) where parts 2..K start, minimising the largest part cost exactly."""
+def best_cuts(n: int, k: int, cost: Callable[[int, int, int], float]) -> List[int]:
+    """Indices (into units) where parts 2..K start, minimising the largest part cost exactly.
+
+    `cost(a, b, index)` is the cost of units[a:b] as part `index` (0-based; the cost may depend
+    on the position, e.g. the history a part keeps)."""
     if n < k:
         raise FrzooError(f"cannot balance {n} blocks into K={k} parts; use K <= {n}.")
     inf = float("inf")
-    # best[j][i]: min over splits of units[:i] into j parts (non-last parts) of the max cost
+    # best[j][i]: the smallest possible largest cost of units[:i] split into the first j parts
     best = [[inf] * (n + 1) for _ in range(k + 1)]
     back = [[0] * (n + 1) for _ in range(k + 1)]
     best[0][0] = 0.0
     for j in range(1, k + 1):
-        last = j == k
         for i in range(j, n + 1):
-            if last and i != n:
+            if j == k and i != n:
                 continue
             for s in range(j - 1, i):
-                value = max(best[j - 1][s], cost(s, i, last))
+                value = max(best[j - 1][s], cost(s, i, j - 1))
                 if value < best[j][i]:
                     best[j][i], back[j][i] = value, s
     cuts, i = [], n
@@ -98,23 +100,102 @@ def best_cuts(n: int, k: int, cost: Callable[[int, int, bool], float]) -> List[i
     return sorted(cuts)[1:]
 
 
+def unit_flops(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor) -> List[float]:
+    """Forward FLOPs per sample of each unit: 2 per multiply-add of its convolutions and linears."""
+    counted = [0.0]
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_out = module.in_channels // module.groups
+            for size in module.kernel_size:
+                per_out *= size
+            counted[0] += 2.0 * out.numel() * per_out
+        elif isinstance(module, nn.Linear):
+            counted[0] += 2.0 * out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    out: List[float] = []
+    h = sample
+    was_training = model.training
+    model.eval()  # the count does not depend on the mode; eval accepts a batch of one
+    try:
+        with torch.no_grad():
+            for unit in units:
+                counted[0] = 0.0
+                for name in unit:
+                    h = model.get_submodule(name)(h)
+                out.append(counted[0] / sample.shape[0])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def unit_memory(model: nn.Module, units: Sequence[Sequence[str]],
+                sample: torch.Tensor) -> List[Tuple[float, float, float]]:
+    """Per unit: (bytes autograd saves for its backward, bytes of its input, parameter bytes)."""
+    from .memory import MemoryMeter
+    out = []
+    h = sample
+    for unit in units:
+        modules = nn.ModuleList([model.get_submodule(n) for n in unit])
+        meter = MemoryMeter(modules, lambda: [])
+        x = h.detach().requires_grad_(True)
+        with meter.recording():
+            y = x.clone()
+            for m in modules:
+                y = m(y)
+        params = float(sum(p.numel() * p.element_size() for p in modules.parameters()))
+        out.append((float(meter.peak), float(h.numel() * h.element_size()), params))
+        h = y.detach()
+        del y
+    return out
+
+
+def memory_cost(rows: Sequence[Tuple[float, float, float]], index: int, num_parts: int,
+                algorithm: str) -> float:
+    """Bytes part `index` keeps alive: parameters and a momentum buffer each, its activations,
+    and what the algorithm holds: fr K-k more inputs (its history), ddg K-k more graphs."""
+    saved = sum(r[0] for r in rows)
+    params = 2 * sum(r[2] for r in rows)
+    extra = num_parts - 1 - index  # K - k
+    if algorithm == "fr":
+        return params + saved + extra * rows[0][1]
+    if algorithm == "ddg":
+        return params + saved * (extra + 1) + extra * rows[0][1]
+    return params + saved
+
+
 def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: str,
                     sample: torch.Tensor) -> Tuple[List[str], List[float]]:
-    """Split points for K parts balanced by `by` ('time' or 'params'), and each part's cost."""
+    """Split points for K parts balanced by `by` (time, flops, params or memory), and each
+    part's cost in that measure (seconds, FLOPs per sample, parameters, bytes)."""
     units = units_of(model)
-    if by == "time":
-        costs = measure_units(model, units, sample)
-    elif by == "params":
-        costs = [(float(sum(p.numel() for n in unit
-                            for p in model.get_submodule(n).parameters())), 0.0) for unit in units]
-        algorithm = "bp"  # parameters are held once, whatever the algorithm
-    else:
-        raise FrzooError(f"split.auto={by!r} is not one of time, params.")
+    if by in ("time", "flops"):
+        if by == "time":
+            costs = measure_units(model, units, sample)
+        else:  # a backward costs about two forwards
+            costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
 
-    def cost(a: int, b: int, last: bool) -> float:
-        return part_cost(costs[a:b], last, algorithm)
+        def cost(a: int, b: int, index: int) -> float:
+            return part_cost(costs[a:b], index == k - 1, algorithm)
+    elif by == "params":
+        counts = [float(sum(p.numel() for n in unit for p in model.get_submodule(n).parameters()))
+                  for unit in units]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return sum(counts[a:b])
+    elif by == "memory":
+        rows = unit_memory(model, units, sample)
+
+        def cost(a: int, b: int, index: int) -> float:
+            return memory_cost(rows[a:b], index, k, algorithm)
+    else:
+        raise FrzooError(f"split.auto={by!r} is not one of time, flops, params, memory.")
 
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
-    shares = [cost(a, b, b == len(units)) for a, b in zip(bounds, bounds[1:])]
+    shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     return [units[c][0] for c in cuts], shares

@@ -41,7 +41,8 @@ class SplitConfig:
     k: Optional[int] = None
     # With k (or one device per part): choose the K-1 cuts that minimise the busiest part's cost,
     # by `time` (forward and backward of each block measured at the recipe's batch size, with
-    # the algorithm's cost model) or `params`.
+    # the algorithm's cost model), `flops`, `params` or `memory` (parameters, momentum,
+    # activations and the algorithm's history: part k of fr holds K-k+1 inputs).
     auto: Optional[str] = None
 
 
@@ -303,8 +304,9 @@ def validate(cfg: DictConfig) -> None:
     if split.k is not None and split.k < 1:
         raise RecipeError(f"split.k={split.k} must be at least 1.")
     if split.auto is not None:
-        if split.auto not in ("time", "params"):
-            raise RecipeError(f"split.auto={split.auto!r} is not one of time, params.")
+        if split.auto not in ("time", "flops", "params", "memory"):
+            raise RecipeError(f"split.auto={split.auto!r} is not one of time, flops, params, "
+                              f"memory.")
         if split.points is not None or split.parts is not None:
             raise RecipeError("split.auto chooses the points itself: remove split.points/parts.")
         if split.k is None and cfg.devices is None:

@@ -205,6 +205,10 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         # The checkpoint was written at the epoch's end, before its evaluation: run it now.
         _record_eval(executor, data, logger, progress, step, steps_per_epoch)
         save_checkpoint()
+    # A step's time is the interval between the ends of two consecutive steps: in a pipeline
+    # that is the period, including any wait that falls outside train_step itself (e.g. the
+    # timing collective). Evaluation and checkpoints are excluded by restarting the clock.
+    tick = time.perf_counter()
     with StopRequest(enabled=executor.accepts_stop) as stop:
         while step < total_steps and not executor.stopped:
             epoch, first_batch = divmod(step, steps_per_epoch)
@@ -213,7 +217,6 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
                 for algo in executor.algorithms:
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
-                start = time.perf_counter()
                 result = executor.train_step(batch, step, stop=stop.requested)
                 if executor.stopped:  # Ctrl-C: the previous step was the last one
                     break
@@ -224,9 +227,12 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                             f"the loss is {loss} at step {step} (epoch {epoch}); training "
                             f"stopped. The last good checkpoint is {checkpoint_path(out_dir)} "
                             f"(step {_saved_step(out_dir)}). Lower optimizer.lr or check the data.")
+                now = time.perf_counter()
+                seconds, tick = now - tick, now
+                if result is not None:
                     correct = int((result.logits.argmax(1) == result.target).sum())
-                    window.add(loss, correct, len(result.target), time.perf_counter() - start)
-                progress["train_seconds"] += time.perf_counter() - start
+                    window.add(loss, correct, len(result.target), seconds)
+                progress["train_seconds"] += seconds
                 step += 1
                 progress["step"] = step
                 bar.update(1)
@@ -243,6 +249,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                                         img_s=f"{record['images_per_s']:.0f}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     save_checkpoint()
+                    tick = time.perf_counter()
                 if step >= total_steps:
                     break
             epoch_done = step % steps_per_epoch == 0 and not executor.stopped
@@ -250,6 +257,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 _record_eval(executor, data, logger, progress, step, steps_per_epoch)
             if epoch_done or executor.stopped or step >= total_steps:
                 save_checkpoint()
+            tick = time.perf_counter()
     bar.close()
     interrupted = executor.stopped and step < total_steps
     if interrupted:

@@ -29,7 +29,7 @@ def brute_force(costs, k, algorithm):
 def test_dynamic_programming_matches_exhaustive_search(seed, k, algorithm):
     g = torch.Generator().manual_seed(seed)
     costs = [(float(f), float(b)) for f, b in torch.rand(9, 2, generator=g)]
-    cuts = best_cuts(len(costs), k, lambda a, b, last: part_cost(costs[a:b], last, algorithm))
+    cuts = best_cuts(len(costs), k, lambda a, b, i: part_cost(costs[a:b], i == k - 1, algorithm))
     bounds = [0, *cuts, len(costs)]
     value = max(part_cost(costs[a:b], b == len(costs), algorithm) for a, b in zip(bounds, bounds[1:]))
     assert value == pytest.approx(brute_force(costs, k, algorithm)[0])
@@ -37,8 +37,8 @@ def test_dynamic_programming_matches_exhaustive_search(seed, k, algorithm):
 
 def test_fr_gives_the_last_part_more_blocks_than_bp():
     costs = [(1.0, 2.0)] * 12  # identical blocks, B = 2F
-    fr = best_cuts(12, 2, lambda a, b, last: part_cost(costs[a:b], last, "fr"))
-    bp = best_cuts(12, 2, lambda a, b, last: part_cost(costs[a:b], last, "bp"))
+    fr = best_cuts(12, 2, lambda a, b, i: part_cost(costs[a:b], i == 1, "fr"))
+    bp = best_cuts(12, 2, lambda a, b, i: part_cost(costs[a:b], i == 1, "bp"))
     assert bp == [6]
     assert fr == [5]  # part 1 costs 4F per block, part 2 3F: 5 * 4 = 20 vs 7 * 3 = 21
 
@@ -61,3 +61,16 @@ def test_auto_needs_k_and_excludes_points():
         load_recipe(None, ["model.name=x", "split.auto=time", "split.points=[a]"])
     cfg = load_recipe(None, ["model.name=x", "split.auto=time", "split.k=3"])
     assert cfg.split.k == 3
+
+
+def test_flops_and_memory_measures():
+    model = timm.create_model("resnet18", num_classes=10)
+    sample = torch.randn(4, 3, 32, 32)
+    points, flops = balanced_points(model, 2, by="flops", algorithm="fr", sample=sample)
+    assert len(points) == 1 and all(f > 0 for f in flops)
+    # memory: fr's first part pays for its history, so fr puts the cut earlier than bp
+    fr_points, fr_bytes = balanced_points(model, 4, by="memory", algorithm="fr", sample=sample)
+    bp_points, _ = balanced_points(model, 4, by="memory", algorithm="bp", sample=sample)
+    units = [u[0] for u in units_of(model)]
+    assert units.index(fr_points[0]) <= units.index(bp_points[0])
+    assert len(fr_bytes) == 4
