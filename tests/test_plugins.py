@@ -162,8 +162,8 @@ def test_duplicate_registration_is_an_error_unless_overriding(example_installed,
     register_architecture("_test_arch", override=True)(lambda **kw: torch.nn.Flatten())
     assert isinstance(timm.create_model("_test_arch"), torch.nn.Flatten)
     # presets for a timm model, without registering an architecture
-    register_split_presets("resnet18", {2: ["layer3"]})
-    assert SPLIT_PRESETS.get("resnet18") == {2: ["layer3"]}
+    register_split_presets("resnet34", {2: ["layer3"]})
+    assert SPLIT_PRESETS.get("resnet34") == {2: ["layer3"]}
 
 
 def test_timm_names_and_bad_presets_are_refused_without_a_trace(scratch):

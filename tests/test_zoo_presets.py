@@ -1,0 +1,21 @@
+"""The zoo's split presets for timm models: valid, exact, and what split.auto=flops computes."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from frzoo.partition import build_parts, check_equivalence, partition_from_points
+from frzoo.registry import SPLIT_PRESETS
+from frzoo_registry.timm_presets import PRESETS, compute
+
+
+@pytest.mark.parametrize("arch", sorted(PRESETS))
+def test_preset_is_registered_exact_and_current(arch):
+    assert SPLIT_PRESETS.get(arch) == PRESETS[arch]
+    assert compute(arch) == PRESETS[arch]  # regenerate with python -m frzoo_registry.timm_presets
+    model = timm.create_model(arch, num_classes=10)
+    for k, points in PRESETS[arch].items():
+        parts = build_parts(model, partition_from_points(model, points))
+        assert len(parts) == k
+        assert check_equivalence(model, parts, torch.randn(2, 3, 64, 64)).exact
