@@ -408,33 +408,26 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
     else:
         skipped["curves_epoch"] = skipped["curves_time"] = \
             "no curves: no run has train or eval records in metrics.jsonl"
-    sigma_runs = [r for r in runs if r.sigma_records()]
-    for run in runs:
-        if run not in sigma_runs and sigma_runs:
-            notes.append(f"{run.label}: no sigma (run with train.sigma_every=N)")
-    if sigma_runs:
-        draw("sigma", plot_sigma, sigma_runs)
-    else:
-        skipped["sigma"] = "no sigma: run with train.sigma_every=N (records partK_sigma)"
-    memory_runs = [r for r in runs if r.memory()]
-    for run in runs:
-        if run not in memory_runs and memory_runs:
-            notes.append(f"{run.label}: no memory (run with train.measure_memory=true)")
-    if memory_runs:
-        draw("memory", plot_memory, memory_runs)
-    else:
-        skipped["memory"] = ("no memory: run with train.measure_memory=true "
-                             "(summary.json part_memory_bytes)")
-    share_runs = [r for r in runs if r.time_shares()]
-    for run in runs:
-        if run not in share_runs and share_runs:
-            notes.append(f"{run.label}: no part_time_share (no summary.json)")
-    if share_runs:
-        draw("time_breakdown", plot_time_breakdown, share_runs)
-    else:
-        skipped["time_breakdown"] = ("no time breakdown: no run has summary.json "
-                                     "part_time_share (runs that finished or were interrupted "
-                                     "write it)")
+    # (figure, which runs have its data, how to draw it, note for a run without, reason to skip)
+    optional = [
+        ("sigma", lambda r: r.sigma_records(), plot_sigma,
+         "no sigma (run with train.sigma_every=N)",
+         "no sigma: run with train.sigma_every=N (records partK_sigma)"),
+        ("memory", lambda r: r.memory(), plot_memory,
+         "no memory (run with train.measure_memory=true)",
+         "no memory: run with train.measure_memory=true (summary.json part_memory_bytes)"),
+        ("time_breakdown", lambda r: r.time_shares(), plot_time_breakdown,
+         "no part_time_share (no summary.json)",
+         "no time breakdown: no run has summary.json part_time_share (runs that finished or "
+         "were interrupted write it)"),
+    ]
+    for name, has_data, plot, note, reason in optional:
+        with_data = [r for r in runs if has_data(r)]
+        if not with_data:
+            skipped[name] = reason
+            continue
+        notes += [f"{run.label}: {note}" for run in runs if run not in with_data]
+        draw(name, plot, with_data)
     markdown = out / "report.md"
     markdown.write_text(render_markdown(runs, figures, skipped, notes))
     return Report(out_dir=out, markdown=markdown, figures=figures, skipped=skipped)
