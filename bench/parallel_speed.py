@@ -84,6 +84,16 @@ def plain(model_name: str, threads: int, steps: int) -> Dict[str, Any]:
     return {"images_per_s": steps * BATCH / seconds}
 
 
+def _timed_report(step, steps: int, out: str, write: bool) -> None:
+    """Both ranks start together, time `steps` steps; one rank writes images/s to `out`."""
+    import torch.distributed as dist
+    dist.barrier()
+    seconds = time_steps(step, steps)
+    if write:
+        Path(out).write_text(json.dumps({"images_per_s": steps * BATCH / seconds}))
+    dist.destroy_process_group()
+
+
 def _ddp_worker(rank: int, model_name: str, steps: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -102,11 +112,7 @@ def _ddp_worker(rank: int, model_name: str, steps: int, port: int, out: str) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dist.barrier()
-    seconds = time_steps(step, steps)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"images_per_s": steps * BATCH / seconds}))
-    dist.destroy_process_group()
+    _timed_report(step, steps, out, write=rank == 0)
 
 
 def _pipe_worker(rank: int, model_name: str, steps: int, port: int, out: str, schedule: str,
@@ -136,11 +142,7 @@ def _pipe_worker(rank: int, model_name: str, steps: int, port: int, out: str, sc
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dist.barrier()
-    seconds = time_steps(step, steps)
-    if rank == 1:
-        Path(out).write_text(json.dumps({"images_per_s": steps * BATCH / seconds}))
-    dist.destroy_process_group()
+    _timed_report(step, steps, out, write=rank == 1)
 
 
 def spawn2(target, *args) -> Dict[str, Any]:

@@ -96,6 +96,21 @@ def test_bp_over_parts_is_one_training_loop_bit_for_bit(k):
     assert_same_weights(split, whole)
 
 
+def reference_last_part(chunk: nn.Module, opt, h: torch.Tensor, y: torch.Tensor,
+                        sent: list) -> float:
+    """Part K in every reference: ordinary backprop on sample t; its input gradient goes into
+    `sent` for part K-1 (when there is one). Returns the loss."""
+    K = len(sent)
+    h_last = h.clone().requires_grad_(K > 1)
+    loss = F.cross_entropy(chunk(h_last), y)
+    loss.backward()
+    if K > 1:
+        sent[K - 2] = h_last.grad
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str) -> List[float]:
     """Features Replay as ALGORITHM.md states it, written plainly (warm-up: skip)."""
     chunks = [nn.Sequential(*[model[i] for i in ids]) for ids in CUTS[k_parts]]
@@ -111,16 +126,8 @@ def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str) -> List
             history[k].append(h)
             with torch.no_grad():
                 h = chunks[k](h)
-        h_last = h.clone().requires_grad_(K > 1)
-        loss = F.cross_entropy(chunks[K - 1](h_last), y)
-        losses.append(loss.item())
         sent = [None] * K
-        # part K: ordinary backprop on sample t
-        loss.backward()
-        if K > 1:
-            sent[K - 2] = h_last.grad
-        opts[K - 1].step()
-        opts[K - 1].zero_grad(set_to_none=True)
+        losses.append(reference_last_part(chunks[K - 1], opts[K - 1], h, y, sent))
         # parts k < K: replay the input of iteration t-(K-k) with the current weights
         for k in range(K - 1):
             delay = K - 1 - k
@@ -305,15 +312,8 @@ def ddg_reference(model: nn.Sequential, data, k_parts: int) -> List[float]:
             out = snapshot(inp)
             stored[k].append((inp, out, snapshot))
             h = out.detach()
-        h_last = h.clone().requires_grad_(K > 1)
-        loss = F.cross_entropy(chunks[K - 1](h_last), y)
-        losses.append(loss.item())
         sent = [None] * K
-        loss.backward()
-        if K > 1:
-            sent[K - 2] = h_last.grad
-        opts[K - 1].step()
-        opts[K - 1].zero_grad(set_to_none=True)
+        losses.append(reference_last_part(chunks[K - 1], opts[K - 1], h, y, sent))
         for k in range(K - 1):
             if t - (K - 1 - k) < 0:
                 continue

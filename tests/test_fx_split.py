@@ -312,15 +312,7 @@ def test_weights_used_on_both_sides_of_a_cut_are_refused():
 
 
 def test_functional_code_between_children_falls_back_to_the_trace():
-    class Scaled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.b(self.a(x) * 2)
-
+    from test_partition import Scaled
     model = Scaled()
     x = torch.randn(3, 4)
     chain = partition_from_points(model, ["b"])

@@ -109,16 +109,19 @@ def test_model_whose_forward_is_not_a_chain_is_split_on_its_trace():
     assert check_equivalence(vit, parts, torch.randn(2, 3, 32, 32)).exact
 
 
+class Scaled(nn.Module):
+    """Two children with functional code between them: not a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) * 2)
+
+
 def test_functional_code_between_children_is_caught_by_the_check():
-    class Scaled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.b(self.a(x) * 2)  # not a chain of children
-
     model = Scaled()
     parts = build_parts(model, partition_from_points(model, ["b"]))
     report = check_equivalence(model, parts, torch.randn(3, 4))

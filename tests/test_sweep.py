@@ -34,15 +34,7 @@ TINY_RECIPE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def wandb_env(monkeypatch, tmp_path):
-    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_RUN_ID",
-                "WANDB_SWEEP_ID"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(key, str(tmp_path / "wandb-home" / key.lower()))
+pytestmark = pytest.mark.usefixtures("wandb_env")  # tests/conftest.py
 
 
 def write_sweep(tmp_path: Path, parameters: dict, **extra) -> Path:
