@@ -73,7 +73,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .build import build_job, load_plugins
     from .data import build_data
     from .partition import all_cut_points
-    from .trainer import partition_table
     _, cfg = _load(args.args)
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -86,7 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("# valid split points, in execution order")
         print("\n".join(all_cut_points(job.model)))
         print()
-    rows = partition_table(job)
+    rows = job.table()
     print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}")
     header = f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} {'history':>7}"
     print(header)
@@ -161,7 +160,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
     from .build import build_job, load_plugins
     from .checkpoint import load_file
     from .config import load_recipe
@@ -174,13 +172,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(cfg.data, cfg.train.seed)
     job = build_job(cfg, data.info)
     weights = Path(args.weights) if args.weights else run_dir / "final.pt"
+    executor = LocalExecutor(job.algorithms)
     if weights.exists():
         from .models import load_init_checkpoint
         load_init_checkpoint(job.model, str(weights), what="--weights")  # weights-only
     else:
-        executor = LocalExecutor(job.algorithms)
         executor.load_checkpoint(load_file(checkpoint_path(run_dir)))
-    print(json.dumps(LocalExecutor(job.algorithms).evaluate(data), indent=2))
+    print(json.dumps(executor.evaluate(data), indent=2))
     return 0
 
 

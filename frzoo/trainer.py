@@ -9,11 +9,10 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -170,7 +169,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         check_compatible(state, recipe, partition, checkpoint_path(out_dir))
         executor.load_checkpoint(state)
         progress = state["progress"]
-    table = partition_table(job)
+    table = job.table()
     if leader:
         remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
         save_recipe(cfg, out_dir / "recipe.yaml")
@@ -376,7 +375,3 @@ def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
         return _NoBar()
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def partition_table(job: Job) -> List[Dict[str, Any]]:
-    return job.table()

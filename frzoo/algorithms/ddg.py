@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 from torch.func import functional_call
 

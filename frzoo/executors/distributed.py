@@ -327,7 +327,7 @@ def choose_backend(cfg: DictConfig) -> str:
 
 def run_worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:
     """Build this rank's part and run the shared training loop. The process group is set up."""
-    from ..build import build_job, load_plugins, num_parts_requested, resolve_devices
+    from ..build import build_job, load_plugins
     from ..data import build_data
     from ..loggers import build_loggers, close_loggers
     from ..trainer import run_loop

@@ -117,8 +117,7 @@ class LocalExecutor(Executor):
     def load_checkpoint(self, state: Dict[str, Any]) -> None:
         for algo, part in zip(self.algorithms, state["parts"]):
             load_part_state(algo, part)
-        self.mailboxes = [deque(d.to(a.device) for d in box)
-                          for box, a in zip(state["executor"]["mailboxes"], self.algorithms)]
+        self.load_state_dict(state["executor"])
 
     # kept for tests that snapshot the transport alone
     def state_dict(self) -> Dict[str, Any]:
