@@ -25,7 +25,7 @@ import gc, json, os, time, warnings
 from pathlib import Path
 import torch
 from frzoo.executors.local import LocalExecutor
-from frzoo.executors.distributed import DistributedExecutor
+from frzoo.executors.p2p import DistributedExecutor
 
 OUT = Path(__file__).parent
 
@@ -69,7 +69,7 @@ SOAK = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=256", "
 def soak(executor: str, steps: int, log_every: int, root: Path) -> Dict[str, Any]:
     """Train `steps` steps; return the per-process memory curve and the throughput curve."""
     from frzoo.config import load_recipe
-    from frzoo.trainer import train
+    from frzoo.run import train
     root.mkdir(parents=True, exist_ok=True)
     probe = root / "soak_probe.py"
     probe.write_text(PROBE)

@@ -41,7 +41,7 @@ def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from .loggers import build_loggers, close_loggers
-    from .trainer import train
+    from .run import train
     recipe_path, cfg = _load(args.args, args.resume)
     resume = args.resume or cfg.run.resume
     if resume:
@@ -160,31 +160,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .build import build_job, load_plugins
-    from .checkpoint import load_file
     from .config import load_recipe
-    from .data import build_data
-    from .executors import LocalExecutor
-    from .trainer import checkpoint_path
+    from .run import evaluate
     run_dir = Path(args.run_dir)
     cfg = load_recipe(run_dir / "recipe.yaml", args.overrides)
-    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
-    data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info)
-    weights = Path(args.weights) if args.weights else run_dir / "final.pt"
-    executor = LocalExecutor(job.algorithms)
-    if weights.exists():
-        from .models import load_init_checkpoint
-        load_init_checkpoint(job.model, str(weights), what="--weights")  # weights-only
-    else:
-        executor.load_checkpoint(load_file(checkpoint_path(run_dir)))
-    print(json.dumps(executor.evaluate(data), indent=2))
+    weights = Path(args.weights) if args.weights else None
+    print(json.dumps(evaluate(cfg, run_dir, weights), indent=2))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_save, export_from_checkpoint, load_file
-    from .trainer import checkpoint_path
+    from .rundir import checkpoint_path
     run_dir = Path(args.run_dir)
     state = load_file(checkpoint_path(run_dir))
     out = Path(args.output) if args.output else run_dir / "final.pt"

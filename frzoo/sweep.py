@@ -553,7 +553,8 @@ class LocalSweep:
         starts. Ctrl-C reaches the trainer's own handler: the trial checkpoints and the sweep
         stops; running the command again resumes that trial from its checkpoint.
         """
-        from .trainer import checkpoint_path, train  # noqa: PLC0415
+        from .rundir import checkpoint_path  # noqa: PLC0415
+        from .run import train  # noqa: PLC0415
         out_dir = self.dir / "trials" / trial.name
         resume = checkpoint_path(out_dir).exists()
         if not resume and out_dir.exists():

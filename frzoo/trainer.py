@@ -6,7 +6,6 @@ it. That is what makes a resumed run equal, bit for bit, to one that never stopp
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import signal
@@ -14,55 +13,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig
 
-from .build import Job, build_job, load_plugins, resolve_auto_split
+from . import rundir
+from .build import Job
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
 from .config import save_recipe, to_container
-from .data import DataModule, build_data
+from .data import DataModule
 from .errors import FrzooError, NonFiniteLossError
-from .executors import LocalExecutor
 from .executors.base import Executor
-from .locks import folder_lock
 from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
-
-
-# ---------------------------------------------------------------- run folder
-def checkpoint_path(out_dir: Path) -> Path:
-    return out_dir / "checkpoints" / "last.pt"
-
-
-def run_lock(out_dir: Path) -> Any:
-    """Refuse to let two runs write into one folder at the same time."""
-    return folder_lock(out_dir, f"run folder '{out_dir}' is in use by another frzoo run "
-                                f"(pid {{pid}}); choose another run.out_dir.")
-
-
-def prepare_out_dir(out_dir: Path, resume: bool) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise FrzooError(f"run.out_dir '{out_dir}' is not writable ({exc.strerror}); "
-                         f"choose another folder.") from None
-    if not resume and checkpoint_path(out_dir).exists():
-        raise FrzooError(f"run.out_dir '{out_dir}' already holds a run; resume it with "
-                         f"`frzoo run --resume {out_dir}` or set run.out_dir to a new folder.")
-    if resume and not checkpoint_path(out_dir).exists():
-        raise FrzooError(f"nothing to resume in '{out_dir}': {checkpoint_path(out_dir)} "
-                         f"does not exist.")
-
-
-def remove_partial_files(out_dir: Path) -> None:
-    """Delete the temporary files of writes a killed run never finished (see atomic_save)."""
-    for folder in (out_dir, out_dir / "checkpoints"):
-        for tmp in folder.glob(".*.tmp-*"):
-            tmp.unlink(missing_ok=True)
 
 
 class StopRequest:
@@ -97,50 +59,6 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-# ---------------------------------------------------------------- training
-def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
-          loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
-    """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
-
-    `executor: local` runs every part in this process; `executor: distributed` starts one
-    process per part (see frzoo.executors.distributed) which run this same loop.
-    """
-    cfg = _resolve_split(cfg, out_dir, resume, echo)
-    if cfg.executor == "distributed":
-        from .executors.distributed import launch
-        return launch(cfg, out_dir, resume=resume, echo=echo)
-    prepare_out_dir(out_dir, resume)
-    with run_lock(out_dir):
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
-        data = build_data(cfg.data, cfg.train.seed)
-        job = build_job(cfg, data.info)
-        executor = LocalExecutor(job.algorithms)
-        if cfg.train.sigma_every:
-            executor.measure_sigma(cfg.train.sigma_every)
-        return run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
-                        loggers=loggers, echo=echo)
-
-
-def _resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Any) -> DictConfig:
-    """`split.auto` is measured once; a resumed run keeps the points its first start chose."""
-    if cfg.split.auto is None:
-        return cfg
-    from omegaconf import OmegaConf
-    if resume and (out_dir / "recipe.yaml").exists():
-        saved = OmegaConf.load(out_dir / "recipe.yaml")
-        merged = OmegaConf.merge(cfg, {"split": OmegaConf.to_container(saved.split)})
-        OmegaConf.set_readonly(merged, True)
-        return merged
-    load_plugins(cfg.plugins)
-    return resolve_auto_split(cfg, build_data(cfg.data, cfg.train.seed).info, echo)
-
-
-# errno values that mean "the run folder cannot take more data", whichever write hit them
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-
-
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
              executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
@@ -149,13 +67,12 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
         return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
                          loggers=loggers, echo=echo)
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
-        if exc.errno not in DISK_ERRORS:
+        if exc.errno not in rundir.DISK_ERRORS:
             raise
         where = f" writing '{exc.filename}'" if exc.filename else ""
         raise FrzooError(f"run.out_dir '{out_dir}' cannot be written{where} ({exc.strerror}); "
-                         f"training stopped. The last good checkpoint is "
-                         f"{checkpoint_path(out_dir)} (step {_saved_step(out_dir)}); free space "
-                         f"and resume with `frzoo run --resume {out_dir}`.") from None
+                         f"training stopped. Free space. {rundir.last_good_checkpoint(out_dir)}."
+                         ) from None
 
 
 def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
@@ -165,13 +82,13 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
                                 "last_eval": None, "last_eval_step": None}
     if resume:
-        state = load_file(checkpoint_path(out_dir))
-        check_compatible(state, recipe, partition, checkpoint_path(out_dir))
+        state = load_file(rundir.checkpoint_path(out_dir))
+        check_compatible(state, recipe, partition, rundir.checkpoint_path(out_dir))
         executor.load_checkpoint(state)
         progress = state["progress"]
     table = job.table()
     if leader:
-        remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
+        rundir.remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
         save_recipe(cfg, out_dir / "recipe.yaml")
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
@@ -181,7 +98,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
             parts, executor_state = gathered
             atomic_save(checkpoint_state(recipe=recipe, partition=partition, parts=parts,
                                          executor_state=executor_state, progress=progress),
-                        checkpoint_path(out_dir))
+                        rundir.checkpoint_path(out_dir))
 
     logger: Logger = NullLogger()
     if leader:
@@ -224,8 +141,8 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                     if not math.isfinite(loss):
                         raise NonFiniteLossError(
                             f"the loss is {loss} at step {step} (epoch {epoch}); training "
-                            f"stopped. The last good checkpoint is {checkpoint_path(out_dir)} "
-                            f"(step {_saved_step(out_dir)}). Lower optimizer.lr or check the data.")
+                            f"stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
+                            f"optimizer.lr or check the data.")
                 now = time.perf_counter()
                 seconds, tick = now - tick, now
                 if result is not None:
@@ -327,13 +244,6 @@ def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
         row["other"] = max(0.0, 1.0 - sum(row.values()))
         shares.append(row)
     return shares
-
-
-def _saved_step(out_dir: Path) -> str:
-    path = checkpoint_path(out_dir)
-    if not path.exists():
-        return "none: no checkpoint was written yet"
-    return str(torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"])
 
 
 class _Window:

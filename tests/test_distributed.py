@@ -17,7 +17,7 @@ import torch
 
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.trainer import train
+from frzoo.run import train
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
         "data.batch_size=8", "data.image_size=16", "train.epochs=2", "train.progress=false",

@@ -7,7 +7,7 @@ from frzoo.algorithms.bp import Backprop
 from frzoo.algorithms.ddg import DecoupledBackprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.config import load_recipe
-from frzoo.trainer import train
+from frzoo.run import train
 
 
 def peaks(cls, **options):

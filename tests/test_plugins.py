@@ -28,7 +28,7 @@ from frzoo.models import create_model
 from frzoo.registry import (ALGORITHMS, ARCHITECTURES, DATASETS, SPLIT_PRESETS, PluginImportError,
                             PluginWarning, load_plugin, register_algorithm,
                             register_architecture, register_dataset, register_split_presets)
-from frzoo.trainer import train
+from frzoo.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "frzoo-example-plugin"

@@ -27,7 +27,7 @@ import torch
 from frzoo.checkpoint import load_file
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.trainer import train
+from frzoo.run import train
 
 # 6 steps per epoch, 18 steps; checkpoints at steps 4, 6, 8, 12, 16 and 18; evaluations at 6, 12, 18.
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=48", "data.num_test=16",

@@ -10,7 +10,7 @@ from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
 from frzoo.report import build_report, label_runs, load_run, wall_clock
-from frzoo.trainer import train
+from frzoo.run import train
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer2,layer4]",

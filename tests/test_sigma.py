@@ -10,7 +10,7 @@ from frzoo.algorithms.ddg import DecoupledBackprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.config import load_recipe
 from frzoo.errors import RecipeError
-from frzoo.trainer import train
+from frzoo.run import train
 
 
 def sigmas(k: int, lr: float, cls=FeaturesReplay, dropout: float = 0.0):

@@ -14,7 +14,7 @@ import torch
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.trainer import train
+from frzoo.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 

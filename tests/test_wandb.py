@@ -15,7 +15,7 @@ from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
 from frzoo.loggers import build_loggers, read_jsonl
-from frzoo.trainer import train
+from frzoo.run import train
 from frzoo.wandb_logger import (WandbLogger, find_offline_runs, metric_name, read_offline_run,
                                 resolve_mode, run_file_complete, wandb_metrics)
 

@@ -1,4 +1,9 @@
-"""Who runs the parts: `local` (one process) here; the transport between parts lives here."""
+"""Who runs the parts and moves tensors between them.
+
+- `local`: every part in this process, the reference every other layout must equal (local.py);
+- `p2p`: one part per process, activations and deltas over torch.distributed (p2p.py);
+- `launch`: starting, supervising and stopping those processes, or joining torchrun (launch.py).
+"""
 from .local import LocalExecutor
 
 __all__ = ["LocalExecutor"]

@@ -1,4 +1,4 @@
-"""One process per part on torch.distributed: the parts really run at the same time.
+"""The transport between parts in separate processes (torch.distributed point-to-point).
 
 Rank k runs part k+1 with exactly the per-part step the local executor calls; only the transport
 differs. Per iteration t, rank k:
@@ -9,30 +9,20 @@ differs. Per iteration t, rank k:
 
 Sends are asynchronous, so rank k goes on with iteration t+1 as soon as its own iteration t is
 done: after warm-up every rank is busy with its own forward, replay and backward, and the period
-approaches the slowest part's work (shared/docs/ALGORITHM.md, "Ideal speed"). Every message
-carries a small header (kind, shape), so a smaller last batch and the stop signal need no other
+approaches the slowest part's work (docs/algorithm.md, "Ideal speed"). Every message carries a
+small header (kind, shape), so a smaller last batch and the stop signal need no other
 coordination. The last rank (which has the loss) is the leader: it logs and writes files.
 
-`frzoo run` starts the K worker processes itself (:func:`launch`); under torchrun each process
-joins from the environment torchrun sets (:func:`torchrun_main`).
+Processes are started and supervised by frzoo.executors.launch; this module only moves tensors.
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import sys
-import threading
 import time
-import traceback
 from collections import deque
-from datetime import timedelta
-from pathlib import Path
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ..algorithms.base import PHASES, ForwardResult, PartAlgorithm
@@ -315,251 +305,3 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-# ---------------------------------------------------------------- one worker
-def choose_backend(cfg: DictConfig) -> str:
-    if cfg.distributed.backend != "auto":
-        return cfg.distributed.backend
-    devices = list(cfg.devices or ["cpu"])
-    return "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
-
-
-def run_worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:
-    """Build this rank's part and run the shared training loop. The process group is set up."""
-    from ..build import build_job, load_plugins
-    from ..data import build_data
-    from ..loggers import build_loggers, close_loggers
-    from ..trainer import run_loop
-    load_plugins(cfg.plugins)
-    data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info, only_part=rank)
-    if len(job.parts) != world_size:
-        raise FrzooError(f"the recipe splits the model into {len(job.parts)} parts but the job has "
-                         f"{world_size} processes; run one process per part.")
-    device = job.devices[rank]
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    executor = DistributedExecutor(job.algorithms[0], rank, world_size, choose_backend(cfg))
-    executor.timeout_s = cfg.distributed.timeout_s
-    echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
-    loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume, echo=echo) \
-        if executor.is_leader else []
-    try:
-        run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor, loggers=loggers,
-                 echo=echo)
-    except BaseException:
-        close_loggers(loggers, failed=True)  # mark the tracker's run failed, then report
-        raise
-    # Only after success: after a failure a send may never complete, and waiting for it would
-    # replace the real error by a second timeout.
-    executor.close()
-
-
-def _threads(cfg: DictConfig, world_size: int) -> int:
-    return cfg.train.threads or max(1, (os.cpu_count() or 1) // world_size)
-
-
-def _init_group(cfg: DictConfig, rank: int, world_size: int) -> None:
-    dist.init_process_group(choose_backend(cfg), rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=cfg.distributed.timeout_s))
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit when the launcher dies (even by SIGKILL), so no worker is left behind."""
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(3)
-            time.sleep(0.5)
-    threading.Thread(target=watch, daemon=True, name="frzoo-parent-watch").start()
-
-
-def _spawned_worker(rank: int, world_size: int, cfg_dict: Dict[str, Any], out_dir: str,
-                    resume: bool, port: int, parent: int, errors: Any) -> None:
-    """Entry of a process started by :func:`launch`."""
-    os.setpgrp()  # Ctrl-C in the terminal reaches the launcher only; it forwards it to rank 0
-    _watch_parent(parent)
-    os.environ.update(MASTER_ADDR=cfg_dict["distributed"]["master_addr"], MASTER_PORT=str(port))
-    cfg = OmegaConf.create(cfg_dict)
-    torch.set_num_threads(_threads(cfg, world_size))
-    code = 0
-    try:
-        _init_group(cfg, rank, world_size)
-        run_worker(cfg, Path(out_dir), resume, rank, world_size)
-    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
-        user = isinstance(exc, FrzooError)
-        detail = str(exc) if user else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        stalled = (-1 if exc.peer is None else exc.peer) if isinstance(exc, PeerStalled) \
-            else (-1 if _is_timeout(exc) else None)  # the rank it waited for; -1: unknown
-        errors.put((rank, socket.gethostname(), user, detail, stalled))
-        code = 2 if user else 1
-    finally:
-        if dist.is_initialized() and code == 0:
-            dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: a peer that already failed cannot hang us here
-
-
-# ---------------------------------------------------------------- the launcher
-def free_port(addr: str, port: int) -> int:
-    """`port`, checked free, or (0) a free port chosen by the OS."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((addr, port))
-        except OSError as exc:
-            raise FrzooError(f"distributed.master_port={port} on {addr} cannot be used "
-                             f"({exc.strerror}); set distributed.master_port=0 to pick a free "
-                             f"port, or choose another.") from None
-        return sock.getsockname()[1]
-
-
-def launch(cfg: DictConfig, out_dir: Path, *, resume: bool = False, echo: Any = print) -> Dict[str, Any]:
-    """Run the job with one process per part: here (spawning them) or under torchrun."""
-    import json
-    from ..build import num_parts_requested
-    from ..trainer import prepare_out_dir, run_lock
-    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        return torchrun_main(cfg, out_dir, resume=resume)
-    from ..build import resolve_devices
-    world = num_parts_requested(cfg) or 1
-    resolve_devices(cfg.devices, world)  # fail before starting anything: count and existence
-    prepare_out_dir(out_dir, resume)
-    port = free_port(cfg.distributed.master_addr, cfg.distributed.master_port)
-    ctx = torch.multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    with run_lock(out_dir):
-        procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r + 1}",
-                             args=(r, world, cfg_dict, str(out_dir), resume, port, os.getpid(), errors))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        previous = signal.signal(signal.SIGINT, lambda *_: _forward_sigint(procs[0]))
-        try:
-            failure = _supervise(procs, errors, cfg.distributed.timeout_s)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            _terminate(procs)
-    if failure:
-        raise failure
-    return json.loads((out_dir / "summary.json").read_text())
-
-
-def _forward_sigint(proc: Any) -> None:
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGINT)
-
-
-def _supervise(procs: List[Any], errors: Any, timeout_s: float) -> Optional[BaseException]:
-    """Wait for every worker; on the first failure stop the others and explain it."""
-    while True:
-        codes = [p.exitcode for p in procs]
-        if all(c == 0 for c in codes):
-            return None
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            # give the others a moment to report their own errors, then stop them
-            deadline = time.time() + 2.0
-            while time.time() < deadline and any(p.is_alive() for p in procs) and errors.empty():
-                time.sleep(0.05)
-            reports = _drain(errors)
-            stuck: List[int] = []
-            if any(report[4] is not None for report in reports):
-                # A part timed out waiting: the parts that merely waited exit within moments
-                # (their peers are gone); a part still running after that is the stuck one.
-                deadline = time.time() + 5.0
-                while time.time() < deadline and sum(p.is_alive() for p in procs) > 1:
-                    time.sleep(0.05)
-                stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-            _terminate(procs)
-            reports += _drain(errors)
-            return _explain(procs, failed, reports, stuck, timeout_s)
-        time.sleep(0.1)
-
-
-def _drain(errors: Any) -> List[Tuple[int, str, bool, str, Optional[int]]]:
-    reports = []
-    while not errors.empty():
-        reports.append(errors.get())
-    return reports
-
-
-def _explain(procs: List[Any], failed: List[int],
-             reports: List[Tuple[int, str, bool, str, Optional[int]]],
-             stuck: Sequence[int] = (), timeout_s: float = 0.0) -> BaseException:
-    """The error to raise: the first worker's own error, naming its part and rank."""
-    by_rank = {rank: (host, user, detail) for rank, host, user, detail, _ in reports}
-    waited = {rank: peer for rank, _, _, _, peer in reports if peer is not None}
-    if waited:
-        # The stalled part: one that others waited for and that was not itself waiting; else the
-        # one still running when the others had stopped.
-        blamed = sorted({p for p in waited.values() if p >= 0 and p not in waited})
-        culprit = blamed[0] if blamed else (stuck[0] if stuck else None)
-        if culprit is not None and culprit not in by_rank and (culprit in stuck
-                                                                or culprit not in failed):
-            rank = min((r for r, peer in waited.items() if peer == culprit), default=min(waited))
-            return FrzooError(
-                f"part {culprit + 1} (rank {culprit}) stalled: part {rank + 1} waited more than "
-                f"{timeout_s:g} s (distributed.timeout_s) for it, so the job was stopped (no "
-                f"process is left running). The last complete checkpoint is "
-                f"kept; resume with `frzoo run --resume`. If the part is only slow, raise "
-                f"distributed.timeout_s.")
-    # The root cause is the report of a worker that did not just lose a peer.
-    origin = next((r for r in sorted(by_rank) if by_rank[r][1] and r not in waited), None)
-    if origin is None:
-        origin = next((r for r in failed if r in by_rank and not _peer_loss(by_rank[r][2])
-                       and r not in waited), failed[0])
-    if origin in by_rank:
-        host, user, detail = by_rank[origin]
-        message = f"part {origin + 1} (rank {origin}, host {host}) failed: {detail}"
-        return FrzooError(message) if user else RuntimeError(message)
-    code = procs[origin].exitcode
-    how = (f"was killed by signal {signal.Signals(-code).name}" if code and code < 0
-           else f"exited with status {code}")
-    return RuntimeError(f"part {origin + 1} (rank {origin}) {how}; the other parts were stopped. "
-                        f"The last complete checkpoint is kept; resume with `frzoo run --resume`.")
-
-
-def _peer_loss(detail: str) -> bool:
-    return any(s in detail for s in ("Connection closed by peer", "Connection reset",
-                                     "Timed out", "timed out", "Broken pipe"))
-
-
-def _terminate(procs: List[Any]) -> None:
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    deadline = time.time() + 5.0
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.time()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-# ---------------------------------------------------------------- torchrun
-def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool = False) -> Dict[str, Any]:
-    """Join a job started by torchrun (one or several nodes): RANK/WORLD_SIZE come from it."""
-    import json
-    from ..build import num_parts_requested
-    from ..trainer import prepare_out_dir
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    parts = num_parts_requested(cfg) or 1
-    if world != parts:
-        raise FrzooError(f"torchrun started {world} processes (WORLD_SIZE) but the recipe has "
-                         f"{parts} parts; start one process per part "
-                         f"(e.g. --nproc-per-node {parts} on one node).")
-    torch.set_num_threads(_threads(cfg, world))
-    _init_group(cfg, rank, world)
-    try:
-        if rank == world - 1:
-            prepare_out_dir(out_dir, resume)
-        dist.barrier()
-        run_worker(cfg, out_dir, resume, rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    summary = out_dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else {}

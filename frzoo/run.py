@@ -1,0 +1,133 @@
+"""From a recipe to a run: the one place where a training job is put together.
+
+`frzoo run`, `frzoo eval`, every process of a distributed job (spawned by frzoo or started by
+torchrun) and the benchmarks assemble a run through these functions, in this order:
+
+    resolve_split   split.auto measured once (a resumed run keeps the points it chose)
+    build           plugins -> data -> model cut into parts -> the executor that runs them
+    train           the run folder and its lock, then the training loop (frzoo.trainer), here
+                    or in one process per part (frzoo.executors.launch)
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import rundir
+from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_auto_split,
+                    resolve_devices)
+from .data import DataModule, build_data
+from .errors import FrzooError
+from .executors.base import Executor
+from .executors.launch import choose_backend, launch, under_torchrun
+from .executors.local import LocalExecutor
+from .executors.p2p import DistributedExecutor
+from .loggers import Logger, build_loggers, close_loggers
+from .trainer import run_loop
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Assembly:
+    """What one process runs: the data, its parts (all of them, or the one of its rank) and the
+    executor that moves activations and deltas between them."""
+    data: DataModule
+    job: Job
+    executor: Executor
+
+
+def resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> DictConfig:
+    """`split.auto` is measured once, before any worker starts, so every process and a later
+    resume use the same partition; a resumed run keeps the points its first start chose."""
+    if cfg.split.auto is None:
+        return cfg
+    if resume and (out_dir / "recipe.yaml").exists():
+        saved = OmegaConf.load(out_dir / "recipe.yaml")
+        merged = OmegaConf.merge(cfg, {"split": OmegaConf.to_container(saved.split)})
+        OmegaConf.set_readonly(merged, True)
+        return merged
+    load_plugins(cfg.plugins)
+    return resolve_auto_split(cfg, build_data(cfg.data, cfg.train.seed).info, echo)
+
+
+def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -> Assembly:
+    """Everything one process needs to train, built once. `rank` None: every part in this
+    process; else the part of that rank, joined to the others through torch.distributed (the
+    process group must be up)."""
+    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info, only_part=rank)
+    if rank is None:
+        local = LocalExecutor(job.algorithms)
+        if cfg.train.sigma_every:
+            local.measure_sigma(cfg.train.sigma_every)
+        return Assembly(data, job, local)
+    if len(job.parts) != world_size:
+        raise FrzooError(f"the recipe splits the model into {len(job.parts)} parts but the job has "
+                         f"{world_size} processes; run one process per part.")
+    device = job.devices[rank]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    executor = DistributedExecutor(job.algorithms[0], rank, world_size, choose_backend(cfg))
+    executor.timeout_s = cfg.distributed.timeout_s
+    return Assembly(data, job, executor)
+
+
+def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
+          loggers: Sequence[Logger] = (), echo: Echo = print) -> Dict[str, Any]:
+    """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
+
+    `executor: local` runs every part in this process; `executor: distributed` runs one process
+    per part (frzoo.executors.launch), each of which calls :func:`worker`.
+    """
+    cfg = resolve_split(cfg, out_dir, resume, echo)
+    if cfg.executor == "distributed" or under_torchrun():
+        num_parts = num_parts_requested(cfg) or 1
+        resolve_devices(cfg.devices, num_parts)  # fail before starting anything: count, existence
+        return launch(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
+    rundir.prepare(out_dir, resume)
+    with rundir.lock(out_dir):
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        run = build(cfg)
+        return run_loop(cfg, out_dir, resume, job=run.job, data=run.data,
+                        executor=run.executor, loggers=loggers, echo=echo)
+
+
+def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:
+    """One process of a distributed job: build this rank's part and run the training loop.
+    The launcher has set up the process group and holds the run folder's lock."""
+    run = build(cfg, rank=rank, world_size=world_size)
+    executor = run.executor
+    echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
+    loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume, echo=echo) \
+        if executor.is_leader else []
+    try:
+        run_loop(cfg, out_dir, resume, job=run.job, data=run.data, executor=executor,
+                 loggers=loggers, echo=echo)
+    except BaseException:
+        close_loggers(loggers, failed=True)  # mark the tracker's run failed, then report
+        raise
+    # Only after success: after a failure a send may never complete, and waiting for it would
+    # replace the real error by a second timeout.
+    executor.close()
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, weights: Optional[Path] = None) -> Dict[str, float]:
+    """Test metrics of a run: `weights` (a state_dict in the model's own names, default
+    RUN_DIR/final.pt) or, where there is none, the run's last checkpoint."""
+    from .checkpoint import load_file
+    from .models import load_init_checkpoint
+    run = build(cfg)
+    weights = weights or run_dir / "final.pt"
+    if weights.exists():
+        load_init_checkpoint(run.job.model, str(weights), what="--weights")  # weights only
+    else:
+        run.executor.load_checkpoint(load_file(rundir.checkpoint_path(run_dir)))
+    return run.executor.evaluate(run.data)  # type: ignore[return-value]

@@ -1,0 +1,68 @@
+"""The run folder: its layout, its lock, and the files a killed write leaves behind.
+
+Every writer of a run folder (the trainer, `frzoo eval`, `frzoo export`, the launcher of a
+distributed run) finds its files through these helpers, so the layout is written down once:
+
+    RUN_DIR/recipe.yaml  partition.json  metrics.jsonl  summary.json  final.pt
+    RUN_DIR/checkpoints/last.pt
+    RUN_DIR/.lock        (held while a run writes into the folder)
+"""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FrzooError
+from .locks import folder_lock
+
+# errno values that mean "the run folder cannot take more data", whichever write hit them
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return out_dir / "checkpoints" / "last.pt"
+
+
+def lock(out_dir: Path) -> Any:
+    """Refuse to let two runs write into one folder at the same time."""
+    return folder_lock(out_dir, f"run folder '{out_dir}' is in use by another frzoo run "
+                                f"(pid {{pid}}); choose another run.out_dir.")
+
+
+def prepare(out_dir: Path, resume: bool) -> None:
+    """Create the folder and check, before anything is built, that this run may write there."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise FrzooError(f"run.out_dir '{out_dir}' is not writable ({exc.strerror}); "
+                         f"choose another folder.") from None
+    if not resume and checkpoint_path(out_dir).exists():
+        raise FrzooError(f"run.out_dir '{out_dir}' already holds a run; resume it with "
+                         f"`frzoo run --resume {out_dir}` or set run.out_dir to a new folder.")
+    if resume and not checkpoint_path(out_dir).exists():
+        raise FrzooError(f"nothing to resume in '{out_dir}': {checkpoint_path(out_dir)} "
+                         f"does not exist.")
+
+
+def remove_partial_files(out_dir: Path) -> None:
+    """Delete the temporary files of writes a killed run never finished (see atomic_save)."""
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def last_good_checkpoint(out_dir: Path) -> str:
+    """How an error tells the user what survives: the checkpoint and its step, or that none
+    was written yet (then there is nothing to resume: start the run again)."""
+    path = checkpoint_path(out_dir)
+    if not path.exists():
+        return "No checkpoint was written yet, so nothing is lost beyond this start"
+    step = torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"]
+    return (f"The last good checkpoint is {path} (step {step}); resume with "
+            f"`frzoo run --resume {out_dir}`")
