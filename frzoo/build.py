@@ -17,7 +17,7 @@ from . import algorithms as _algorithms  # noqa: F401  (registers bp, fr)
 from .algorithms.base import PartAlgorithm
 from .data import DataInfo
 from .errors import FrzooError
-from .models import create_model, load_init_checkpoint
+from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
 from .partition import (EquivalenceReport, Partition, build_checked_parts, build_parts,
                         resolve_partition)
@@ -108,6 +108,8 @@ def model_kwargs(cfg_model: DictConfig, info: DataInfo) -> Dict[str, Any]:
 def build_model(cfg_model: DictConfig, info: DataInfo, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # every process builds the same initial weights
     model = create_model(cfg_model.name, model_kwargs(cfg_model, info))
+    check_fits_data(model, num_classes=info.num_classes, channels=info.channels,
+                    image_size=info.image_size, data_name=info.name)
     if cfg_model.init_checkpoint:
         load_init_checkpoint(model, cfg_model.init_checkpoint)
     return model

@@ -94,6 +94,7 @@ class DataInfo:
     num_test: int
     mean: Tuple[float, ...]  # per channel, in [0,1] units
     std: Tuple[float, ...]
+    name: str = ""  # the data set's registered name, for messages
 
 
 @dataclass
@@ -447,7 +448,7 @@ def build_data(cfg: DictConfig, seed: int) -> DataModule:
                          f"{channels} channels; give one per channel.")
     info = DataInfo(num_classes=int(splits.num_classes), channels=int(channels), image_size=size,
                     num_train=len(train), num_test=len(test),  # type: ignore[arg-type]
-                    mean=mean, std=std)
+                    mean=mean, std=std, name=name)
     return DataModule(train, test, info, seed=seed, batch_size=int(cfg.batch_size),
                       eval_batch_size=cfg.get("eval_batch_size"), augment=str(cfg.augment),
                       normalize=bool(cfg.normalize), shuffle=bool(cfg.shuffle),

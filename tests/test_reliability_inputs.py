@@ -218,3 +218,22 @@ def test_every_valid_recipe_builds(overrides):
 def test_an_override_that_is_not_yaml_is_a_recipe_error():
     with pytest.raises(RecipeError):
         load_recipe(None, ["model.name=test_resnet", "data.batch_size={a:"])
+
+
+@pytest.mark.parametrize("override,says", [
+    ("model.kwargs.num_classes=3", "predicts 3 classes but data 'synthetic' has 10; set "
+                                   "model.kwargs.num_classes=10"),
+    ("model.kwargs.in_chans=1", "takes 1-channel images but data 'synthetic' has 3 channel(s); "
+                                "set model.kwargs.in_chans=3"),
+])
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path, capsys,
+                                                                       override, says):
+    line = one_line_error(capsys, "run", *TINY, override, f"run.out_dir={tmp_path / 'r'}")
+    assert says in line
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path, capsys):
+    line = one_line_error(capsys, "run", *TINY, "optimizer.lr=1e30", "train.max_steps=12",
+                          "train.checkpoint_every=0", f"run.out_dir={tmp_path / 'r'}")
+    assert "No checkpoint was written yet" in line and "last.pt" not in line
