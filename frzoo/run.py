@@ -28,6 +28,7 @@ from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
 from .loggers import Logger, build_loggers, close_loggers
+from .sigma import SigmaProbe
 from .trainer import run_loop
 
 Echo = Callable[[str], None]
@@ -40,6 +41,7 @@ class Assembly:
     data: DataModule
     job: Job
     executor: Executor
+    probe: Optional[SigmaProbe] = None  # train.sigma_every: a hook of the training loop
 
 
 def resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> DictConfig:
@@ -64,10 +66,8 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     data = build_data(cfg.data, cfg.train.seed)
     job = build_job(cfg, data.info, only_part=rank)
     if rank is None:
-        local = LocalExecutor(job.algorithms)
-        if cfg.train.sigma_every:
-            local.measure_sigma(cfg.train.sigma_every)
-        return Assembly(data, job, local)
+        probe = SigmaProbe(job.algorithms, cfg.train.sigma_every) if cfg.train.sigma_every else None
+        return Assembly(data, job, LocalExecutor(job.algorithms), probe)
     if len(job.parts) != world_size:
         raise FrzooError(f"the recipe splits the model into {len(job.parts)} parts but the job has "
                          f"{world_size} processes; run one process per part.")
@@ -97,7 +97,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
             torch.set_num_threads(cfg.train.threads)
         run = build(cfg)
         return run_loop(cfg, out_dir, resume, job=run.job, data=run.data,
-                        executor=run.executor, loggers=loggers, echo=echo)
+                        executor=run.executor, loggers=loggers, echo=echo, probe=run.probe)
 
 
 def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:

@@ -11,14 +11,21 @@ from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.config import load_recipe
 from frzoo.errors import RecipeError
 from frzoo.run import train
+from frzoo.sigma import SigmaProbe
+
+
+def probed_step(ex, probe: SigmaProbe, x, y, t: int) -> None:
+    """One step as the training loop runs it with train.sigma_every set."""
+    probe.before_step(t, x, y)
+    ex.train_step((x, y), t)
 
 
 def sigmas(k: int, lr: float, cls=FeaturesReplay, dropout: float = 0.0):
     ex = make_executor(tiny_model(dropout), k, cls, lr=lr)
-    ex.measure_sigma(1)
+    probe = SigmaProbe(ex.algorithms, every=1)
     for t, (x, y) in enumerate(batches(8)):
-        ex.train_step((x, y), t)
-    return [ex.sigma.read(i) for i in range(k)]
+        probed_step(ex, probe, x, y, t)
+    return [probe.read(i) for i in range(k)]
 
 
 def test_one_part_gives_sigma_one_exactly():
@@ -44,9 +51,9 @@ def test_the_probe_does_not_change_training():
     data = batches(6)
     probed, plain = tiny_model(), tiny_model()
     ex = make_executor(probed, 3, FeaturesReplay)
-    ex.measure_sigma(1)
+    probe = SigmaProbe(ex.algorithms, every=1)
     for t, (x, y) in enumerate(data):
-        ex.train_step((x, y), t)
+        probed_step(ex, probe, x, y, t)
     ex2 = make_executor(plain, 3, FeaturesReplay)
     for t, (x, y) in enumerate(data):
         ex2.train_step((x, y), t)
