@@ -55,15 +55,13 @@ def scratch():
     regs = (ARCHITECTURES, DATASETS, ALGORITHMS, SPLIT_PRESETS)
     registry.load_entry_point_plugins()
     saved = [(dict(r._items), dict(r._origin)) for r in regs]
-    timm_before, ours = set(timm_registry._model_entrypoints), dict(registry._TIMM_OURS)
+    timm_before = set(timm_registry._model_entrypoints)
     yield
     for r, (items, origin) in zip(regs, saved):
         r._items, r._origin = items, origin
     for name in set(timm_registry._model_entrypoints) - timm_before:
         timm_registry._model_entrypoints.pop(name)
         timm_registry._clear_model_entries(name)
-    registry._TIMM_OURS.clear()
-    registry._TIMM_OURS.update(ours)
 
 
 def run_cli(*args: str, capsys) -> tuple:
