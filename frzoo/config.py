@@ -280,6 +280,10 @@ def validate(cfg: DictConfig) -> None:
     positive("data.eval_batch_size", allow_none=True)
     positive("data.image_size", allow_none=True)
     positive("data.num_workers", allow_zero=True)
+    positive("data.limit_train", allow_none=True)
+    positive("data.limit_test", allow_none=True)
+    for key in ("num_classes", "num_train", "num_test", "channels"):  # the synthetic data set's
+        positive(f"data.{key}")
     positive("train.epochs")
     positive("train.max_steps", allow_none=True)
     positive("train.eval_every", allow_zero=True)
