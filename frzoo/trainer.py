@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
-from .build import Job, build_job, load_plugins, resolve_auto_split
+from .build import Job, build_job, load_plugins, resolve_algorithm, resolve_auto_split
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
 from .config import save_recipe, to_container
@@ -105,6 +105,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     `executor: local` runs every part in this process; `executor: distributed` starts one
     process per part (see frzoo.executors.distributed) which run this same loop.
     """
+    cfg = resolve_algorithm(cfg)  # checks the algorithm's options before anything starts
     cfg = _resolve_split(cfg, out_dir, resume, echo)
     if cfg.executor == "distributed":
         from .executors.distributed import launch
