@@ -7,7 +7,7 @@ Part k of K (paper numbering) at iteration t:
           replayed input (taken at w^t, before the update) goes to part k-1 for iteration t+1;
   update  w^{t+1}_k = w^t_k - lr * g^t_k.
 The last part (k = K, staleness 0) is ordinary backprop of the loss on the current sample.
-See shared/docs/ALGORITHM.md for the index check and the authors' unstated details.
+See docs/algorithm.md ("The index check", "Details the paper leaves out").
 """
 from __future__ import annotations
 
