@@ -11,7 +11,7 @@ its activation up and its delta down) for every part but the last, F + B for the
 on one device costs the sum of F + B. The period is the busiest part's cost, so
 speedup = sum(F + B) / max_k cost_k, for the authors' split (ceil(n/K) blocks a part) and the
 best split for this cost (frzoo's `split.auto=time`). The paper's measured speedups are printed
-beside (shared/docs/ALGORITHM.md, Fig. 4).
+beside (docs/algorithm.md, "Reported numbers", from the paper's Fig. 4).
 """
 from __future__ import annotations
 

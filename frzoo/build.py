@@ -6,15 +6,16 @@ before anything trains (see :func:`frzoo.partition.check_equivalence`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import algorithms as _algorithms  # noqa: F401  (registers bp, fr)
 from .algorithms.base import PartAlgorithm
+from .algorithms.options import parse_options
 from .data import DataInfo
 from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
@@ -146,6 +147,7 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     (same seed, same check) but moves and wraps only its own part.
     """
     load_plugins(cfg.plugins)
+    algo_cls, options = algorithm_of(cfg)  # once for all parts; a bad option fails here
     model = build_model(cfg.model, info, cfg.train.seed)
     partition = build_partition(model, cfg)
     sample = torch.randn(2, info.channels, info.image_size, info.image_size,
@@ -167,8 +169,6 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
                if report.fallback_error else ""))
     devices = resolve_devices(cfg.devices, partition.num_parts)
     scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
-    algo_cls = ALGORITHMS.get(cfg.algorithm.name)
-    options = {k: v for k, v in cfg.algorithm.items() if k != "name"}
     algos: List[PartAlgorithm] = []
     for index, (part, device) in enumerate(zip(parts, devices)):
         if only_part is not None and index != only_part:
@@ -182,15 +182,34 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 
+def algorithm_of(cfg: DictConfig) -> tuple[Any, Any]:
+    """The recipe's algorithm class and its options, parsed from the `algorithm:` section by the
+    class's own declaration (``cls.Options``): an option it does not take, or a bad value, is a
+    RecipeError naming the class and the options it takes (frzoo.algorithms.options)."""
+    given = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    name = given.pop("name")  # type: ignore[union-attr]
+    cls = ALGORITHMS.get(name)
+    return cls, parse_options(cls, given, name)  # type: ignore[arg-type]
+
+
+def resolve_algorithm(cfg: DictConfig) -> DictConfig:
+    """The recipe with its `algorithm:` section checked and completed with the defaults of the
+    options it leaves out. Called once, before anything trains or any worker starts, so that a
+    bad option fails at once and recipe.yaml, checkpoints (and so resume checks) and W&B record
+    every option the run used."""
+    load_plugins(cfg.plugins)  # a recipe plugin may register the algorithm
+    _, options = algorithm_of(cfg)
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.algorithm = {"name": cfg.algorithm.name, **asdict(options)}  # declaration order
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
 def _make_algorithm(cls: Any, part: nn.Module, optimizer: torch.optim.Optimizer, index: int,
-                    num_parts: int, device: torch.device, seed: int,
-                    options: Dict[str, Any]) -> PartAlgorithm:
-    # Pass each algorithm only the options it names (fr takes warmup/replay_bn, bp takes none).
-    named = inspect.signature(cls.__init__).parameters
-    accepted = {k: v for k, v in options.items()
-                if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
+                    num_parts: int, device: torch.device, seed: int, options: Any) -> PartAlgorithm:
     return cls(part, optimizer, index=index, num_parts=num_parts, device=device,
-               loss_fn=torch.nn.functional.cross_entropy, seed=seed, **accepted)
+               loss_fn=torch.nn.functional.cross_entropy, seed=seed, options=options)
 
 
 def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> DictConfig:

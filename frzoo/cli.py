@@ -70,13 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .build import build_job, load_plugins
+    from .build import build_job, resolve_algorithm
     from .data import build_data
     from .partition import all_cut_points
-    _, cfg = _load(args.args)
+    # resolve_algorithm loads the recipe's plugins first: one may register the data set
+    cfg = resolve_algorithm(_load(args.args)[1])
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
     if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
         _print_candidates(cfg, data.info)

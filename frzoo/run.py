@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_auto_split,
-                    resolve_devices)
+from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_algorithm,
+                    resolve_auto_split, resolve_devices)
 from .data import DataModule, build_data
 from .errors import FrzooError
 from .executors.base import Executor
@@ -86,6 +86,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     `executor: local` runs every part in this process; `executor: distributed` runs one process
     per part (frzoo.executors.launch), each of which calls :func:`worker`.
     """
+    cfg = resolve_algorithm(cfg)  # its options are checked before anything starts
     cfg = resolve_split(cfg, out_dir, resume, echo)
     if cfg.executor == "distributed" or under_torchrun():
         num_parts = num_parts_requested(cfg) or 1

@@ -14,7 +14,8 @@ forward). The copies cost K-k parameter sets per part, small beside the stored a
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Literal, Optional, Tuple
 
 from torch import Tensor
 from torch.func import functional_call
@@ -29,11 +30,13 @@ Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, outpu
 class DecoupledBackprop(PartAlgorithm):
     """One part under DDG. Options: warmup ('skip' or 'zeros'), as for Features Replay."""
 
-    def __init__(self, *args: Any, warmup: str = "skip", **kwargs: Any) -> None:
+    @dataclass(frozen=True)
+    class Options(PartAlgorithm.Options):
+        warmup: Literal["skip", "zeros"] = "skip"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if warmup not in ("skip", "zeros"):
-            raise ValueError(f"bad option warmup={warmup!r}")
-        self.warmup = warmup
+        self.warmup = self.options.warmup
         self.delay = self.num_parts - 1 - self.index
         self.graphs: Deque[Graph] = deque()
 
