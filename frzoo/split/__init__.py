@@ -9,7 +9,7 @@ cutting the chain of children and cutting the traced forward. Modules:
 * ``chain``: cutting where the forward is a chain of children;
 * ``fx``: cutting the torch.fx trace of any other forward; the split candidates;
 * ``check``: the bit-for-bit comparison with the whole model;
-* ``rule``: the Features Replay authors' ceil(n/K) rule (`split.k` without a preset);
+* ``rule``: the Features Replay authors' ceil(n/K) rule (`split.k`, the zoo's presets);
 * ``costs``: FLOPs (torch's FlopCounterMode), seconds and bytes of pieces of a model;
 * ``balance``: `split.auto`, the exact balancing under an algorithm's cost model;
 * ``resolve``: :func:`resolve`.
@@ -20,8 +20,8 @@ from .check import EquivalenceReport, check_equivalence
 from .fx import profile_blocks
 from .plan import WHOLE_MODEL, Partition, SplitPart
 from .resolve import Split, original_key, resolve
-from .rule import points_for_k
+from .rule import fr_split_points, points_for_k
 
 __all__ = ["WHOLE_MODEL", "EquivalenceReport", "Partition", "Split", "SplitPart",
-           "all_cut_points", "balanced_points", "check_equivalence", "original_key",
-           "points_for_k", "profile_blocks", "resolve"]
+           "all_cut_points", "balanced_points", "check_equivalence", "fr_split_points",
+           "original_key", "points_for_k", "profile_blocks", "resolve"]
