@@ -1,7 +1,7 @@
 """From a resolved recipe to runnable parts: model, partition, devices, optimizers, algorithms.
 
 Each step reads only its own recipe section. The split is checked against the whole model
-before anything trains (see :func:`frzoo.partition.check_equivalence`).
+before anything trains (see :func:`frzoo.split.check_equivalence`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from .data import DataInfo
 from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
-from .partition import (EquivalenceReport, Partition, build_checked_parts, build_parts,
-                        resolve_partition)
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
+from .split import EquivalenceReport, Partition, SplitPart, balanced_points, resolve
 
 
 @dataclass
@@ -30,7 +29,7 @@ class Job:
     """Everything a trainer or a planner needs, built once from a recipe."""
     model: nn.Module
     partition: Partition
-    parts: List[nn.Module]  # partition.Part (chain) or fx_split.FxPart: both have .names
+    parts: List[SplitPart]
     devices: List[torch.device]
     report: EquivalenceReport
     algorithms: List[PartAlgorithm]  # the parts this process runs (all of them, or one)
@@ -132,11 +131,11 @@ def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
     split = cfg.split
     k = num_parts_requested(cfg)
     presets = SPLIT_PRESETS.get(cfg.model.name) if cfg.model.name in SPLIT_PRESETS else None
-    return resolve_partition(
-        model, cfg.model.name,
+    return resolve(
+        model,
         points=list(split.points) if split.points is not None else None,
         parts=[list(p) for p in split.parts] if split.parts is not None else None,
-        k=k, presets=presets)
+        k=k, presets=presets).partition
 
 
 def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
@@ -152,10 +151,10 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     partition = build_partition(model, cfg)
     sample = torch.randn(2, info.channels, info.image_size, info.image_size,
                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    if check:  # a chain split that fails the check is redone on the model's fx trace
-        partition, parts, report = build_checked_parts(model, partition, sample)
-    else:
-        parts, report = build_parts(model, partition), EquivalenceReport()
+    # a chain split that fails the check is redone on the model's fx trace
+    resolved = resolve(model, partition=partition, build=True, sample=sample if check else None)
+    partition, parts = resolved.partition, resolved.parts or []
+    report = resolved.report or EquivalenceReport()
     if check and not report.exact:
         bad = report.first_bad_part()
         where = (report.problem if report.problem else
@@ -218,7 +217,6 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
     if cfg.split.auto is None:
         return cfg
     from omegaconf import OmegaConf
-    from .balance import balanced_points
     k = num_parts_requested(cfg) or 1
     model = build_model(cfg.model, info, cfg.train.seed)
     device = resolve_devices(cfg.devices, k)[0]
@@ -229,7 +227,8 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
         sample = torch.randn(cfg.data.batch_size, info.channels, info.image_size, info.image_size,
                              generator=torch.Generator().manual_seed(cfg.train.seed))
         points, costs = balanced_points(model.to(device), k, by=cfg.split.auto,
-                                        algorithm=cfg.algorithm.name, sample=sample.to(device))
+                                        algorithm=ALGORITHMS.get(cfg.algorithm.name),
+                                        sample=sample.to(device))
     finally:
         torch.set_num_threads(threads)
     total = sum(costs) or 1.0

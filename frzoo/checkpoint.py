@@ -17,7 +17,7 @@ import torch
 
 from .config import recipe_diff
 from .errors import FrzooError
-from .partition import original_key
+from .split import original_key
 
 FORMAT_VERSION = 1
 # Recipe keys that may change between a run and its resumption without changing the maths.

@@ -72,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from .build import build_job, resolve_algorithm
     from .data import build_data
-    from .partition import all_cut_points
+    from .split import all_cut_points
     # resolve_algorithm loads the recipe's plugins first: one may register the data set
     cfg = resolve_algorithm(_load(args.args)[1])
     print("# resolved recipe")
@@ -114,8 +114,7 @@ def _print_candidates(cfg: Any, info: Any) -> None:
     """Every valid split point of the recipe's model with the block that starts there."""
     import torch
     from .build import build_model
-    from .fx_split import profile_blocks
-    from .partition import all_cut_points
+    from .split import all_cut_points, profile_blocks
     model = build_model(cfg.model, info, cfg.train.seed)
     sample = torch.randn(1, info.channels, info.image_size, info.image_size)
     batch = cfg.data.batch_size

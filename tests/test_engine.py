@@ -20,7 +20,7 @@ from frzoo.algorithms import ForwardResult
 from frzoo.algorithms.bp import Backprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.executors import LocalExecutor
-from frzoo.partition import Part
+from frzoo.split.chain import Part
 
 torch.use_deterministic_algorithms(True)
 
@@ -413,9 +413,9 @@ def test_ddg_state_roundtrip_rebuilds_the_graphs_exactly():
 
 def test_a_part_starting_with_an_in_place_op_keeps_its_history_intact():
     import timm
-    from frzoo.partition import build_parts, partition_from_points
+    from frzoo.split import resolve
     model = timm.create_model("test_resnet", num_classes=5)
-    parts = build_parts(model, partition_from_points(model, ["act1", "layer3"]))  # act1: ReLU(inplace)
+    parts = resolve(model, points=["act1", "layer3"], build=True).parts  # act1: ReLU(inplace)
     algos = [FeaturesReplay(p, optimizer(p.parameters()), index=i, num_parts=3,
                             device=torch.device("cpu"), loss_fn=F.cross_entropy) for i, p in enumerate(parts)]
     ex = LocalExecutor(algos)

@@ -174,6 +174,20 @@ class PartAlgorithm:
         """How many inputs part `index` keeps at most (its history length)."""
         return 0
 
+    @classmethod
+    def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
+        """Work of part `index` per iteration, given the cost of one forward and of one backward
+        (with the update) of its modules: what `split.auto` balances. Here one of each."""
+        return forward + backward
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """Bytes part `index` keeps alive, given its parameter and optimizer bytes (`weights`),
+        what autograd saves for one backward (`saved`) and the bytes of one input: here one
+        graph at a time."""
+        return weights + saved
+
     @property
     def staleness(self) -> int:
         return self.staleness_of(self.index, self.num_parts)

@@ -48,6 +48,13 @@ class DecoupledBackprop(PartAlgorithm):
     def history_of(cls, index: int, num_parts: int) -> int:
         return num_parts - index if index < num_parts - 1 else 0  # graphs kept, K - k + 1
 
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """K - k + 1 graphs and K - k more inputs (the time cost is backprop's: F + B)."""
+        extra = cls.staleness_of(index, num_parts)
+        return weights + saved * (extra + 1) + extra * input_bytes
+
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None

@@ -58,6 +58,19 @@ class FeaturesReplay(PartAlgorithm):
     def history_of(cls, index: int, num_parts: int) -> int:
         return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
 
+    @classmethod
+    def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
+        """Play, replay and backward (2F + B); the last part F + B."""
+        if index < num_parts - 1:
+            return 2 * forward + backward
+        return forward + backward
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """One graph (the replay's) and K - k more inputs (the history)."""
+        return weights + saved + cls.staleness_of(index, num_parts) * input_bytes
+
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None
