@@ -39,10 +39,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
+from . import metrics
 from .errors import FrzooError
 from .locks import folder_lock
-from .loggers import Logger, build_loggers, close_loggers, read_jsonl
-from .wandb_logger import check_metric_name, wandb_metrics
+from .logging import Logger, build_loggers, close_loggers, read_jsonl
 
 MAX_COMBINATIONS_CHECKED = 64  # every grid point is loaded up front below this many (~50 ms each)
 MAX_CONSECUTIVE_FAILURES = 3
@@ -152,7 +152,7 @@ def _check_schema(spec: SweepSpec) -> None:
         raise FrzooError(f"{where} needs `metric: {{name: ..., goal: maximize|minimize}}`: the "
                          f"leaderboard, bayes and early termination rank trials by it (e.g. "
                          f"`metric: {{name: test/acc1, goal: maximize}}`).")
-    problem = check_metric_name(str(metric["name"]))
+    problem = metrics.check_metric_name(str(metric["name"]))
     if problem:
         raise FrzooError(f"{where}: {problem} See docs/wandb.md for the names.")
 
@@ -367,20 +367,20 @@ class TrialWatcher(Logger):
     def start(self, config: Dict[str, Any]) -> None:
         path = self.out_dir / "metrics.jsonl"
         for record in read_jsonl(path) if path.is_file() else []:
-            self._add(wandb_metrics(record))
+            self._add(metrics.values(record))
 
     def log(self, record: Dict[str, Any], step: int) -> None:
-        if self._add(wandb_metrics(record)) and self.should_stop and not self.stop_requested \
+        if self._add(metrics.values(record)) and self.should_stop and not self.stop_requested \
                 and self.should_stop(list(self.history)):
             self.request_stop()
 
     def summary(self, values: Dict[str, Any]) -> None:
         self.final = dict(values)
 
-    def _add(self, metrics: Dict[str, Any]) -> bool:
-        self.last.update(metrics)
-        if self.metric in metrics:
-            self.history.append(metrics[self.metric])
+    def _add(self, values: Dict[str, Any]) -> bool:
+        self.last.update(values)
+        if self.metric in values:
+            self.history.append(values[self.metric])
             return True
         return False
 

@@ -12,11 +12,12 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
+from . import metrics
 from .build import Job, build_job, load_plugins, resolve_auto_split
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
@@ -26,7 +27,7 @@ from .errors import FrzooError, NonFiniteLossError
 from .executors import LocalExecutor
 from .executors.base import Executor
 from .locks import folder_lock
-from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
+from .logging import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
 
 
@@ -169,6 +170,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         check_compatible(state, recipe, partition, checkpoint_path(out_dir))
         executor.load_checkpoint(state)
         progress = state["progress"]
+    clock = metrics.RunClock(progress)
     table = job.table()
     if leader:
         remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
@@ -176,6 +178,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
     def save_checkpoint() -> None:
+        clock.fields()  # the wall clock into the progress: a resumed run continues it
         gathered = executor.gather_checkpoint()  # collective: every process calls it
         if gathered is not None:
             parts, executor_state = gathered
@@ -197,7 +200,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         total_steps = min(total_steps, cfg.train.max_steps)
     step = progress["step"]
     bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
-    window = _Window()
+    window = metrics.Window()
     if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
             and progress.get("last_eval_step") != step and cfg.train.eval_every \
             and (step // steps_per_epoch) % cfg.train.eval_every == 0:
@@ -238,14 +241,14 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     timings = executor.timing_window()  # collective
                     if leader:
-                        _accumulate(progress, timings, window.steps)
-                        record = window.flush(timings)
-                        record.update(epoch=step / steps_per_epoch, lr=cfg.optimizer.lr * mult,
-                                      **{f"lr_part{k + 1}": cfg.optimizer.lr * s * mult
-                                         for k, s in enumerate(job.lr_scales)})
-                        logger.log({"kind": "train", **record}, step)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1f}",
-                                        img_s=f"{record['images_per_s']:.0f}")
+                        metrics.accumulate(progress, timings, window.steps)
+                        record = window.record(timings, epoch=step / steps_per_epoch,
+                                               lr=cfg.optimizer.lr * mult,
+                                               lr_scales=job.lr_scales, clock=clock)
+                        logger.log(record, step)
+                        bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
+                                        acc=f"{record[metrics.TRAIN_ACC]:.1f}",
+                                        img_s=f"{record[metrics.IMAGES_PER_S]:.0f}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     save_checkpoint()
                     tick = time.perf_counter()
@@ -273,7 +276,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         "interrupted": interrupted, "train_seconds": progress["train_seconds"],
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),
         "best_test_acc1": progress["best_test_acc1"],
-        "part_time_share": _time_shares(progress),
+        "part_time_share": metrics.time_shares(progress),
         "part_memory_bytes": [{k: int(v) for k, v in phases.items() if k.endswith("_bytes")}
                               for phases in progress.get("part_seconds", [])],
         **{f"final_{k}": v for k, v in (progress["last_eval"] or {}).items() if k != "step"},
@@ -290,43 +293,15 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
 
 def _record_eval(executor: Executor, data: DataModule, logger: Logger,
                  progress: Dict[str, Any], step: int, steps_per_epoch: int) -> None:
-    metrics = executor.evaluate(data)  # collective; the metrics arrive on the leader
+    evaluation = executor.evaluate(data)  # collective; the metrics arrive on the leader
     progress["last_eval_step"] = step  # on every process: they must take the same branches
-    if metrics is None:
+    if evaluation is None:
         return
-    progress["last_eval"] = {"step": step, **metrics}
+    progress["last_eval"] = {"step": step, **evaluation}
     best = progress["best_test_acc1"]
-    progress["best_test_acc1"] = metrics["test_acc1"] if best is None else max(best, metrics["test_acc1"])
-    logger.log({"kind": "eval", "epoch": step / steps_per_epoch, **metrics}, step)
-
-
-def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float]]],
-                steps: float) -> None:
-    """Add a window's per-part seconds (means per step x steps) to the run's totals."""
-    totals = progress.setdefault("part_seconds", [])
-    for k, phases in enumerate(timings or []):
-        if len(totals) <= k:
-            totals.append({})
-        for phase, value in phases.items():
-            if phase == "sigma":  # a ratio over the window: logged, not summed
-                continue
-            if phase.endswith("_bytes"):  # memory: the run's peak, not a sum
-                totals[k][phase] = max(totals[k].get(phase, 0.0), value)
-            else:
-                totals[k][phase] = totals[k].get(phase, 0.0) + value * steps
-
-
-def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
-    """Per part, the share of its steps' wall time spent in each phase ("part 2 waited 31%");
-    `other` is the rest (transfers, Python, the executor's own work)."""
-    shares = []
-    for phases in progress.get("part_seconds", []):
-        wall = max(phases.get("step", 0.0), 1e-9)
-        row = {phase: value / wall for phase, value in phases.items()
-               if phase != "step" and not phase.endswith("_bytes")}
-        row["other"] = max(0.0, 1.0 - sum(row.values()))
-        shares.append(row)
-    return shares
+    progress["best_test_acc1"] = evaluation["test_acc1"] if best is None else max(best, evaluation["test_acc1"])
+    logger.log(metrics.eval_record(evaluation, epoch=step / steps_per_epoch,
+                                   train_seconds=progress["train_seconds"]), step)
 
 
 def _saved_step(out_dir: Path) -> str:
@@ -334,34 +309,6 @@ def _saved_step(out_dir: Path) -> str:
     if not path.exists():
         return "none: no checkpoint was written yet"
     return str(torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"])
-
-
-class _Window:
-    """Running sums between two metrics records."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = self.correct = self.count = self.seconds = self.steps = 0.0
-
-    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
-        self.loss += loss
-        self.correct += correct
-        self.count += count
-        self.seconds += seconds
-        self.steps += 1
-
-    def flush(self, timings: Optional[List[Dict[str, float]]]) -> Dict[str, float]:
-        """Means over the window; `timings` are per part mean seconds per step, per phase."""
-        steps = max(self.steps, 1)
-        out = {"loss": self.loss / steps, "acc": 100 * self.correct / max(self.count, 1),
-               "images_per_s": self.count / max(self.seconds, 1e-9)}
-        for k, phases in enumerate(timings or []):
-            out.update({f"part{k + 1}_{phase}" if phase.endswith("_bytes") or phase == "sigma"
-                        else f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
-        self.reset()
-        return out
 
 
 class _NoBar:

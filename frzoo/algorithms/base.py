@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..memory import MemoryMeter, static_bytes
+from ..metrics import PHASES
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -39,9 +40,6 @@ class ForwardResult:
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     target: Optional[Tensor] = None
-
-
-PHASES = ("forward", "replay", "backward", "optimizer")
 
 
 def step_seed(seed: int, step: int, part_index: int) -> int:
@@ -118,11 +116,9 @@ class PartAlgorithm:
         return []
 
     def memory_report(self) -> Dict[str, int]:
-        """Peak activation bytes since the last report, and parameter/optimizer bytes."""
+        """Peak activation bytes since the last report, and parameter/optimizer bytes. (The
+        device's peak is read per device, for all its parts: frzoo.executors.base.read_windows.)"""
         out = static_bytes(self.part, self.optimizer)
-        if self.device.type == "cuda":
-            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
         if self.memory is not None:
             out["peak_activation_bytes"] = self.memory.read_peak()
         return out

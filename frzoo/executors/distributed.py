@@ -38,7 +38,7 @@ from torch import Tensor
 from ..algorithms.base import PHASES, ForwardResult, PartAlgorithm
 from ..errors import FrzooError
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
-                   part_state)
+                   part_state, read_windows)
 
 # Message kinds in a header, and the tags of the channels (gloo matches on tags; NCCL on the
 # order of calls between two ranks, which the schedule keeps the same on both sides).
@@ -241,7 +241,7 @@ class DistributedExecutor(Executor):
 
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
-        mine = self.clock.read(self.algo)
+        mine = read_windows([self.clock], [self.algo])[0]
         keys = [*PHASES, "wait", "step", *MEMORY_KEYS]
         if not self.is_leader:
             self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, -1.0) for k in keys],
@@ -329,7 +329,7 @@ def run_worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_si
     """Build this rank's part and run the shared training loop. The process group is set up."""
     from ..build import build_job, load_plugins
     from ..data import build_data
-    from ..loggers import build_loggers, close_loggers
+    from ..logging import build_loggers, close_loggers
     from ..trainer import run_loop
     load_plugins(cfg.plugins)
     data = build_data(cfg.data, cfg.train.seed)

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..sigma import SigmaProbe
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
-                   part_state)
+                   part_state, read_windows)
 
 
 class LocalExecutor(Executor):
@@ -98,7 +98,7 @@ class LocalExecutor(Executor):
         return totals.result()
 
     def timing_window(self) -> List[Dict[str, float]]:
-        rows = [clock.read(algo) for clock, algo in zip(self.clocks, self.algorithms)]
+        rows = read_windows(self.clocks, self.algorithms)
         if self.sigma is not None:
             for k, row in enumerate(rows):
                 value = self.sigma.read(k)

@@ -1,7 +1,9 @@
 """Where metrics go. A small interface; the trainer does not know which loggers are behind it.
 
-``metrics.jsonl`` in the run folder is always written: it is the run's own record, readable
-without any service. Experiment trackers are further loggers behind the same interface.
+Every logger gets the same records (frzoo.metrics: built once, in their final names) and writes
+them as they are. ``metrics.jsonl`` in the run folder is always written: it is the run's own
+record, readable without any service. Experiment trackers (W&B: frzoo.logging.wandb) are further
+loggers behind the same interface.
 """
 from __future__ import annotations
 
@@ -20,13 +22,17 @@ class Logger:
         "step" (where training starts: 0, or the resumed step)."""
 
     def log(self, record: Dict[str, Any], step: int) -> None:  # pragma: no cover - interface
-        pass
+        """One record of frzoo.metrics: {"kind": "train"|"eval", metric name: value, ...}."""
 
     def summary(self, values: Dict[str, Any]) -> None:  # pragma: no cover - interface
-        pass
+        """The run's summary.json, once, at the end."""
 
     def finish(self) -> None:  # pragma: no cover - interface
-        pass
+        """The run ended normally."""
+
+    def abort(self) -> None:
+        """The run failed before the trainer could finish the logger (see close_loggers)."""
+        self.finish()
 
 
 class NullLogger(Logger):
@@ -48,7 +54,7 @@ def _step_of(line: str) -> Optional[int]:
 
 
 class JsonlLogger(Logger):
-    """One JSON object per line: {"step": ..., "kind": "train"|"eval"|..., ...}."""
+    """One JSON object per line: {"step": ..., "kind": "train"|"eval", metric name: value, ...}."""
 
     def __init__(self, path: Path, resume_from_step: Optional[int] = None) -> None:
         self.path = path
@@ -72,9 +78,7 @@ class MultiLogger(Logger):
 
     def start(self, config: Dict[str, Any]) -> None:
         for logger in self.loggers:
-            start = getattr(logger, "start", None)  # duck-typed loggers may predate the hook
-            if start is not None:
-                start(config)
+            logger.start(config)
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         for logger in self.loggers:
@@ -102,16 +106,15 @@ def build_loggers(cfg_logging: Any, *, out_dir: Path, resume: bool = False,
     """
     if not leader or not cfg_logging.wandb or cfg_logging.mode == "disabled":
         return []
-    from .wandb_logger import WandbLogger  # imports wandb: only when asked for
+    from .wandb import WandbLogger  # imports wandb: only when asked for
     return [WandbLogger.from_config(cfg_logging, out_dir=Path(out_dir), resume=resume, echo=echo)]
 
 
 def close_loggers(loggers: Sequence[Logger], *, failed: bool = False) -> None:
     """Close loggers the trainer could not close because it raised; `failed` marks the run so."""
     for logger in loggers:
-        abort = getattr(logger, "abort", None)
-        if failed and abort is not None:
-            abort()
+        if failed:
+            logger.abort()
         else:
             logger.finish()
 
