@@ -28,8 +28,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 import traceback
 import warnings
@@ -372,7 +370,7 @@ class TrialWatcher(Logger):
     def log(self, record: Dict[str, Any], step: int) -> None:
         if self._add(metrics.values(record)) and self.should_stop and not self.stop_requested \
                 and self.should_stop(list(self.history)):
-            self.request_stop()
+            self.stop_requested = True  # the trainer asks before each step (train's should_stop)
 
     def summary(self, values: Dict[str, Any]) -> None:
         self.final = dict(values)
@@ -387,13 +385,6 @@ class TrialWatcher(Logger):
     def summary_metrics(self) -> Dict[str, Any]:
         """As W&B's run summary: each metric's last value, then the trainer's summary."""
         return {**self.last, **self.final}
-
-    def request_stop(self) -> None:
-        """Stop the trial the way Ctrl-C does: the trainer finishes the step and checkpoints."""
-        self.stop_requested = True
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            signal.raise_signal(signal.SIGINT)
 
 
 @dataclass
@@ -576,7 +567,8 @@ class LocalSweep:
         start = time.perf_counter()
         try:
             summary = train(cfg, out_dir, resume=resume, loggers=[*trackers, watcher, *extra],
-                            echo=lambda msg: self.echo(f"trial {trial.name}: {msg}"))
+                            echo=lambda msg: self.echo(f"trial {trial.name}: {msg}"),
+                            should_stop=lambda: watcher.stop_requested)
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but a record
             close_loggers(trackers, failed=True)
             trial.seconds += time.perf_counter() - start

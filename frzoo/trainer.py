@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -100,11 +100,14 @@ class StopRequest:
 
 # ---------------------------------------------------------------- training
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
-          loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
+          loggers: Sequence[Logger] = (), echo: Any = print,
+          should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
 
     `executor: local` runs every part in this process; `executor: distributed` starts one
     process per part (see frzoo.executors.distributed) which run this same loop.
+    `should_stop` (local only, e.g. a sweep's early termination) is asked before each step; when
+    it says yes the run stops as on Ctrl-C: checkpoint, summary, `interrupted: true`.
     """
     cfg = _resolve_split(cfg, out_dir, resume, echo)
     if cfg.executor == "distributed":
@@ -121,7 +124,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
         if cfg.train.sigma_every:
             executor.measure_sigma(cfg.train.sigma_every)
         return run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
-                        loggers=loggers, echo=echo)
+                        loggers=loggers, echo=echo, should_stop=should_stop)
 
 
 def _resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Any) -> DictConfig:
@@ -143,12 +146,13 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
-             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
+             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print,
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
     try:
         return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
-                         loggers=loggers, echo=echo)
+                         loggers=loggers, echo=echo, should_stop=should_stop or (lambda: False))
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
         if exc.errno not in DISK_ERRORS:
             raise
@@ -160,7 +164,8 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
 
 
 def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
-              executor: Executor, loggers: Sequence[Logger], echo: Any) -> Dict[str, Any]:
+              executor: Executor, loggers: Sequence[Logger], echo: Any,
+              should_stop: Callable[[], bool]) -> Dict[str, Any]:
     leader = executor.is_leader
     recipe, partition = to_container(cfg), job.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
@@ -219,8 +224,8 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
                 for algo in executor.algorithms:
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
-                result = executor.train_step(batch, step, stop=stop.requested)
-                if executor.stopped:  # Ctrl-C: the previous step was the last one
+                result = executor.train_step(batch, step, stop=stop.requested or should_stop())
+                if executor.stopped:  # Ctrl-C or should_stop: the previous step was the last one
                     break
                 if result is not None:  # the leader: loss and logits of the last part
                     loss = float(result.loss)  # syncs the device: the step's time is complete

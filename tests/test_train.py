@@ -80,6 +80,24 @@ def test_resume_is_bit_for_bit(tmp_path):
         assert [r[key] for r in trains] == sorted(r[key] for r in trains)
 
 
+def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path):
+    straight = tmp_path / "straight"
+    run(straight, "train.max_steps=9")
+    asked = []
+    stopped = tmp_path / "stopped"
+    cfg = load_recipe(None, [*TINY, "train.max_steps=9", f"run.out_dir={stopped}"])
+    summary = train(cfg, stopped, echo=lambda *_: None,
+                    should_stop=lambda: asked.append(1) or len(asked) > 4)
+    assert summary["interrupted"] and summary["steps"] == 4  # asked before each step
+    assert torch.load(stopped / "checkpoints" / "last.pt",
+                      weights_only=True)["progress"]["step"] == 4
+    run(stopped, "train.max_steps=9", resume=True)
+    a = torch.load(straight / "final.pt", weights_only=True)
+    b = torch.load(stopped / "final.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_with_another_recipe_says_what_differs(tmp_path):
     run(tmp_path / "r", "train.max_steps=2")
     with pytest.raises(FrzooError, match=r"optimizer.lr: 0.05 in the checkpoint, 0.1 now"):
