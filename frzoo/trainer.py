@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from . import metrics
 from .build import Job, build_job, load_plugins, resolve_auto_split
@@ -204,7 +205,8 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     step = progress["step"]
-    bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.train.progress and leader))
     window = metrics.Window()
     if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
             and progress.get("last_eval_step") != step and cfg.train.eval_every \
@@ -314,16 +316,3 @@ def _saved_step(out_dir: Path) -> str:
     if not path.exists():
         return "none: no checkpoint was written yet"
     return str(torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"])
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
