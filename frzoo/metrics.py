@@ -49,7 +49,7 @@ SUMMARY_METRICS = ("best_test_acc1", "final_test_loss", "final_test_acc1", "fina
 
 
 def part(k: int | str, name: str) -> str:
-    """The name of part k's metric (k counts from 1, as in the paper): part(2, "lr") = "part2/lr"."""
+    """The name of part k's metric (k from 1, as in the paper): part(2, "lr") is "part2/lr"."""
     return f"part{k}/{name}"
 
 
@@ -119,7 +119,8 @@ class Window:
 def eval_record(evaluation: Dict[str, float], *, epoch: float,
                 train_seconds: float) -> Dict[str, Any]:
     """The eval record of what Executor.evaluate returned."""
-    return {KIND: EVAL, EPOCH: epoch, **{EVAL_NAMES[key]: value for key, value in evaluation.items()},
+    return {KIND: EVAL, EPOCH: epoch,
+            **{EVAL_NAMES[key]: value for key, value in evaluation.items()},
             TRAIN_S: train_seconds}
 
 

@@ -127,10 +127,11 @@ def load_run(path: str | Path) -> Run:
               evals=sorted((r for r in records if r.get(metrics.KIND) == metrics.EVAL),
                            key=lambda r: r.get("step", 0)))
     partition = _read_json(run_dir / "partition.json", run_dir)
-    first = run.train[0] if run.train else {}
+    first = run.train[0] if run.train else {}  # has partK/lr for every part K
     run.num_parts = int((run.summary or {}).get("num_parts")
                         or (len(partition) if isinstance(partition, list) else 0)
-                        or next(k for k in itertools.count() if metrics.part(k + 1, "lr") not in first))
+                        or next(k for k in itertools.count()
+                                if metrics.part(k + 1, "lr") not in first))
     if run.summary is None:
         run.notes.append("no summary.json (the run is still going or was killed): no time shares or memory")
     return run

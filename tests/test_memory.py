@@ -122,7 +122,9 @@ def test_cuda_peak_of_parts_sharing_a_device(tmp_path):
     for r in records.train:
         peak = r["part1/peak_allocated_bytes"]
         assert r["part2/peak_allocated_bytes"] == peak
-        assert r["part1/max_memory_allocated_mb"] == r["part2/max_memory_allocated_mb"] == peak / MIB
+        assert r["part1/max_memory_allocated_mb"] == r["part2/max_memory_allocated_mb"] \
+            == peak / MIB
         # a step's activations come on top of what the parts hold between steps
-        held = sum(r[f"part{k}/{key}"] for k in (1, 2) for key in ("params_bytes", "optimizer_bytes"))
+        held = sum(r[f"part{k}/{key}"] for k in (1, 2)
+                   for key in ("params_bytes", "optimizer_bytes"))
         assert peak > held

@@ -104,7 +104,8 @@ def cuda_peaks(devices: Iterable[torch.device]) -> Dict[torch.device, int]:
     return peaks
 
 
-def read_windows(clocks: Sequence[PhaseClock], algos: Sequence[PartAlgorithm]) -> List[Dict[str, float]]:
+def read_windows(clocks: Sequence[PhaseClock],
+                 algos: Sequence[PartAlgorithm]) -> List[Dict[str, float]]:
     """PhaseClock.read of each part, with its CUDA device's peak allocated bytes in the window."""
     peaks = cuda_peaks(algo.device for algo in algos)
     rows = [clock.read(algo) for clock, algo in zip(clocks, algos)]
