@@ -43,15 +43,15 @@ def main() -> None:
                 records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
                 summary = json.loads((out / "summary.json").read_text())
             evals = [r for r in records if r["kind"] == "eval"]
-            reached = next((r["epoch"] for r in evals if r["test_acc1"] >= TARGET), None)
+            reached = next((r["epoch"] for r in evals if r["test/acc1"] >= TARGET), None)
             sig = []
             for part in range(1, k + 1):
-                values = [r[f"part{part}_sigma"] for r in records if f"part{part}_sigma" in r]
+                values = [r[f"part{part}/sigma"] for r in records if f"part{part}/sigma" in r]
                 sig.append(statistics.mean(values) if values else None)
             row = {"epochs_to_target": reached, "final_acc1": summary["final_test_acc1"],
                    "best_acc1": summary["best_test_acc1"], "sigma_mean": sig,
                    "train_seconds": summary["train_seconds"],
-                   "curve": [(r["epoch"], r["test_acc1"]) for r in evals]}
+                   "curve": [(r["epoch"], r["test/acc1"]) for r in evals]}
             results["runs"][f"{algorithm}_k{k}"] = row
             sig_text = ", ".join("-" if s is None else f"{s:.3f}" for s in sig)
             print(f"| {algorithm} | {k} | {reached} | {row['final_acc1']:.2f} | {row['best_acc1']:.2f} | "

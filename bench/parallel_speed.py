@@ -174,10 +174,10 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> 
         records = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
         points = json.loads(Path(tmp, "run", "partition.json").read_text())
     timed = [r for r in records if r["kind"] == "train" and r["step"] > WARMUP]
-    seconds = sum(BATCH / r["images_per_s"] for r in timed)
+    seconds = sum(BATCH / r["train/images_per_s"] for r in timed)
     parts = {}
     for key in timed[0]:
-        if key.startswith("part") and key.endswith("_s"):
+        if key.startswith("part") and key.endswith("_s"):  # partK/forward_s ...
             parts[key] = statistics.median(r[key] for r in timed)
     return {"images_per_s": len(timed) * BATCH / seconds, "part_seconds": parts,
             "cut": points[1]["modules"][0] if len(points) > 1 else None}

@@ -84,7 +84,7 @@ def soak(executor: str, steps: int, log_every: int, root: Path) -> Dict[str, Any
     for path in sorted(root.glob("probe_rank*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         memory[rows[0]["rank"]] = rows
-    speed = [{"step": r["step"], "images_per_s": r["images_per_s"]}
+    speed = [{"step": r["step"], "images_per_s": r["train/images_per_s"]}
              for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
     return {"executor": executor, "steps": summary["steps"], "log_every": log_every,

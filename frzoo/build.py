@@ -108,8 +108,6 @@ def model_kwargs(cfg_model: DictConfig, info: DataInfo) -> Dict[str, Any]:
 def build_model(cfg_model: DictConfig, info: DataInfo, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # every process builds the same initial weights
     model = create_model(cfg_model.name, model_kwargs(cfg_model, info))
-    check_fits_data(model, num_classes=info.num_classes, channels=info.channels,
-                    image_size=info.image_size, data_name=info.name)
     if cfg_model.init_checkpoint:
         load_init_checkpoint(model, cfg_model.init_checkpoint)
     return model
@@ -148,6 +146,9 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     load_plugins(cfg.plugins)
     algo_cls, options = algorithm_of(cfg)  # once for all parts; a bad option fails here
     model = build_model(cfg.model, info, cfg.train.seed)
+    # One line naming both values, before the first step would fail inside a layer.
+    check_fits_data(model, num_classes=info.num_classes, channels=info.channels,
+                    image_size=info.image_size, data_name=info.name)
     partition = build_partition(model, cfg)
     sample = torch.randn(2, info.channels, info.image_size, info.image_size,
                          generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -40,7 +40,7 @@ def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .loggers import build_loggers, close_loggers
+    from .logging import build_loggers, close_loggers
     from .run import train
     recipe_path, cfg = _load(args.args, args.resume)
     resume = args.resume or cfg.run.resume
@@ -204,7 +204,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
-    from .wandb_logger import api_key_configured, import_wandb
+    from .logging.wandb import api_key_configured, import_wandb
     if not api_key_configured():
         raise FrzooError("a W&B server sweep needs a W&B API key, and none is configured "
                          "(WANDB_API_KEY or `wandb login`). Run the sweep on this machine with "
@@ -228,7 +228,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run a W&B server sweep's trials here: each is the `frzoo run` command the sweep holds."""
-    from .wandb_logger import api_key_configured, import_wandb
+    from .logging.wandb import api_key_configured, import_wandb
     if not api_key_configured():
         raise FrzooError("a W&B agent needs a W&B API key, and none is configured "
                          "(WANDB_API_KEY or `wandb login`). Without a server, run sweeps with "

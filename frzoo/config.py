@@ -105,7 +105,7 @@ class TrainConfig:
     # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).
     measure_memory: bool = False
     # Every N steps, compare each part's update with the true gradient on the same sample
-    # (sigma, logged as partK_sigma over each log interval). 0 = off. Local executor only.
+    # (sigma, logged as partK/sigma over each log interval). 0 = off. Local executor only.
     sigma_every: int = 0
     progress: bool = True
 

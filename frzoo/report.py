@@ -4,7 +4,7 @@ Reads only a run folder's own files (metrics.jsonl, summary.json, recipe.yaml, p
 so a report can be made on any machine, long after training. Figures:
 
 - ``curves_epoch.png`` / ``curves_time.png``: train loss, test loss, train accuracy and test
-  top-1 against epoch and against training wall-clock (the paper's Fig. 4);
+  top-1 against epoch and against training wall-clock (``time/train_s``; the paper's Fig. 4);
 - ``sigma.png``: sigma per part over training, a heatmap per run (Fig. 3);
 - ``memory.png``: parameters, optimizer state and peak activations per part and run (Fig. 5);
 - ``time_breakdown.png``: each part's step time split into forward, replay, backward,
@@ -15,20 +15,20 @@ here, with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import metrics
 from .errors import FrzooError
 
-PHASES = ("forward", "replay", "backward", "optimizer", "wait", "other")
 MEMORY_KINDS = (("params_bytes", "parameters"), ("optimizer_bytes", "optimizer state"),
                 ("peak_activation_bytes", "peak activations"))
 SIGMA_BINS = 20  # columns of the sigma heatmap, at most
-MIB = 2 ** 20
+MIB = metrics.MIB
 
 
 @dataclass
@@ -52,13 +52,8 @@ class Run:
         return str((self.summary or {}).get("algorithm")
                    or _get(self.recipe, "algorithm", "name") or "?")
 
-    @property
-    def batch_size(self) -> Optional[int]:
-        value = _get(self.recipe, "data", "batch_size")
-        return int(value) if isinstance(value, (int, float)) and value > 0 else None
-
     def sigma_records(self) -> List[Dict[str, Any]]:
-        return [r for r in self.train if any(f"part{k}_sigma" in r
+        return [r for r in self.train if any(metrics.part(k, metrics.SIGMA) in r
                                              for k in range(1, self.num_parts + 1))]
 
     def memory(self) -> List[Dict[str, int]]:
@@ -104,16 +99,16 @@ def _read_json(path: Path, run_dir: Path) -> Optional[Any]:
 
 def load_run(path: str | Path) -> Run:
     """A run folder's records. The one hard requirement is metrics.jsonl."""
-    from .loggers import read_jsonl
+    from .logging import read_jsonl
     run_dir = Path(path)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    jsonl = run_dir / "metrics.jsonl"
+    if not jsonl.is_file():
         what = "does not exist" if not run_dir.exists() else (
             "is not a folder" if not run_dir.is_dir() else "has no metrics.jsonl")
         raise FrzooError(f"'{run_dir}' {what}: not a frzoo run folder. Pass folders that "
                          f"`frzoo run` wrote (run.out_dir).")
     try:
-        records = read_jsonl(metrics)
+        records = read_jsonl(jsonl)
     except (OSError, ValueError) as exc:
         raise FrzooError(f"run folder '{run_dir}': metrics.jsonl cannot be read ({exc})") from None
     summary = _read_json(run_dir / "summary.json", run_dir)
@@ -127,16 +122,16 @@ def load_run(path: str | Path) -> Run:
                              f"({exc})") from None
     run = Run(path=run_dir, summary=summary if isinstance(summary, dict) else None,
               recipe=recipe if isinstance(recipe, dict) else None,
-              train=sorted((r for r in records if r.get("kind") == "train"),
+              train=sorted((r for r in records if r.get(metrics.KIND) == metrics.TRAIN),
                            key=lambda r: r.get("step", 0)),
-              evals=sorted((r for r in records if r.get("kind") == "eval"),
+              evals=sorted((r for r in records if r.get(metrics.KIND) == metrics.EVAL),
                            key=lambda r: r.get("step", 0)))
     partition = _read_json(run_dir / "partition.json", run_dir)
-    keys = {int(m.group(1)) for r in run.train for key in r
-            for m in [re.match(r"part(\d+)_", key)] if m}
+    first = run.train[0] if run.train else {}  # has partK/lr for every part K
     run.num_parts = int((run.summary or {}).get("num_parts")
                         or (len(partition) if isinstance(partition, list) else 0)
-                        or max(keys, default=0))
+                        or next(k for k in itertools.count()
+                                if metrics.part(k + 1, "lr") not in first))
     if run.summary is None:
         run.notes.append("no summary.json (the run is still going or was killed): no time shares or memory")
     return run
@@ -156,35 +151,6 @@ def label_runs(runs: Sequence[Run]) -> None:
         run.label = f"{label} ({tag})"
 
 
-def wall_clock(run: Run) -> Tuple[List[float], Optional[str]]:
-    """Cumulative training seconds at each train record.
-
-    metrics.jsonl has no clock; summary.json only the total. Each train record's images_per_s
-    is the window's images over the window's summed step time, so the window took
-    (steps in the window) x batch_size / images_per_s seconds; the steps in a window are the
-    step difference to the previous record (train.log_every, shorter for the last window).
-    Evaluation time is not counted, as in summary.json's train_seconds.
-    """
-    bs = run.batch_size
-    if bs is None:
-        return [], "no data.batch_size (recipe.yaml missing)"
-    times, total, previous = [], 0.0, 0
-    for record in run.train:
-        step = int(record.get("step", previous))
-        rate = _num(record.get("images_per_s"))
-        if rate > 0:  # inf: no measurable time; nan/0: unknown, counted as none
-            total += (step - previous) * bs / rate
-        previous = step
-        times.append(total)
-    return times, None
-
-
-def _time_at_steps(run: Run, times: List[float], steps: Sequence[int]) -> List[float]:
-    import numpy as np
-    known = [0] + [int(r["step"]) for r in run.train]
-    return list(np.interp(steps, known, [0.0] + times)) if run.train else [math.nan] * len(steps)
-
-
 def _plt():
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -198,34 +164,22 @@ def _colors(n: int) -> List[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_curves(runs: Sequence[Run], path: Path, *, x: str) -> List[str]:
-    """Train/test loss and accuracy per run against `x` = "epoch" or "time"."""
+def plot_curves(runs: Sequence[Run], path: Path, *, x: str) -> None:
+    """Train/test loss and accuracy per run against `x` = "epoch" or "time" (each record's
+    training seconds so far, `time/train_s`)."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-    panels = [(axes[0][0], "train", "loss", "train loss"),
-              (axes[0][1], "eval", "test_loss", "test loss"),
-              (axes[1][0], "train", "acc", "train accuracy (%)"),
-              (axes[1][1], "eval", "test_acc1", "test top-1 accuracy (%)")]
-    notes = []
+    panels = [(axes[0][0], "train", metrics.TRAIN_LOSS, "train loss"),
+              (axes[0][1], "eval", metrics.TEST_LOSS, "test loss"),
+              (axes[1][0], "train", metrics.TRAIN_ACC, "train accuracy (%)"),
+              (axes[1][1], "eval", metrics.TEST_ACC1, "test top-1 accuracy (%)")]
+    x_key = metrics.EPOCH if x == "epoch" else metrics.TRAIN_S
     for run, color in zip(runs, _colors(len(runs))):
-        times: List[float] = []
-        if x == "time":
-            times, why = wall_clock(run)
-            if not run.train:
-                why = "no train records"
-            if why:
-                notes.append(f"{run.label}: left out of the time curves: {why}")
-                continue
         for ax, kind, key, _ in panels:
             records = run.train if kind == "train" else run.evals
             if not records:
                 continue
-            if x == "epoch":
-                xs = [_num(r.get("epoch")) for r in records]
-            elif kind == "train":
-                xs = times
-            else:
-                xs = _time_at_steps(run, times, [int(r.get("step", 0)) for r in records])
+            xs = [_num(r.get(x_key)) for r in records]
             ys = [_num(r.get(key)) for r in records]
             ax.plot(xs, ys, color=color, label=run.label,
                     marker="o" if kind == "eval" else None, markersize=3, linewidth=1.4)
@@ -243,7 +197,6 @@ def plot_curves(runs: Sequence[Run], path: Path, *, x: str) -> List[str]:
     fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return notes
 
 
 def sigma_grid(run: Run, bins: int = SIGMA_BINS) -> Tuple[Any, float]:
@@ -251,15 +204,15 @@ def sigma_grid(run: Run, bins: int = SIGMA_BINS) -> Tuple[Any, float]:
     training progress (epoch 0 .. the last record's epoch) evenly."""
     import numpy as np
     records = run.sigma_records()
-    end = max((_num(r.get("epoch")) for r in run.train), default=0.0)
+    end = max((_num(r.get(metrics.EPOCH)) for r in run.train), default=0.0)
     end = end if end > 0 else 1.0
     n = max(1, min(bins, len(records)))
     sums, counts = np.zeros((run.num_parts, n)), np.zeros((run.num_parts, n))
     for record in records:
-        progress = _num(record.get("epoch")) / end
+        progress = _num(record.get(metrics.EPOCH)) / end
         col = min(n - 1, max(0, int(math.ceil(progress * n)) - 1)) if progress == progress else 0
         for k in range(run.num_parts):
-            value = _num(record.get(f"part{k + 1}_sigma"))
+            value = _num(record.get(metrics.part(k + 1, metrics.SIGMA)))
             if math.isfinite(value):
                 sums[k, col] += value
                 counts[k, col] += 1
@@ -341,12 +294,12 @@ def plot_time_breakdown(runs: Sequence[Run], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), squeeze=False, sharey=True,
                              figsize=(max(6.0, 2.2 + 2.6 * len(runs)), 4.4))
-    colors = dict(zip(PHASES, plt.get_cmap("Set2").colors))
+    colors = dict(zip(metrics.BREAKDOWN, plt.get_cmap("Set2").colors))
     colors["other"] = "#d9d9d9"  # the rest of the step: transfers, Python, probes
     for ax, run in zip(axes[0], runs):
         shares = run.time_shares()
         bottom = [0.0] * len(shares)
-        for phase in PHASES:
+        for phase in metrics.BREAKDOWN:
             heights = [100 * _num(row.get(phase, 0.0)) for row in shares]
             heights = [h if math.isfinite(h) else 0.0 for h in heights]
             ax.bar(range(1, len(shares) + 1), heights, 0.7, bottom=bottom, color=colors[phase],
@@ -391,20 +344,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
 
     def draw(name: str, fn: Any, *args: Any, **kw: Any) -> None:
         path = out / f"{name}.png"
-        extra = fn(*args, path, **kw)
-        notes.extend(extra or [])
+        fn(*args, path, **kw)
         figures[name] = path
 
-    with_train = [r for r in runs if r.train]
-    with_evals = [r for r in runs if r.evals]
-    if with_train or with_evals:
+    if any(r.train or r.evals for r in runs):
         draw("curves_epoch", plot_curves, runs, x="epoch")
-        timed = [r for r in with_train if r.batch_size]
-        if timed:
-            draw("curves_time", plot_curves, runs, x="time")
-        else:
-            skipped["curves_time"] = ("no wall-clock: no run has both train records and "
-                                      "data.batch_size in recipe.yaml")
+        draw("curves_time", plot_curves, runs, x="time")
     else:
         skipped["curves_epoch"] = skipped["curves_time"] = \
             "no curves: no run has train or eval records in metrics.jsonl"
@@ -412,7 +357,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
     optional = [
         ("sigma", lambda r: r.sigma_records(), plot_sigma,
          "no sigma (run with train.sigma_every=N)",
-         "no sigma: run with train.sigma_every=N (records partK_sigma)"),
+         "no sigma: run with train.sigma_every=N (records partK/sigma)"),
         ("memory", lambda r: r.memory(), plot_memory,
          "no memory (run with train.measure_memory=true)",
          "no memory: run with train.measure_memory=true (summary.json part_memory_bytes)"),
@@ -464,9 +409,8 @@ def render_markdown(runs: Sequence[Run], figures: Dict[str, Path], skipped: Dict
     if any(name in skipped for name in FIGURES):
         lines.append("")
     if "curves_time" in figures:
-        lines += ["Wall-clock is training time only (no evaluation), derived per metrics "
-                  "record as (steps in the log window) x data.batch_size / images_per_s; "
-                  "summary.json's train_seconds is the measured total.", ""]
+        lines += ["Wall-clock is training time only (no evaluation): each record's "
+                  f"`{metrics.TRAIN_S}`, which ends at summary.json's train_seconds.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Runs", ""]
@@ -489,7 +433,7 @@ def render_markdown(runs: Sequence[Run], figures: Dict[str, Path], skipped: Dict
         lines.append("")
         shares, memory = run.time_shares(), run.memory()
         if shares or memory:
-            header = ["part"] + ([f"{p} %" for p in PHASES] if shares else []) + \
+            header = ["part"] + ([f"{p} %" for p in metrics.BREAKDOWN] if shares else []) + \
                      ([f"{name} MiB" for _, name in MEMORY_KINDS] if memory else [])
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for k in range(max(len(shares), len(memory))):
@@ -497,7 +441,7 @@ def render_markdown(runs: Sequence[Run], figures: Dict[str, Path], skipped: Dict
                 if shares:
                     share = shares[k] if k < len(shares) else {}
                     row += [_fmt(100 * _num(share[p]), ".1f") if p in share else "—"
-                            for p in PHASES]
+                            for p in metrics.BREAKDOWN]
                 if memory:
                     mem = memory[k] if k < len(memory) else {}
                     row += [_fmt(mem[key] / MIB, ".3f") if key in mem else "—"

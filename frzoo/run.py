@@ -27,7 +27,7 @@ from .executors.base import Executor
 from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
-from .loggers import Logger, build_loggers, close_loggers
+from .logging import Logger, build_loggers, close_loggers
 from .sigma import SigmaProbe
 from .trainer import run_loop
 
@@ -80,11 +80,14 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
 
 
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
-          loggers: Sequence[Logger] = (), echo: Echo = print) -> Dict[str, Any]:
+          loggers: Sequence[Logger] = (), echo: Echo = print,
+          should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
 
     `executor: local` runs every part in this process; `executor: distributed` runs one process
-    per part (frzoo.executors.launch), each of which calls :func:`worker`.
+    per part (frzoo.executors.launch), each of which calls :func:`worker`. `should_stop` (local
+    only, e.g. a sweep's early termination) is asked before each step; when it says yes the run
+    stops as on Ctrl-C: checkpoint, summary, `interrupted: true`.
     """
     cfg = resolve_algorithm(cfg)  # its options are checked before anything starts
     cfg = resolve_split(cfg, out_dir, resume, echo)
@@ -98,7 +101,8 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
             torch.set_num_threads(cfg.train.threads)
         run = build(cfg)
         return run_loop(cfg, out_dir, resume, job=run.job, data=run.data,
-                        executor=run.executor, loggers=loggers, echo=echo, probe=run.probe)
+                        executor=run.executor, loggers=loggers, echo=echo, probe=run.probe,
+                        should_stop=should_stop)
 
 
 def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:

@@ -11,11 +11,12 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from omegaconf import DictConfig
+from tqdm import tqdm
 
-from . import rundir
+from . import metrics, rundir
 from .build import Job
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
@@ -23,7 +24,7 @@ from .config import save_recipe, to_container
 from .data import DataModule
 from .errors import FrzooError, NonFiniteLossError
 from .executors.base import Executor
-from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
+from .logging import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
 from .sigma import SigmaProbe
 
@@ -62,12 +63,14 @@ class StopRequest:
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
              executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print,
-             probe: Optional[SigmaProbe] = None) -> Dict[str, Any]:
+             probe: Optional[SigmaProbe] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
     try:
         return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
-                         loggers=loggers, echo=echo, probe=probe)
+                         loggers=loggers, echo=echo, probe=probe,
+                         should_stop=should_stop or (lambda: False))
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
         if exc.errno not in rundir.DISK_ERRORS:
             raise
@@ -79,7 +82,7 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
 
 def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
               executor: Executor, loggers: Sequence[Logger], echo: Any,
-              probe: Optional[SigmaProbe]) -> Dict[str, Any]:
+              probe: Optional[SigmaProbe], should_stop: Callable[[], bool]) -> Dict[str, Any]:
     leader = executor.is_leader
     recipe, partition = to_container(cfg), job.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
@@ -89,6 +92,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         check_compatible(state, recipe, partition, rundir.checkpoint_path(out_dir))
         executor.load_checkpoint(state)
         progress = state["progress"]
+    clock = metrics.RunClock(progress)
     table = job.table()
     if leader:
         rundir.remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
@@ -96,6 +100,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
     def save_checkpoint() -> None:
+        clock.fields()  # the wall clock into the progress: a resumed run continues it
         gathered = executor.gather_checkpoint()  # collective: every process calls it
         if gathered is not None:
             parts, executor_state = gathered
@@ -116,8 +121,9 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     step = progress["step"]
-    bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
-    window = _Window()
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.train.progress and leader))
+    window = metrics.Window()
     if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
             and progress.get("last_eval_step") != step and cfg.train.eval_every \
             and (step // steps_per_epoch) % cfg.train.eval_every == 0:
@@ -138,8 +144,8 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
                 if probe is not None and batch is not None:  # sigma: true gradients at w^t
                     probe.before_step(step, *batch)
-                result = executor.train_step(batch, step, stop=stop.requested)
-                if executor.stopped:  # Ctrl-C: the previous step was the last one
+                result = executor.train_step(batch, step, stop=stop.requested or should_stop())
+                if executor.stopped:  # Ctrl-C or should_stop: the previous step was the last one
                     break
                 if result is not None:  # the leader: loss and logits of the last part
                     loss = float(result.loss)  # syncs the device: the step's time is complete
@@ -165,14 +171,14 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                             if sigma is not None:
                                 row["sigma"] = sigma
                     if leader:
-                        _accumulate(progress, timings, window.steps)
-                        record = window.flush(timings)
-                        record.update(epoch=step / steps_per_epoch, lr=cfg.optimizer.lr * mult,
-                                      **{f"lr_part{k + 1}": cfg.optimizer.lr * s * mult
-                                         for k, s in enumerate(job.lr_scales)})
-                        logger.log({"kind": "train", **record}, step)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1f}",
-                                        img_s=f"{record['images_per_s']:.0f}")
+                        metrics.accumulate(progress, timings, window.steps)
+                        record = window.record(timings, epoch=step / steps_per_epoch,
+                                               lr=cfg.optimizer.lr * mult,
+                                               lr_scales=job.lr_scales, clock=clock)
+                        logger.log(record, step)
+                        bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
+                                        acc=f"{record[metrics.TRAIN_ACC]:.1f}",
+                                        img_s=f"{record[metrics.IMAGES_PER_S]:.0f}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     save_checkpoint()
                     tick = time.perf_counter()
@@ -200,7 +206,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         "interrupted": interrupted, "train_seconds": progress["train_seconds"],
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),
         "best_test_acc1": progress["best_test_acc1"],
-        "part_time_share": _time_shares(progress),
+        "part_time_share": metrics.time_shares(progress),
         "part_memory_bytes": [{k: int(v) for k, v in phases.items() if k.endswith("_bytes")}
                               for phases in progress.get("part_seconds", [])],
         **{f"final_{k}": v for k, v in (progress["last_eval"] or {}).items() if k != "step"},
@@ -217,81 +223,12 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
 
 def _record_eval(executor: Executor, data: DataModule, logger: Logger,
                  progress: Dict[str, Any], step: int, steps_per_epoch: int) -> None:
-    metrics = executor.evaluate(data)  # collective; the metrics arrive on the leader
+    evaluation = executor.evaluate(data)  # collective; the metrics arrive on the leader
     progress["last_eval_step"] = step  # on every process: they must take the same branches
-    if metrics is None:
+    if evaluation is None:
         return
-    progress["last_eval"] = {"step": step, **metrics}
+    progress["last_eval"] = {"step": step, **evaluation}
     best = progress["best_test_acc1"]
-    progress["best_test_acc1"] = metrics["test_acc1"] if best is None else max(best, metrics["test_acc1"])
-    logger.log({"kind": "eval", "epoch": step / steps_per_epoch, **metrics}, step)
-
-
-def _accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float]]],
-                steps: float) -> None:
-    """Add a window's per-part seconds (means per step x steps) to the run's totals."""
-    totals = progress.setdefault("part_seconds", [])
-    for k, phases in enumerate(timings or []):
-        if len(totals) <= k:
-            totals.append({})
-        for phase, value in phases.items():
-            if phase == "sigma":  # a ratio over the window: logged, not summed
-                continue
-            if phase.endswith("_bytes"):  # memory: the run's peak, not a sum
-                totals[k][phase] = max(totals[k].get(phase, 0.0), value)
-            else:
-                totals[k][phase] = totals[k].get(phase, 0.0) + value * steps
-
-
-def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
-    """Per part, the share of its steps' wall time spent in each phase ("part 2 waited 31%");
-    `other` is the rest (transfers, Python, the executor's own work)."""
-    shares = []
-    for phases in progress.get("part_seconds", []):
-        wall = max(phases.get("step", 0.0), 1e-9)
-        row = {phase: value / wall for phase, value in phases.items()
-               if phase != "step" and not phase.endswith("_bytes")}
-        row["other"] = max(0.0, 1.0 - sum(row.values()))
-        shares.append(row)
-    return shares
-
-
-class _Window:
-    """Running sums between two metrics records."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = self.correct = self.count = self.seconds = self.steps = 0.0
-
-    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
-        self.loss += loss
-        self.correct += correct
-        self.count += count
-        self.seconds += seconds
-        self.steps += 1
-
-    def flush(self, timings: Optional[List[Dict[str, float]]]) -> Dict[str, float]:
-        """Means over the window; `timings` are per part mean seconds per step, per phase."""
-        steps = max(self.steps, 1)
-        out = {"loss": self.loss / steps, "acc": 100 * self.correct / max(self.count, 1),
-               "images_per_s": self.count / max(self.seconds, 1e-9)}
-        for k, phases in enumerate(timings or []):
-            out.update({f"part{k + 1}_{phase}" if phase.endswith("_bytes") or phase == "sigma"
-                        else f"part{k + 1}_{phase}_s": value for phase, value in phases.items()})
-        self.reset()
-        return out
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    progress["best_test_acc1"] = evaluation["test_acc1"] if best is None else max(best, evaluation["test_acc1"])
+    logger.log(metrics.eval_record(evaluation, epoch=step / steps_per_epoch,
+                                   train_seconds=progress["train_seconds"]), step)

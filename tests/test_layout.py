@@ -9,7 +9,6 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Set
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "frzoo"
 
@@ -79,7 +78,6 @@ def test_the_graph_reader_sees_lazy_and_relative_imports():
     assert "frzoo.run" in graph["frzoo.cli"]  # imported inside a function (lazily)
 
 
-@pytest.mark.xfail(reason="partition<->fx_split and loggers<->wandb_logger are being removed", strict=False)
 def test_frzoo_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert not cycle, "import cycle: " + " -> ".join(cycle)

@@ -123,6 +123,6 @@ def test_sigma_in_metrics(tmp_path):
     train(cfg, tmp_path, echo=lambda *_: None)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]
-    assert last["part3_sigma"] == 1.0 and last["part1_sigma"] > 0
+    assert last["part3/sigma"] == 1.0 and last["part1/sigma"] > 0
     with pytest.raises(RecipeError, match="executor=local"):
         load_recipe(None, ["model.name=x", "train.sigma_every=5", "executor=distributed"])

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wandb_offline import find_offline_runs, read_offline_run
+
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.loggers import Logger, read_jsonl
+from frzoo.logging import Logger, read_jsonl
 from frzoo.sweep import LocalSweep, Trial, load_sweep, override, server_sweep_config
-from frzoo.wandb_logger import find_offline_runs, read_offline_run
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -86,7 +87,7 @@ def test_local_grid_sweep_of_four_trials_interrupted_and_continued(tmp_path, cap
     steps = [r["step"] for r in read_jsonl(sweep_dir / "trials" / "t002" / "metrics.jsonl")
              if r["kind"] == "train"]
     assert steps == list(range(1, 9))  # resumed, no step twice
-    assert trials[1]["history"] == [r["test_acc1"] for r in read_jsonl(
+    assert trials[1]["history"] == [r["test/acc1"] for r in read_jsonl(
         sweep_dir / "trials" / "t002" / "metrics.jsonl") if r["kind"] == "eval"]
 
     # each trial is an offline W&B run grouped under the sweep, configured with its parameters

@@ -40,13 +40,20 @@ def test_outputs_of_a_run(tmp_path):
     kinds = {r["kind"] for r in records}
     assert kinds == {"train", "eval"}
     train_rec = next(r for r in records if r["kind"] == "train")
-    for key in ("loss", "acc", "lr", "images_per_s", "lr_part1", "part3_backward_s"):
+    for key in ("train/loss", "train/acc", "train/lr", "train/images_per_s", "part1/lr",
+                "part3/backward_s", "time/train_s", "time/wall_s"):
         assert key in train_rec
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [1.0, 2.0]
-    assert "test_acc5" in evals[0]
+    assert "test/acc5" in evals[0]
     assert summary["steps"] == 12 and summary["num_parts"] == 3
-    assert json.loads((out / "summary.json").read_text())["final_test_acc1"] == evals[-1]["test_acc1"]
+    assert json.loads((out / "summary.json").read_text())["final_test_acc1"] == evals[-1]["test/acc1"]
+    # the clocks: training seconds end at summary.json's; wall seconds include evaluation
+    trains = [r for r in records if r["kind"] == "train"]
+    assert trains[-1]["time/train_s"] == summary["train_seconds"] == evals[-1]["time/train_s"]
+    for key in ("time/train_s", "time/wall_s"):
+        assert [r[key] for r in trains] == sorted(r[key] for r in trains)
+    assert all(r["time/wall_s"] > r["time/train_s"] for r in trains)
     table = json.loads((out / "partition.json").read_text())
     assert [row["history"] for row in table] == [3, 2, 0]
     # final.pt loads into the plain timm model, strictly, and predicts as the trained parts did
@@ -65,10 +72,31 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # metrics after the resume point are not duplicated
-    steps = [json.loads(l)["step"] for l in (stopped / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    # metrics after the resume point are not duplicated; the clocks continue
+    records = [json.loads(l) for l in (stopped / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in records if r["kind"] == "train"]
+    steps = [r["step"] for r in trains]
     assert steps == sorted(set(steps))
+    for key in ("time/train_s", "time/wall_s"):
+        assert [r[key] for r in trains] == sorted(r[key] for r in trains)
+
+
+def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path):
+    straight = tmp_path / "straight"
+    run(straight, "train.max_steps=9")
+    asked = []
+    stopped = tmp_path / "stopped"
+    cfg = load_recipe(None, [*TINY, "train.max_steps=9", f"run.out_dir={stopped}"])
+    summary = train(cfg, stopped, echo=lambda *_: None,
+                    should_stop=lambda: asked.append(1) or len(asked) > 4)
+    assert summary["interrupted"] and summary["steps"] == 4  # asked before each step
+    assert torch.load(stopped / "checkpoints" / "last.pt",
+                      weights_only=True)["progress"]["step"] == 4
+    run(stopped, "train.max_steps=9", resume=True)
+    a = torch.load(straight / "final.pt", weights_only=True)
+    b = torch.load(stopped / "final.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_resume_with_another_recipe_says_what_differs(tmp_path):

@@ -1,7 +1,7 @@
 """W&B logging through real offline runs: what the `.wandb` file holds equals metrics.jsonl.
 
 No mocks of wandb: each test that logs starts a real offline W&B run (about 0.3-1 s) under the
-test's tmp dir and reads the run file back with frzoo.wandb_logger.read_offline_run.
+test's tmp dir and reads the run file back with tests/wandb_offline.py.
 """
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from wandb_offline import find_offline_runs, read_offline_run
+
+from frzoo import metrics
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.loggers import build_loggers, read_jsonl
+from frzoo.logging import build_loggers, read_jsonl
+from frzoo.logging.wandb import WandbLogger, resolve_mode, run_file_complete, run_file_records
 from frzoo.run import train
-from frzoo.wandb_logger import (WandbLogger, find_offline_runs, metric_name, read_offline_run,
-                                resolve_mode, run_file_complete, wandb_metrics)
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=32", "data.num_test=16",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer3]", "train.epochs=2",
@@ -59,21 +61,22 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tmp_path, caps
     assert run.config["partition"] == [row["modules"] for row in table]
     assert run.config["num_parts"] == 2
 
-    # every metrics.jsonl value is in the W&B history at the same step, under its W&B name
+    # every metrics.jsonl value is in the W&B history at the same step, under the same name
     records = read_jsonl(out / "metrics.jsonl")
     by_step = rows_by_step(run.history)
     expected_names = set()
     for record in records:
-        metrics = wandb_metrics(record)
-        expected_names |= set(metrics)
+        values = {k: v for k, v in record.items() if k not in ("step", "kind")}
+        expected_names |= set(values)
         row = by_step[record["step"]]
-        for name, value in metrics.items():
+        for name, value in values.items():
             assert row[name] == pytest.approx(value, rel=1e-12), (record["step"], name)
     logged = set(run.metric_names()) - {"partition"}
     assert logged == expected_names
+    # the names W&B dashboards and sweeps know, plus the run's clocks
     assert {"train/loss", "train/acc", "train/images_per_s", "train/lr", "part1/lr",
             "part2/lr", "part1/forward_s", "part1/backward_s", "part2/backward_s", "epoch",
-            "test/loss", "test/acc1", "test/acc5"} <= logged
+            "test/loss", "test/acc1", "test/acc5", "time/train_s", "time/wall_s"} <= logged
 
     # the partition as a W&B table, logged at the first step
     cell = by_step[0]["partition"]
@@ -88,7 +91,7 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tmp_path, caps
         assert run.summary[key] == summary[key], key
     assert run.summary["part1/staleness"] == 1 and run.summary["part2/staleness"] == 0
     last_eval = [r for r in records if r["kind"] == "eval"][-1]
-    assert run.summary["test/acc1"] == last_eval["test_acc1"]
+    assert run.summary["test/acc1"] == last_eval["test/acc1"]
 
     # the final model as an artifact
     assert {"type": "model", "name": f"model-{run.run['id']}", "files": ["final.pt"]} in run.artifacts
@@ -100,6 +103,11 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tmp_path, caps
     assert run_file_complete(files[0]) and not run_file_complete(cut)
     partial = read_offline_run(cut)
     assert partial.exit_code is None and partial.run["id"] == run.run["id"]
+    bad = tmp_path / "run-x.wandb"
+    bad.write_bytes(b"not a run")
+    assert not run_file_complete(bad) and not run_file_complete(tmp_path / "nothing-here")
+    with pytest.raises(FrzooError, match=r"not a W&B run file"):
+        list(run_file_records(bad))
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
@@ -192,26 +200,14 @@ def test_missing_wandb_gives_an_install_hint(tmp_path, monkeypatch):
         build_loggers(on, out_dir=tmp_path)
 
 
-def test_metric_names():
-    assert metric_name("train", "loss") == "train/loss"
-    assert metric_name("train", "images_per_s") == "train/images_per_s"
-    assert metric_name("train", "part3_backward_s") == "part3/backward_s"
-    assert metric_name("train", "lr_part2") == "part2/lr"
-    assert metric_name("train", "part1_sigma") == "part1/sigma"
-    assert metric_name("train", "part2_memory_mb") == "part2/memory_mb"
-    assert metric_name("eval", "test_acc1") == "test/acc1"
-    assert metric_name("eval", "epoch") == "epoch"
-    assert wandb_metrics({"kind": "train", "loss": 1.0, "note": "x", "flag": True}) == \
-        {"train/loss": 1.0}
-
-
-def test_reader_rejects_other_files(tmp_path):
-    bad = tmp_path / "run-x.wandb"
-    bad.write_bytes(b"not a run")
-    with pytest.raises(FrzooError, match=r"not a W&B run file"):
-        read_offline_run(bad)
-    with pytest.raises(FrzooError, match=r"logging.wandb=true"):
-        read_offline_run(tmp_path / "nothing-here")
+def test_sweep_metric_names():
+    for name in ("train/loss", "test/acc1", "part3/backward_s", "part2/lr", "part1/sigma",
+                 "part12/max_memory_allocated_mb", "time/train_s", "epoch", "best_test_acc1"):
+        assert metrics.check_metric_name(name) is None, name
+    assert "Did you mean 'test/acc1'" in metrics.check_metric_name("test/acc")
+    assert "Did you mean 'part2/forward_s'" in metrics.check_metric_name("part2/forwrd_s")
+    for name in ("part0/lr", "train/foo", "loss", "partK/lr"):
+        assert "not a name frzoo logs" in metrics.check_metric_name(name), name
 
 
 def test_frzoo_run_without_wandb_writes_no_wandb_files(tmp_path):

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..memory import MemoryMeter, static_bytes
 from .options import parse_options
+from ..metrics import PHASES
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -42,9 +43,6 @@ class ForwardResult:
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     target: Optional[Tensor] = None
-
-
-PHASES = ("forward", "replay", "backward", "optimizer")
 
 
 def step_seed(seed: int, step: int, part_index: int) -> int:
@@ -129,11 +127,9 @@ class PartAlgorithm:
         return []
 
     def memory_report(self) -> Dict[str, int]:
-        """Peak activation bytes since the last report, and parameter/optimizer bytes."""
+        """Peak activation bytes since the last report, and parameter/optimizer bytes. (The
+        device's peak is read per device, for all its parts: frzoo.executors.base.read_windows.)"""
         out = static_bytes(self.part, self.optimizer)
-        if self.device.type == "cuda":
-            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
         if self.memory is not None:
             out["peak_activation_bytes"] = self.memory.read_peak()
         return out

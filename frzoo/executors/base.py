@@ -1,13 +1,14 @@
 """What the trainer asks of an executor, whichever process layout runs the parts."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithms.base import PHASES, ForwardResult, PartAlgorithm
+from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..metrics import PEAK_ALLOCATED, PHASES
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -77,7 +78,7 @@ class PhaseClock:
 
     def read(self, algo: PartAlgorithm) -> Dict[str, float]:
         """Mean seconds per step of every phase since the last read, then reset; with memory
-        measurement on, the part's peak bytes in the window too (keys ending in `_bytes`)."""
+        measurement on (or on CUDA), the part's bytes too (keys ending in `_bytes`)."""
         steps = max(self.steps, 1)
         out = {phase: algo.clock[phase] / steps for phase in PHASES}
         out.update({phase: value / steps for phase, value in self.extra.items()})
@@ -87,6 +88,31 @@ class PhaseClock:
         self.extra = {}
         self.steps = 0
         return out
+
+
+def cuda_peaks(devices: Iterable[torch.device]) -> Dict[torch.device, int]:
+    """Each CUDA device's peak allocated bytes since the previous call; then its counter is reset.
+
+    The one place that reads or resets the counters, and every device is read before any is
+    reset: read and reset per part, a second part on the same device would get what the first
+    part's reset left (the memory in use), not the peak.
+    """
+    cuda = list(dict.fromkeys(d for d in devices if d.type == "cuda"))
+    peaks = {d: torch.cuda.max_memory_allocated(d) for d in cuda}
+    for device in cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peaks
+
+
+def read_windows(clocks: Sequence[PhaseClock],
+                 algos: Sequence[PartAlgorithm]) -> List[Dict[str, float]]:
+    """PhaseClock.read of each part, with its CUDA device's peak allocated bytes in the window."""
+    peaks = cuda_peaks(algo.device for algo in algos)
+    rows = [clock.read(algo) for clock, algo in zip(clocks, algos)]
+    for row, algo in zip(rows, algos):
+        if algo.device in peaks:
+            row[PEAK_ALLOCATED] = float(peaks[algo.device])
+    return rows
 
 
 class EvalTotals:

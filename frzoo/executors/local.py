@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
-                   part_state)
+                   part_state, read_windows)
 
 
 class LocalExecutor(Executor):
@@ -85,7 +85,7 @@ class LocalExecutor(Executor):
         return totals.result()
 
     def timing_window(self) -> List[Dict[str, float]]:
-        return [clock.read(algo) for clock, algo in zip(self.clocks, self.algorithms)]
+        return read_windows(self.clocks, self.algorithms)
 
     # -- checkpointing: the parts, and what is in flight between them
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:

@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..algorithms.base import PHASES, ForwardResult, PartAlgorithm
+from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..metrics import PHASES
 from ..errors import FrzooError
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
-                   part_state)
+                   part_state, read_windows)
 
 # Message kinds in a header, and the tags of the channels (gloo matches on tags; NCCL on the
 # order of calls between two ranks, which the schedule keeps the same on both sides).
@@ -231,7 +232,7 @@ class DistributedExecutor(Executor):
 
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
-        mine = self.clock.read(self.algo)
+        mine = read_windows([self.clock], [self.algo])[0]
         keys = [*PHASES, "wait", "step", *MEMORY_KEYS]
         if not self.is_leader:
             self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, -1.0) for k in keys],

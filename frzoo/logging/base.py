@@ -1,14 +1,10 @@
-"""Where metrics go. A small interface; the trainer does not know which loggers are behind it.
-
-``metrics.jsonl`` in the run folder is always written: it is the run's own record, readable
-without any service. Experiment trackers are further loggers behind the same interface.
-"""
+"""The logger interface, and the loggers every run has: metrics.jsonl, the fan-out, the null one."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 class Logger:
@@ -20,13 +16,17 @@ class Logger:
         "step" (where training starts: 0, or the resumed step)."""
 
     def log(self, record: Dict[str, Any], step: int) -> None:  # pragma: no cover - interface
-        pass
+        """One record of frzoo.metrics: {"kind": "train"|"eval", metric name: value, ...}."""
 
     def summary(self, values: Dict[str, Any]) -> None:  # pragma: no cover - interface
-        pass
+        """The run's summary.json, once, at the end."""
 
     def finish(self) -> None:  # pragma: no cover - interface
-        pass
+        """The run ended normally."""
+
+    def abort(self) -> None:
+        """The run failed before the trainer could finish the logger (see close_loggers)."""
+        self.finish()
 
 
 class NullLogger(Logger):
@@ -48,7 +48,7 @@ def _step_of(line: str) -> Optional[int]:
 
 
 class JsonlLogger(Logger):
-    """One JSON object per line: {"step": ..., "kind": "train"|"eval"|..., ...}."""
+    """One JSON object per line: {"step": ..., "kind": "train"|"eval", metric name: value, ...}."""
 
     def __init__(self, path: Path, resume_from_step: Optional[int] = None) -> None:
         self.path = path
@@ -72,9 +72,7 @@ class MultiLogger(Logger):
 
     def start(self, config: Dict[str, Any]) -> None:
         for logger in self.loggers:
-            start = getattr(logger, "start", None)  # duck-typed loggers may predate the hook
-            if start is not None:
-                start(config)
+            logger.start(config)
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         for logger in self.loggers:
@@ -87,34 +85,3 @@ class MultiLogger(Logger):
     def finish(self) -> None:
         for logger in self.loggers:
             logger.finish()
-
-
-def build_loggers(cfg_logging: Any, *, out_dir: Path, resume: bool = False,
-                  leader: bool = True,
-                  echo: Optional[Callable[[str], None]] = None) -> List[Logger]:
-    """The experiment trackers a recipe's `logging:` section asks for (metrics.jsonl is the
-    trainer's own and always written).
-
-    A training job is one W&B run, never one per part: in a one-process-per-part runtime call
-    this in every process with `leader` telling whether it is the process that logs (the one
-    holding the last part); the others get no trackers. The W&B run itself opens only in
-    `Logger.start`, which the trainer calls in the leader alone.
-    """
-    if not leader or not cfg_logging.wandb or cfg_logging.mode == "disabled":
-        return []
-    from .wandb_logger import WandbLogger  # imports wandb: only when asked for
-    return [WandbLogger.from_config(cfg_logging, out_dir=Path(out_dir), resume=resume, echo=echo)]
-
-
-def close_loggers(loggers: Sequence[Logger], *, failed: bool = False) -> None:
-    """Close loggers the trainer could not close because it raised; `failed` marks the run so."""
-    for logger in loggers:
-        abort = getattr(logger, "abort", None)
-        if failed and abort is not None:
-            abort()
-        else:
-            logger.finish()
-
-
-def read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""Weights & Biases behind the :class:`frzoo.loggers.Logger` interface, and a reader for what it wrote.
+"""Weights & Biases behind the :class:`frzoo.logging.Logger` interface.
 
 One W&B run per training job. ``wandb`` is imported only when a recipe turns W&B on, so the rest
 of frzoo (and every run with ``logging.wandb: false``) never pays its import or needs it installed.
@@ -12,14 +12,8 @@ Modes (``logging.mode``):
 * ``offline``: the run is written under ``<out_dir>/wandb/offline-run-*``; ``wandb sync`` uploads it.
 * ``disabled``: no W&B run at all (the same as ``logging.wandb: false``).
 
-Metric names: frzoo's records (metrics.jsonl) map to W&B keys by one rule, :func:`metric_name`:
-``loss`` of a train record -> ``train/loss``; ``test_acc1`` of an eval record -> ``test/acc1``;
-``part2_forward_s`` -> ``part2/forward_s``; ``lr_part2`` -> ``part2/lr``; ``epoch`` stays ``epoch``.
-Sweeps name their metric in these W&B names, online and local alike.
-
-W&B 0.31 no longer ships a reader for its ``.wandb`` files; :func:`read_offline_run` parses one
-(LevelDB log framing around ``wandb_internal_pb2.Record`` protobufs) so tests, and people without a
-server, can see exactly what a run would upload.
+Metric names: the records are frzoo.metrics' own, already in W&B's names (``train/loss``,
+``part2/forward_s``, ``test/acc1``, ``epoch`` ...); they are logged as they are, at frzoo's step.
 """
 from __future__ import annotations
 
@@ -27,17 +21,16 @@ import json
 import math
 import netrc
 import os
-import re
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from .errors import FrzooError
-from .loggers import Logger
+from .. import metrics
+from ..errors import FrzooError
+from .base import Logger
 
 INSTALL_HINT = ("W&B logging needs the `wandb` package: `pip install wandb` (or set "
                 "logging.wandb=false).")
@@ -57,68 +50,6 @@ def import_wandb() -> Any:
     except ImportError as exc:
         raise FrzooError(f"{INSTALL_HINT} ({exc})") from None
     return wandb
-
-
-# ---------------------------------------------------------------- metric names
-_PART_PREFIX = re.compile(r"^part(\d+)_(.+)$")
-_PART_SUFFIX = re.compile(r"^(.+)_part(\d+)$")
-# Names a sweep metric may use besides `train/*`, `test/*` and `partK/*`: the run summary's keys.
-SUMMARY_METRICS = ("best_test_acc1", "final_test_loss", "final_test_acc1", "final_test_acc5",
-                   "train_seconds", "images_per_s", "steps", "epochs", "epoch")
-METRIC_SECTIONS = re.compile(r"^(train|test|part\d+)/.+$")
-
-
-def metric_name(kind: str, key: str) -> str:
-    """The W&B name of `key` in a record of `kind` (train, eval, ...). See the module docstring."""
-    if key == "epoch":
-        return "epoch"  # shared by train and eval records: one x-axis for both
-    match = _PART_PREFIX.match(key)
-    if match:
-        return f"part{match[1]}/{match[2]}"
-    match = _PART_SUFFIX.match(key)
-    if match:
-        return f"part{match[2]}/{match[1]}"
-    if kind == "eval":
-        return "test/" + (key[len("test_"):] if key.startswith("test_") else key)
-    return f"{kind}/{key}"
-
-
-def wandb_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
-    """A trainer record ({"kind": ..., key: value}) as the dict W&B logs; numbers only.
-
-    "step" (in metrics.jsonl lines) is W&B's own step, not a metric.
-    """
-    kind = str(record.get("kind", "train"))
-    return {metric_name(kind, key): value for key, value in record.items()
-            if key not in ("kind", "step") and isinstance(value, (int, float))
-            and not isinstance(value, bool)}
-
-
-# The history metrics every run logs (partK/* come per part; other loggers may add more).
-HISTORY_METRICS = ("train/loss", "train/acc", "train/images_per_s", "train/lr", "test/loss",
-                   "test/acc1", "test/acc5")
-
-
-def check_metric_name(name: str) -> Optional[str]:
-    """None when a sweep may rank by `name`; else why not, with the closest known name.
-
-    A name one typo away from a known one is refused (`test/acc` for `test/acc1`); any other
-    name in a section frzoo logs (train/, test/, partK/) is accepted, since records may carry
-    measurements beyond the ones every run has (partK/sigma, partK/memory_*).
-    """
-    known = (*HISTORY_METRICS, *SUMMARY_METRICS)
-    if name in known:
-        return None
-    import difflib  # noqa: PLC0415
-    close = sorted(difflib.get_close_matches(name, known, n=2, cutoff=0.8))
-    if close:
-        return (f"metric '{name}' is not a name frzoo logs. Did you mean "
-                + " or ".join(f"'{c}'" for c in close) + "?")
-    if METRIC_SECTIONS.match(name):
-        return None
-    return (f"metric '{name}' is not a name frzoo logs: use a W&B metric name "
-            f"({', '.join(HISTORY_METRICS)}, partK/...) or a summary key "
-            f"({', '.join(SUMMARY_METRICS)}).")
 
 
 # ---------------------------------------------------------------- modes
@@ -189,7 +120,6 @@ class WandbLogger(Logger):
         self.run: Any = None
         self.mode: Optional[str] = None  # the mode the run actually got
         self.partition: List[Dict[str, Any]] = []
-        self.local_executor = True  # every part in this process (else: only this process's)
         self._broken = False  # a W&B call failed: stop calling W&B, keep training
         self._finished = False
 
@@ -206,7 +136,6 @@ class WandbLogger(Logger):
         """Open the run: config = resolved recipe + partition; log the partition table once."""
         recipe = dict(config.get("recipe") or {})
         self.partition = list(config.get("partition") or [])
-        self.local_executor = recipe.get("executor", "local") == "local"
         run_config = {**recipe,
                       "partition": [row["modules"] for row in self.partition],
                       "num_parts": len(self.partition)}
@@ -216,14 +145,8 @@ class WandbLogger(Logger):
         self._call(self._log_partition, first_step)
 
     def log(self, record: Dict[str, Any], step: int) -> None:
-        if self.run is None and not self._broken and not self._finished:
-            self.start({})  # a trainer without the start hook: open the run on the first record
-        if self.run is None:
-            return
-        metrics = wandb_metrics(record)
-        if record.get("kind") == "train":
-            metrics.update(self._device_memory())
-        self._call(self.run.log, metrics, step=step)
+        if self.run is not None:
+            self._call(self.run.log, metrics.values(record), step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
         if self.run is None:
@@ -336,24 +259,6 @@ class WandbLogger(Logger):
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def _device_memory(self) -> Dict[str, float]:
-        """Peak CUDA memory of each part's device (parts sharing a device report the same).
-
-        Only devices this process uses: in a one-process-per-part runtime asking about another
-        rank's GPU would open a CUDA context on it from the logging process.
-        """
-        devices = [str(row.get("device", "cpu")) for row in self.partition]
-        if not any(d.startswith("cuda") for d in devices):
-            return {}
-        import torch  # noqa: PLC0415
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-            return {}
-        mine = None if self.local_executor else str(torch.device("cuda", torch.cuda.current_device()))
-        return {f"part{k + 1}/max_memory_allocated_mb":
-                torch.cuda.max_memory_allocated(torch.device(d)) / 2 ** 20
-                for k, d in enumerate(devices)
-                if d.startswith("cuda") and (mine is None or str(torch.device(d)) == mine)}
-
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self._broken:
             return
@@ -368,15 +273,21 @@ class WandbLogger(Logger):
                   f"(metrics.jsonl is complete).")
 
 
-# ---------------------------------------------------------------- reading offline runs
+# ---------------------------------------------------------------- offline run files
 _BLOCK = 32 * 1024
 _HEADER = 7  # crc32 (4), length (2), type (1)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 _FILE_IDENT = b":W&B"
 
 
-def _record_payloads(data: bytes, path: Path) -> Iterator[bytes]:
-    """The records of a LevelDB-framed log: 32 KiB blocks, fragments FULL/FIRST/MIDDLE/LAST."""
+def run_file_records(path: Path) -> Iterator[Any]:
+    """The `wandb_internal_pb2.Record`s of a `.wandb` file, as far as it is written.
+
+    W&B 0.31 ships no reader for its run files: they are a LevelDB-framed log (32 KiB blocks of
+    fragments FULL/FIRST/MIDDLE/LAST after a 7-byte header) of Record protobufs.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb  # noqa: PLC0415
+    data = Path(path).read_bytes()
     if data[:4] != _FILE_IDENT:
         raise FrzooError(f"'{path}' is not a W&B run file: it does not start with ':W&B'.")
     pos, pending = 7, b""  # the file header (':W&B', magic, version) fills the first 7 bytes
@@ -392,32 +303,24 @@ def _record_payloads(data: bytes, path: Path) -> Iterator[bytes]:
         pos += _HEADER + length
         if kind == 0 and length == 0:  # zeros: the writer stopped here (crash or still open)
             break
-        if kind == _FULL:
-            yield payload
-        elif kind == _FIRST:
+        if kind == _FIRST:
             pending = payload
         elif kind == _MIDDLE:
             pending += payload
-        elif kind == _LAST:
-            yield pending + payload
+        elif kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(pending + payload if kind == _LAST else payload)
             pending = b""
+            yield record
 
 
 def run_file_complete(path: Path) -> bool:
     """Whether a `.wandb` file holds its exit record, i.e. the run was finished and flushed."""
-    from wandb.proto import wandb_internal_pb2 as pb  # noqa: PLC0415
     try:
-        data = Path(path).read_bytes()
-    except OSError:
+        return any(record.WhichOneof("record_type") == "exit"
+                   for record in run_file_records(path))
+    except (OSError, FrzooError):
         return False
-    if data[:4] != _FILE_IDENT:
-        return False
-    for payload in _record_payloads(data, Path(path)):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "exit":
-            return True
-    return False
 
 
 def wait_until_written(path: Path, timeout: float = WRITE_TIMEOUT_S) -> bool:
@@ -434,81 +337,3 @@ def wait_until_written(path: Path, timeout: float = WRITE_TIMEOUT_S) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-
-
-def _set_item(target: Dict[str, Any], item: Any) -> None:
-    value = json.loads(item.value_json)
-    keys = [item.key] if item.key else list(item.nested_key)
-    node = target
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-
-
-@dataclass
-class OfflineRun:
-    """What a W&B run file holds: run metadata, config, history rows, summary, artifacts."""
-    path: Path
-    run: Dict[str, Any] = field(default_factory=dict)
-    config: Dict[str, Any] = field(default_factory=dict)
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    summary: Dict[str, Any] = field(default_factory=dict)
-    artifacts: List[Dict[str, Any]] = field(default_factory=list)
-    exit_code: Optional[int] = None
-
-    @property
-    def files_dir(self) -> Path:
-        return self.path.parent / "files"
-
-    def metric_names(self) -> List[str]:
-        return sorted({k for row in self.history for k in row if not k.startswith("_")})
-
-
-def find_offline_runs(out_dir: Path) -> List[Path]:
-    """The `.wandb` files of the W&B runs under a run folder, oldest first."""
-    return sorted(Path(out_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name)
-
-
-def read_offline_run(path: Path) -> OfflineRun:
-    """Parse a `.wandb` file (or the newest one under a run folder / offline-run folder)."""
-    from wandb.proto import wandb_internal_pb2 as pb  # noqa: PLC0415
-    path = Path(path)
-    if path.is_dir():
-        found = find_offline_runs(path) or sorted(path.glob("run-*.wandb"))
-        if not found:
-            raise FrzooError(f"no W&B run file (run-*.wandb) under '{path}'; was the run logged "
-                             f"with logging.wandb=true?")
-        path = found[-1]
-    elif not path.is_file():
-        raise FrzooError(f"no W&B run file at '{path}'; was the run logged with "
-                         f"logging.wandb=true?")
-    out = OfflineRun(path=path)
-    for payload in _record_payloads(path.read_bytes(), path):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-            out.run = {"id": run.run_id, "project": run.project, "entity": run.entity,
-                       "group": run.run_group, "name": run.display_name, "tags": list(run.tags)}
-            for item in run.config.update:
-                _set_item(out.config, item)
-        elif kind == "config":
-            for item in record.config.update:
-                _set_item(out.config, item)
-        elif kind == "history":
-            row: Dict[str, Any] = {}
-            for item in record.history.item:
-                _set_item(row, item)
-            out.history.append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                _set_item(out.summary, item)
-        elif kind == "artifact":
-            art = record.artifact
-            out.artifacts.append({"type": art.type, "name": art.name,
-                                  "files": [entry.path for entry in art.manifest.contents]})
-        elif kind == "exit":
-            out.exit_code = record.exit.exit_code
-    out.config.pop("_wandb", None)
-    return out
