@@ -11,11 +11,14 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from . import rundir
+from .algorithms.base import ForwardResult
 from .build import Job
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
@@ -92,7 +95,21 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         save_recipe(cfg, out_dir / "recipe.yaml")
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
+    window = _Window()
+
+    def read_losses() -> None:
+        """The window's losses, read from the device (where they stay between reads: reading
+        each step would make the host wait for the device each step); a non-finite one stops
+        training. Called at each log point and before each checkpoint, which so stays good."""
+        bad = window.read()
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // steps_per_epoch}); "
+                f"training stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
+                f"optimizer.lr or check the data.")
+
     def save_checkpoint() -> None:
+        read_losses()
         gathered = executor.gather_checkpoint()  # collective: every process calls it
         if gathered is not None:
             parts, executor_state = gathered
@@ -114,7 +131,6 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         total_steps = min(total_steps, cfg.train.max_steps)
     step = progress["step"]
     bar = _progress_bar(cfg.train.progress and leader, total_steps, step)
-    window = _Window()
     if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
             and progress.get("last_eval_step") != step and cfg.train.eval_every \
             and (step // steps_per_epoch) % cfg.train.eval_every == 0:
@@ -133,21 +149,20 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
                 for algo in executor.algorithms:
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
-                result = executor.train_step(batch, step, stop=stop.requested)
+                # The steps up to the next log point or epoch end follow with nothing else in
+                # between: the distributed executor posts their receives ahead.
+                horizon = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch,
+                              (step // cfg.train.log_every + 1) * cfg.train.log_every)
+                result = executor.train_step(batch, step, stop=stop.requested, horizon=horizon)
                 if executor.stopped:  # Ctrl-C: the previous step was the last one
                     break
                 if result is not None:  # the leader: loss and logits of the last part
-                    loss = float(result.loss)  # syncs the device: the step's time is complete
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"the loss is {loss} at step {step} (epoch {epoch}); training "
-                            f"stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
-                            f"optimizer.lr or check the data.")
+                    window.add(result, step)
+                    if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                        read_losses()  # waits for the device: the window's time is complete
                 now = time.perf_counter()
                 seconds, tick = now - tick, now
-                if result is not None:
-                    correct = int((result.logits.argmax(1) == result.target).sum())
-                    window.add(loss, correct, len(result.target), seconds)
+                window.seconds += seconds
                 progress["train_seconds"] += seconds
                 step += 1
                 progress["step"] = step
@@ -247,20 +262,33 @@ def _time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
 
 
 class _Window:
-    """Running sums between two metrics records."""
+    """Running sums between two metrics records. Each step's loss and count of correct
+    predictions stay on the device until `read()`."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.loss = self.correct = self.count = self.seconds = self.steps = 0.0
+        self.pending: List[Tuple[int, Tensor]] = []  # (step, [loss, correct]) on the device
 
-    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
-        self.loss += loss
-        self.correct += correct
-        self.count += count
-        self.seconds += seconds
+    def add(self, result: ForwardResult, step: int) -> None:
+        correct = (result.logits.argmax(1) == result.target).sum()  # type: ignore[union-attr]
+        self.pending.append((step, torch.stack([result.loss.float(), correct.float()])))  # type: ignore[union-attr]
+        self.count += len(result.target)  # type: ignore[arg-type]
         self.steps += 1
+
+    def read(self) -> Optional[Tuple[int, float]]:
+        """Add the pending values (one wait for the device); the first (step, non-finite loss)."""
+        values = torch.stack([v for _, v in self.pending]).tolist() if self.pending else []
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for step, (loss, correct) in zip(steps, values):
+            if not math.isfinite(loss):
+                return step, loss
+            self.loss += loss
+            self.correct += correct
+        return None
 
     def flush(self, timings: Optional[List[Dict[str, float]]]) -> Dict[str, float]:
         """Means over the window; `timings` are per part mean seconds per step, per phase."""
