@@ -73,9 +73,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .build import build_job, load_plugins
     from .data import build_data
     from .partition import all_cut_points
+    from .run import executor_line
     _, cfg = _load(args.args)
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    print(f"# {executor_line(cfg)[1]}\n")
     load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
     if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
