@@ -121,11 +121,11 @@ def _pipe_worker(rank: int, model_name: str, steps: int, port: int, out: str, sc
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    from frzoo.partition import build_parts, partition_from_points
+    from frzoo.split import resolve
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     model = build(model_name).train()
-    parts = build_parts(model, partition_from_points(model, [point]))
+    parts = resolve(model, points=[point], build=True).parts
     x, y = batch()
     with torch.no_grad():
         example = x[: BATCH // microbatches] if rank == 0 else parts[0](x[: BATCH // microbatches])
@@ -186,14 +186,16 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> 
 def auto_point(model_name: str) -> str:
     """The cut split.auto=time picks for fr at K=2 (measured at one thread, as the workers run)."""
     import torch
-    from frzoo.balance import balanced_points
+    from frzoo.registry import ALGORITHMS
+    from frzoo.split import balanced_points
     torch.set_num_threads(1)
-    points, _ = balanced_points(build(model_name), 2, by="time", algorithm="fr", sample=batch()[0])
+    points, _ = balanced_points(build(model_name), 2, by="time", algorithm=ALGORITHMS.get("fr"),
+                                sample=batch()[0])
     return points[0]
 
 
 def rule_point(model_name: str) -> str:
-    from frzoo.partition import points_for_k
+    from frzoo.split import points_for_k
     return points_for_k(build(model_name), 2)[0]
 
 

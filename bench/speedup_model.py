@@ -11,7 +11,7 @@ its activation up and its delta down) for every part but the last, F + B for the
 on one device costs the sum of F + B. The period is the busiest part's cost, so
 speedup = sum(F + B) / max_k cost_k, for the authors' split (ceil(n/K) blocks a part) and the
 best split for this cost (frzoo's `split.auto=time`). The paper's measured speedups are printed
-beside (shared/docs/ALGORITHM.md, Fig. 4).
+beside (docs/algorithm.md, "Reported numbers", from the paper's Fig. 4).
 """
 from __future__ import annotations
 
@@ -40,20 +40,22 @@ def activation_bytes(model: torch.nn.Module, units: List[List[str]], sample: tor
 
 def model_speedups(costs: List[Tuple[float, float]], sizes: List[int], bandwidth: float,
                    cuts_for: Dict[str, List[int]]) -> Dict[str, Dict[str, float]]:
-    from frzoo.balance import part_cost
+    from frzoo.algorithms.fr import FeaturesReplay
+    from frzoo.split.balance import part_cost
     one_device = sum(f + b for f, b in costs)
     out = {}
     for label, cuts in cuts_for.items():
         bounds = [0, *cuts, len(costs)]
         period = 0.0
-        for a, b in zip(bounds, bounds[1:]):
+        for index, (a, b) in enumerate(zip(bounds, bounds[1:])):
             last = b == len(costs)
             transfer = 0.0
             if a > 0:  # receives its input, sends the delta for it back
                 transfer += 2 * sizes[a] / bandwidth
             if not last:  # sends its output, receives the delta for it
                 transfer += 2 * sizes[b] / bandwidth
-            period = max(period, part_cost(costs[a:b], last, "fr") + transfer)
+            period = max(period, part_cost(costs[a:b], index, len(cuts) + 1, FeaturesReplay)
+                         + transfer)
         out[label] = {"speedup": one_device / period, "cuts": cuts}
     return out
 
@@ -67,8 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     import frzoo_registry  # noqa: F401
     import timm
-    from frzoo.balance import best_cuts, measure_units, part_cost, units_of
-    from frzoo.partition import points_for_k
+    from frzoo.algorithms.fr import FeaturesReplay
+    from frzoo.split import points_for_k
+    from frzoo.split.balance import best_cuts, part_cost, units_of
+    from frzoo.split.costs import measure_units
     torch.set_num_threads(1)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "batch": args.batch,
                "bandwidth_gbs": args.bandwidth_gbs, "models": {}}
@@ -86,7 +90,7 @@ def main() -> None:
         for k in (2, 3, 4):
             rule = [first.index(p) if p in first else next(i for i, u in enumerate(units) if p in u)
                     for p in points_for_k(model, k)]
-            best = best_cuts(len(units), k, lambda a, b, i: part_cost(costs[a:b], i == k - 1, "fr"))
+            best = best_cuts(len(units), k, lambda a, b, i: part_cost(costs[a:b], i, k, FeaturesReplay))
             modelled = model_speedups(costs, sizes, args.bandwidth_gbs * 1e9, {"authors_split": rule,
                                                                              "best_split": best})
             entry["k"][k] = {**modelled, "paper_measured": PAPER.get(name, {}).get(k),

@@ -4,27 +4,38 @@ Not installed anywhere: a recipe names the file in its ``plugins:`` list (a path
 working directory, or absolute) and frzoo imports it before building the run:
 
     plugins: [examples/clipped_bp.py]
-    algorithm: {name: clipped_bp}
+    algorithm: {name: clipped_bp, max_norm: 0.5}
 
 An algorithm drives ONE part (see frzoo/algorithms/base.py); it never sees configs or processes.
+The options a recipe may give it besides ``name`` are the fields of its ``Options`` dataclass
+(see frzoo/algorithms/options.py): frzoo checks them when the run is built and passes them in as
+``self.options``; any other key under ``algorithm:`` is an error naming this class.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from frzoo import register_algorithm
 from frzoo.algorithms.bp import Backprop
 
-MAX_NORM = 1.0  # per part: each part clips its own gradient before its update
-
 
 @register_algorithm("clipped_bp")
 class ClippedBackprop(Backprop):
-    """Plain backprop over the parts; each part clips its gradient norm to MAX_NORM."""
+    """Plain backprop over the parts; each part clips its own gradient norm to `max_norm`."""
+
+    @dataclass(frozen=True)
+    class Options(Backprop.Options):
+        max_norm: float = 1.0  # per part: each part clips its own gradient before its update
+
+        def __post_init__(self) -> None:  # what the type cannot say
+            if not self.max_norm > 0:
+                raise ValueError(f"max_norm={self.max_norm} must be positive")
 
     updates = 0  # counts updates over all parts (lets tests see that this class ran)
 
     def _apply_update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.part.parameters(), MAX_NORM)
+        torch.nn.utils.clip_grad_norm_(self.part.parameters(), self.options.max_norm)
         type(self).updates += 1
         super()._apply_update()

@@ -1,27 +1,27 @@
 """From a resolved recipe to runnable parts: model, partition, devices, optimizers, algorithms.
 
 Each step reads only its own recipe section. The split is checked against the whole model
-before anything trains (see :func:`frzoo.partition.check_equivalence`).
+before anything trains (see :func:`frzoo.split.check_equivalence`).
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import algorithms as _algorithms  # noqa: F401  (registers bp, fr)
 from .algorithms.base import PartAlgorithm
+from .algorithms.options import parse_options
 from .data import DataInfo
 from .errors import FrzooError
-from .models import create_model, load_init_checkpoint
+from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
-from .partition import (EquivalenceReport, Partition, build_checked_parts, build_parts,
-                        resolve_partition)
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
+from .split import EquivalenceReport, Partition, SplitPart, balanced_points, resolve
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Job:
     """Everything a trainer or a planner needs, built once from a recipe."""
     model: nn.Module
     partition: Partition
-    parts: List[nn.Module]  # partition.Part (chain) or fx_split.FxPart: both have .names
+    parts: List[SplitPart]
     devices: List[torch.device]
     report: EquivalenceReport
     algorithms: List[PartAlgorithm]  # the parts this process runs (all of them, or one)
@@ -108,6 +108,8 @@ def model_kwargs(cfg_model: DictConfig, info: DataInfo) -> Dict[str, Any]:
 def build_model(cfg_model: DictConfig, info: DataInfo, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # every process builds the same initial weights
     model = create_model(cfg_model.name, model_kwargs(cfg_model, info))
+    check_fits_data(model, num_classes=info.num_classes, channels=info.channels,
+                    image_size=info.image_size, data_name=info.name)
     if cfg_model.init_checkpoint:
         load_init_checkpoint(model, cfg_model.init_checkpoint)
     return model
@@ -129,11 +131,11 @@ def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
     split = cfg.split
     k = num_parts_requested(cfg)
     presets = SPLIT_PRESETS.get(cfg.model.name) if cfg.model.name in SPLIT_PRESETS else None
-    return resolve_partition(
-        model, cfg.model.name,
+    return resolve(
+        model,
         points=list(split.points) if split.points is not None else None,
         parts=[list(p) for p in split.parts] if split.parts is not None else None,
-        k=k, presets=presets)
+        k=k, presets=presets).partition
 
 
 def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
@@ -144,14 +146,15 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     (same seed, same check) but moves and wraps only its own part.
     """
     load_plugins(cfg.plugins)
+    algo_cls, options = algorithm_of(cfg)  # once for all parts; a bad option fails here
     model = build_model(cfg.model, info, cfg.train.seed)
     partition = build_partition(model, cfg)
     sample = torch.randn(2, info.channels, info.image_size, info.image_size,
                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    if check:  # a chain split that fails the check is redone on the model's fx trace
-        partition, parts, report = build_checked_parts(model, partition, sample)
-    else:
-        parts, report = build_parts(model, partition), EquivalenceReport()
+    # a chain split that fails the check is redone on the model's fx trace
+    resolved = resolve(model, partition=partition, build=True, sample=sample if check else None)
+    partition, parts = resolved.partition, resolved.parts or []
+    report = resolved.report or EquivalenceReport()
     if check and not report.exact:
         bad = report.first_bad_part()
         where = (report.problem if report.problem else
@@ -165,8 +168,6 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
                if report.fallback_error else ""))
     devices = resolve_devices(cfg.devices, partition.num_parts)
     scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
-    algo_cls = ALGORITHMS.get(cfg.algorithm.name)
-    options = {k: v for k, v in cfg.algorithm.items() if k != "name"}
     algos: List[PartAlgorithm] = []
     for index, (part, device) in enumerate(zip(parts, devices)):
         if only_part is not None and index != only_part:
@@ -180,15 +181,34 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 
+def algorithm_of(cfg: DictConfig) -> tuple[Any, Any]:
+    """The recipe's algorithm class and its options, parsed from the `algorithm:` section by the
+    class's own declaration (``cls.Options``): an option it does not take, or a bad value, is a
+    RecipeError naming the class and the options it takes (frzoo.algorithms.options)."""
+    given = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    name = given.pop("name")  # type: ignore[union-attr]
+    cls = ALGORITHMS.get(name)
+    return cls, parse_options(cls, given, name)  # type: ignore[arg-type]
+
+
+def resolve_algorithm(cfg: DictConfig) -> DictConfig:
+    """The recipe with its `algorithm:` section checked and completed with the defaults of the
+    options it leaves out. Called once, before anything trains or any worker starts, so that a
+    bad option fails at once and recipe.yaml, checkpoints (and so resume checks) and W&B record
+    every option the run used."""
+    load_plugins(cfg.plugins)  # a recipe plugin may register the algorithm
+    _, options = algorithm_of(cfg)
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.algorithm = {"name": cfg.algorithm.name, **asdict(options)}  # declaration order
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
 def _make_algorithm(cls: Any, part: nn.Module, optimizer: torch.optim.Optimizer, index: int,
-                    num_parts: int, device: torch.device, seed: int,
-                    options: Dict[str, Any]) -> PartAlgorithm:
-    # Pass each algorithm only the options it names (fr takes warmup/replay_bn, bp takes none).
-    named = inspect.signature(cls.__init__).parameters
-    accepted = {k: v for k, v in options.items()
-                if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
+                    num_parts: int, device: torch.device, seed: int, options: Any) -> PartAlgorithm:
     return cls(part, optimizer, index=index, num_parts=num_parts, device=device,
-               loss_fn=torch.nn.functional.cross_entropy, seed=seed, **accepted)
+               loss_fn=torch.nn.functional.cross_entropy, seed=seed, options=options)
 
 
 def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> DictConfig:
@@ -197,7 +217,6 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
     if cfg.split.auto is None:
         return cfg
     from omegaconf import OmegaConf
-    from .balance import balanced_points
     k = num_parts_requested(cfg) or 1
     model = build_model(cfg.model, info, cfg.train.seed)
     device = resolve_devices(cfg.devices, k)[0]
@@ -208,7 +227,8 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
         sample = torch.randn(cfg.data.batch_size, info.channels, info.image_size, info.image_size,
                              generator=torch.Generator().manual_seed(cfg.train.seed))
         points, costs = balanced_points(model.to(device), k, by=cfg.split.auto,
-                                        algorithm=cfg.algorithm.name, sample=sample.to(device))
+                                        algorithm=ALGORITHMS.get(cfg.algorithm.name),
+                                        sample=sample.to(device))
     finally:
         torch.set_num_threads(threads)
     total = sum(costs) or 1.0

@@ -17,7 +17,7 @@ import torch
 
 from .config import recipe_diff
 from .errors import FrzooError
-from .partition import original_key
+from .split import original_key
 
 FORMAT_VERSION = 1
 # Recipe keys that may change between a run and its resumption without changing the maths.
@@ -118,8 +118,10 @@ def checkpoint_state(*, recipe: Dict[str, Any], partition: List[List[str]],
 def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
                      partition: List[List[str]], path: Path) -> None:
     """Refuse to resume with a different model, split, algorithm or data, saying what differs."""
+    taken = recipe.get("algorithm") or {}
     diff = {k: v for k, v in recipe_diff(state["recipe"], recipe).items()
-            if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)}
+            if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
+            and not _untaken_option(k, taken)}
     if state["partition"] != partition:
         diff["partition"] = (state["partition"], partition)
     if diff:
@@ -128,6 +130,17 @@ def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
         raise FrzooError(f"cannot resume from '{path}': it was made with a different recipe "
                          f"({lines}). Resume with the run's own recipe ({path.parent.parent}/"
                          f"recipe.yaml) or start a new run.")
+
+
+def _untaken_option(key: str, taken: Dict[str, Any]) -> bool:
+    """An `algorithm.` key the current (resolved) recipe lacks: its algorithm does not take it.
+
+    The recipe a run saves holds every option its algorithm takes. Checkpoints from before
+    algorithms declared their options hold fr's `warmup` and `replay_bn` for every algorithm,
+    and their build silently dropped those the algorithm did not take, so such a key changed
+    nothing and must not block the resume."""
+    section, _, option = key.partition(".")
+    return section == "algorithm" and option not in taken
 
 
 def export_state_dict(parts_states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -70,15 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .build import build_job, load_plugins
+    from .build import build_job, resolve_algorithm
     from .data import build_data
-    from .partition import all_cut_points
     from .run import executor_line
-    _, cfg = _load(args.args)
+    from .split import all_cut_points
+    # resolve_algorithm loads the recipe's plugins first: one may register the data set
+    cfg = resolve_algorithm(_load(args.args)[1])
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"# {executor_line(cfg)[1]}\n")
-    load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
     if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
         _print_candidates(cfg, data.info)
@@ -116,8 +116,7 @@ def _print_candidates(cfg: Any, info: Any) -> None:
     """Every valid split point of the recipe's model with the block that starts there."""
     import torch
     from .build import build_model
-    from .fx_split import profile_blocks
-    from .partition import all_cut_points
+    from .split import all_cut_points, profile_blocks
     model = build_model(cfg.model, info, cfg.train.seed)
     sample = torch.randn(1, info.channels, info.image_size, info.image_size)
     batch = cfg.data.batch_size

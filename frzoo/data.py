@@ -94,6 +94,7 @@ class DataInfo:
     num_test: int
     mean: Tuple[float, ...]  # per channel, in [0,1] units
     std: Tuple[float, ...]
+    name: str = ""  # the data set's registered name, for messages
 
 
 @dataclass
@@ -124,8 +125,6 @@ def augment_batch(x: Tensor, mode: str, generator: torch.Generator,
     ``x`` is a float batch (B, C, H, W) in [0, 1] units (before normalization, so padding is
     black as in torchvision's RandomCrop). Vectorized: one gather for all crops.
     """
-    if mode not in AUGMENTS:
-        raise FrzooError(f"data.augment={mode!r} is not one of {', '.join(AUGMENTS)}.")
     if mode == "none" or x.shape[0] == 0:
         return x
     b, c, h, w = x.shape
@@ -232,13 +231,7 @@ class DataModule:
                  batch_size: int, eval_batch_size: Optional[int] = None,
                  augment: str = "standard", normalize: bool = True, shuffle: bool = True,
                  num_workers: int = 0, drop_last: bool = False) -> None:
-        if augment not in AUGMENTS:
-            raise FrzooError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}.")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise FrzooError(f"data.{key}={value} must be positive.")
-        if num_workers < 0:
-            raise FrzooError(f"data.num_workers={num_workers} must be zero or more.")
+        # The values come validated from the recipe schema (frzoo.config): trusted here.
         self.train_set, self.test_set, self.info = train, test, info
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -339,12 +332,6 @@ def _as_splits(name: str, out: Any) -> DatasetSplits:
                      f"frzoo.data.DatasetSplits or (train_x, train_y, test_x, test_y, num_classes).")
 
 
-def _limit(where: str, value: Optional[int]) -> Optional[int]:
-    if value is not None and value < 1:
-        raise FrzooError(f"data.{where}={value} must be positive (or null for all samples).")
-    return value
-
-
 def _prepare_split(where: str, split: Split, limit: Optional[int],
                    size: Optional[int]) -> Tuple[Dataset, Optional[Tensor]]:
     """(dataset, full in-memory x or None); tensors are limited and resized here, once."""
@@ -406,12 +393,10 @@ def build_data(cfg: DictConfig, seed: int) -> DataModule:
     builder: Callable[[DictConfig], Any] = DATASETS.get(name)
     splits = _as_splits(name, builder(cfg))
     size = cfg.get("image_size")
-    if size is not None and size < 1:
-        raise FrzooError(f"data.image_size={size} must be positive (or null for the data set's own).")
     train, train_full = _prepare_split(f"dataset '{name}' (train)", splits.train,
-                                       _limit("limit_train", cfg.get("limit_train")), size)
+                                       cfg.get("limit_train"), size)
     test, _ = _prepare_split(f"dataset '{name}' (test)", splits.test,
-                             _limit("limit_test", cfg.get("limit_test")), size)
+                             cfg.get("limit_test"), size)
     if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
         raise FrzooError(f"dataset '{name}' has {len(train)} training and {len(test)} test "  # type: ignore[arg-type]
                          f"samples; both must be non-empty.")
@@ -447,7 +432,7 @@ def build_data(cfg: DictConfig, seed: int) -> DataModule:
                          f"{channels} channels; give one per channel.")
     info = DataInfo(num_classes=int(splits.num_classes), channels=int(channels), image_size=size,
                     num_train=len(train), num_test=len(test),  # type: ignore[arg-type]
-                    mean=mean, std=std)
+                    mean=mean, std=std, name=name)
     return DataModule(train, test, info, seed=seed, batch_size=int(cfg.batch_size),
                       eval_batch_size=cfg.get("eval_batch_size"), augment=str(cfg.augment),
                       normalize=bool(cfg.normalize), shuffle=bool(cfg.shuffle),
@@ -518,10 +503,6 @@ def synthetic(cfg: DictConfig) -> DatasetSplits:
     num_train leaves the test set as it is."""
     n_cls, channels = int(cfg.num_classes), int(cfg.channels)
     size = int(cfg.get("image_size") or SYNTHETIC_SIZE)
-    for key, value in (("num_classes", n_cls), ("channels", channels), ("num_train", cfg.num_train),
-                       ("num_test", cfg.num_test)):
-        if value < 1:
-            raise FrzooError(f"data.{key}={value} must be positive for the synthetic data set.")
     coarse = torch.rand(n_cls, channels, 4, 4, generator=torch.Generator().manual_seed(0))
     protos = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 

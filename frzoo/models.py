@@ -98,3 +98,32 @@ def load_init_checkpoint(model: nn.Module, path: str, what: str = "model.init_ch
             f"{what} '{path}' does not match the model: "
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}).")
+
+
+def check_fits_data(model: nn.Module, *, num_classes: int, channels: int, image_size: int,
+                    data_name: str) -> None:
+    """Refuse, before anything trains, a model whose input channels or classes differ from the
+    data's: otherwise the first step dies deep inside a convolution or cross_entropy.
+
+    The channels are read off the first convolution or linear layer (the stem, in every
+    architecture frzoo knows); the classes off one eval-mode forward of a two-image batch.
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))),
+                 None)
+    wanted = first.in_channels if isinstance(first, nn.Conv2d) else None
+    if wanted is not None and wanted != channels:
+        raise FrzooError(f"the model takes {wanted}-channel images but data '{data_name}' has "
+                         f"{channels} channel(s); set model.kwargs.in_chans={channels} (or "
+                         f"remove model.kwargs.in_chans: it defaults to the data's).")
+    sample = torch.zeros(2, channels, image_size, image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(sample)
+    finally:
+        model.train(was_training)
+    classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    if classes is not None and classes != num_classes:
+        raise FrzooError(f"the model predicts {classes} classes but data '{data_name}' has "
+                         f"{num_classes}; set model.kwargs.num_classes={num_classes} (or remove "
+                         f"model.kwargs.num_classes: it defaults to the data's).")

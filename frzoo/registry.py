@@ -68,8 +68,9 @@ def where_names_come_from(kind_plural: str) -> str:
 
 
 # While a plugin imports, every registration is journaled so that a failed import can be undone:
-# (module that registered, undo function).
+# (module that registered, undo function); architectures reach timm only once it succeeded.
 _journal: List[Tuple[str, Callable[[], None]]] = []
+_timm_pending: List[Tuple[str, str, Callable[..., Any]]] = []  # (origin, name, builder)
 _import_depth = 0
 
 
@@ -215,19 +216,24 @@ def _check_presets(arch: str, presets: Dict[int, List[str]],
 
 
 # ---------------------------------------------------------------- timm
-_TIMM_OURS: Dict[str, str] = {}  # timm names frzoo registered -> the module that registered them
-
-
 def _check_timm_free(arch: str, origin: str, *, override: bool) -> None:
     import timm
-    if timm.is_model(arch) and arch not in _TIMM_OURS and not override:
+    if timm.is_model(arch) and arch not in ARCHITECTURES._items and not override:
         raise FrzooError(
             f"architecture '{arch}' (from {origin}) is already a timm model; registering it would "
             f"replace timm's. Rename it, or pass override=True to replace timm's in this process.")
 
 
 def _register_with_timm(arch: str, fn: Callable[..., Any], origin: str) -> None:
-    from timm.models import _registry as timm_registry
+    """Make ``arch`` known to ``timm.create_model`` through timm's public ``register_model``.
+
+    During a plugin's import this waits until the import has succeeded (see
+    :func:`_import_atomically`), so a plugin that fails leaves nothing in timm to take back.
+    """
+    if _import_depth:
+        _timm_pending.append((origin, arch, fn))
+        return
+    from timm.models import register_model
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> Any:
         if pretrained:
@@ -237,32 +243,8 @@ def _register_with_timm(arch: str, fn: Callable[..., Any], origin: str) -> None:
             kwargs.pop(key, None)
         return fn(**kwargs)
 
-    entrypoint.__name__ = arch
-    entrypoint.__qualname__ = arch
-    entrypoint.__module__ = fn.__module__
-    entrypoint.__doc__ = fn.__doc__
-    previous = timm_registry._model_entrypoints.get(arch)
-    previous_ours = _TIMM_OURS.get(arch)
-    _with_timm(arch, entrypoint)
-    _TIMM_OURS[arch] = origin
-
-    def undo() -> None:
-        if previous_ours is None:
-            _TIMM_OURS.pop(arch, None)
-        else:
-            _TIMM_OURS[arch] = previous_ours
-        if previous is not None:
-            _with_timm(arch, previous)
-            return
-        timm_registry._model_entrypoints.pop(arch, None)
-        clear = getattr(timm_registry, "_clear_model_entries", None)
-        if clear is not None:
-            clear(arch)
-    _record(origin, undo)
-
-
-def _with_timm(arch: str, entrypoint: Callable[..., Any]) -> None:
-    from timm.models import register_model
+    entrypoint.__name__ = entrypoint.__qualname__ = arch
+    entrypoint.__module__, entrypoint.__doc__ = fn.__module__, fn.__doc__
     module = sys.modules.get(entrypoint.__module__)
     # timm appends the name to the module's __all__; the plugin module has no attribute of that
     # name (the entrypoint lives here), so `from module import *` would break. Restore it.
@@ -324,11 +306,15 @@ def _import_atomically(module_name: str, do_import: Callable[[], Any]) -> Any:
         _journal[mark:] = reversed(kept)
         for mod in [m for m in sys.modules if failed(m)]:
             del sys.modules[mod]
+        _timm_pending[:] = [entry for entry in _timm_pending if not failed(entry[0])]
         raise
     finally:
         _import_depth -= 1
         if not _import_depth:
             _journal.clear()
+            pending, _timm_pending[:] = list(_timm_pending), []
+            for origin, arch, fn in pending:
+                _register_with_timm(arch, fn, origin)
 
 
 def load_entry_point_plugins() -> None:

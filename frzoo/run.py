@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_auto_split,
-                    resolve_devices)
+from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_algorithm,
+                    resolve_auto_split, resolve_devices)
 from .data import DataModule, build_data
 from .errors import FrzooError
 from .executors.base import Executor
@@ -29,6 +29,7 @@ from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
 from .loggers import Logger, build_loggers, close_loggers
+from .sigma import SigmaProbe
 from .trainer import run_loop
 
 Echo = Callable[[str], None]
@@ -41,6 +42,7 @@ class Assembly:
     data: DataModule
     job: Job
     executor: Executor
+    probe: Optional[SigmaProbe] = None  # train.sigma_every: a hook of the training loop
 
 
 def choose_executor(cfg: DictConfig) -> Tuple[str, str]:
@@ -120,10 +122,8 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     data = build_data(cfg.data, cfg.train.seed)
     job = build_job(cfg, data.info, only_part=rank)
     if rank is None:
-        local = LocalExecutor(job.algorithms)
-        if cfg.train.sigma_every:
-            local.measure_sigma(cfg.train.sigma_every)
-        return Assembly(data, job, local)
+        probe = SigmaProbe(job.algorithms, cfg.train.sigma_every) if cfg.train.sigma_every else None
+        return Assembly(data, job, LocalExecutor(job.algorithms), probe)
     if len(job.parts) != world_size:
         raise FrzooError(f"the recipe splits the model into {len(job.parts)} parts but the job has "
                          f"{world_size} processes; run one process per part.")
@@ -148,6 +148,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     if name != cfg.executor:
         cfg = OmegaConf.merge(cfg, {"executor": name})  # type: ignore[assignment]
         OmegaConf.set_readonly(cfg, True)
+    cfg = resolve_algorithm(cfg)  # its options are checked before anything starts
     cfg = resolve_split(cfg, out_dir, resume, echo)
     if name == "distributed":
         num_parts = num_parts_requested(cfg) or 1
@@ -159,7 +160,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
             torch.set_num_threads(cfg.train.threads)
         run = build(cfg)
         return run_loop(cfg, out_dir, resume, job=run.job, data=run.data,
-                        executor=run.executor, loggers=loggers, echo=echo)
+                        executor=run.executor, loggers=loggers, echo=echo, probe=run.probe)
 
 
 def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: int) -> None:

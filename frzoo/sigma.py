@@ -46,11 +46,19 @@ class SigmaProbe:
         self.dot = [0.0] * len(self.algorithms)
         self.norm = [0.0] * len(self.algorithms)
 
-    def remember(self, step: int, x: Tensor, y: Tensor) -> None:
-        self.recent.append((step, x, y))
+    def before_step(self, step: int, x: Tensor, y: Tensor) -> None:
+        """The training loop's hook, called with each step's batch before the step runs.
 
-    def active(self, step: int) -> bool:
-        return step % self.every == 0
+        On a probed step the true gradients are taken now, at w^t (the forwards of the step
+        change no weight, so before them is the same point as after), and each part's
+        `before_update` is set to compare them with the gradient it is about to apply.
+        """
+        self.recent.append((step, x, y))
+        probing = step % self.every == 0
+        if probing:
+            self.compute_true_gradients(step)
+        for k, algo in enumerate(self.algorithms):
+            algo.before_update = (lambda a, k=k: self.compare(k, a)) if probing else None
 
     def compute_true_gradients(self, step: int) -> None:
         """Before any update of iteration `step`: backprop each part's sample (one pass per

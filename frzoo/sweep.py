@@ -230,11 +230,8 @@ def validate_trial(spec: SweepSpec, params: Dict[str, Any],
 
 def _check_build_rules(cfg: Any) -> None:
     """Rules load_recipe leaves to build time that a sweep should catch before its first trial."""
-    from . import algorithms as _algorithms  # noqa: F401,PLC0415  (registers bp, fr)
-    from .build import load_plugins, num_parts_requested  # noqa: PLC0415
-    from .registry import ALGORITHMS  # noqa: PLC0415
-    load_plugins(cfg.plugins)
-    ALGORITHMS.get(cfg.algorithm.name)  # unknown name: FrzooError with the close matches
+    from .build import num_parts_requested, resolve_algorithm  # noqa: PLC0415
+    resolve_algorithm(cfg)  # an unknown name or an option the algorithm does not take
     k = num_parts_requested(cfg)
     if cfg.devices is not None and k is not None and len(cfg.devices) != k:
         raise FrzooError(f"devices lists {len(cfg.devices)} devices but the split gives {k} "

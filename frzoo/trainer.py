@@ -28,6 +28,7 @@ from .errors import FrzooError, NonFiniteLossError
 from .executors.base import Executor
 from .loggers import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
+from .sigma import SigmaProbe
 
 
 class StopRequest:
@@ -63,12 +64,13 @@ class StopRequest:
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
-             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print) -> Dict[str, Any]:
+             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print,
+             probe: Optional[SigmaProbe] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
     try:
         return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
-                         loggers=loggers, echo=echo)
+                         loggers=loggers, echo=echo, probe=probe)
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
         if exc.errno not in rundir.DISK_ERRORS:
             raise
@@ -79,7 +81,8 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
 
 
 def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
-              executor: Executor, loggers: Sequence[Logger], echo: Any) -> Dict[str, Any]:
+              executor: Executor, loggers: Sequence[Logger], echo: Any,
+              probe: Optional[SigmaProbe]) -> Dict[str, Any]:
     leader = executor.is_leader
     recipe, partition = to_container(cfg), job.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
@@ -149,6 +152,8 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
                 for algo in executor.algorithms:
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
+                if probe is not None and batch is not None:  # sigma: true gradients at w^t
+                    probe.before_step(step, *batch)
                 # The steps up to the next log point or epoch end follow with nothing else in
                 # between: the distributed executor posts their receives ahead.
                 horizon = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch,
@@ -169,6 +174,11 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     timings = executor.timing_window()  # collective
+                    if probe is not None and timings is not None:
+                        for k, row in enumerate(timings):
+                            sigma = probe.read(k)
+                            if sigma is not None:
+                                row["sigma"] = sigma
                     if leader:
                         _accumulate(progress, timings, window.steps)
                         record = window.flush(timings)

@@ -11,8 +11,8 @@ from frzoo.registry import SPLIT_PRESETS
 
 from .cifar_resnet import ARCH_SPECS
 
-# Reference counts: the FR paper gives one for ResNet164 only (docs ALGORITHM.md); the smaller
-# ones are He et al. 2016, Table 6.
+# Reference counts: the FR paper gives one for ResNet164 only (docs/algorithm.md, "The paper's
+# setup"); the smaller ones are He et al. 2016, Table 6.
 REFERENCE_COUNTS = {
     "cifar_resnet20": "0.27M (He et al.)",
     "cifar_resnet32": "0.46M (He et al.)",

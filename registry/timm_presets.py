@@ -39,10 +39,12 @@ def compute(arch: str, ks=(2, 3, 4)) -> Dict[int, List[str]]:
     """The FLOPs-balanced points of `arch` for each K (what GENERATED holds)."""
     import timm
     import torch
-    from frzoo.balance import balanced_points
+    from frzoo.registry import ALGORITHMS
+    from frzoo.split import balanced_points
     model = timm.create_model(arch, num_classes=10)
     sample = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    return {k: balanced_points(model, k, by="flops", algorithm="fr", sample=sample)[0] for k in ks}
+    fr = ALGORITHMS.get("fr")
+    return {k: balanced_points(model, k, by="flops", algorithm=fr, sample=sample)[0] for k in ks}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from frzoo.build import resolve_algorithm
+from frzoo.cli import main
 from frzoo.config import load_recipe, recipe_diff, to_container
 from frzoo.errors import RecipeError
 
@@ -42,10 +44,62 @@ def test_wrong_type_names_the_key():
 
 
 def test_choices_are_checked_with_a_suggestion():
-    with pytest.raises(RecipeError, match=r"algorithm.warmup='zero' is not one of skip, zeros.*'zeros'"):
-        load_recipe(None, ["model.name=x", "algorithm.warmup=zero"])
+    with pytest.raises(RecipeError, match=r"optimizer.name='sgdd' is not one of sgd, adamw.*'sgd'"):
+        load_recipe(None, ["model.name=x", "optimizer.name=sgdd"])
     with pytest.raises(RecipeError, match=r"data.batch_size=0 must be positive"):
         load_recipe(None, ["model.name=x", "data.batch_size=0"])
+
+
+def algorithm_section(*overrides: str) -> dict:
+    """The `algorithm:` section as the run gets it: checked and completed by its class."""
+    return dict(resolve_algorithm(load_recipe(None, ["model.name=x", *overrides])).algorithm)
+
+
+def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
+    # each class fills in the defaults of the options it takes, and only those
+    assert algorithm_section() == {"name": "fr", "warmup": "skip", "replay_bn": "once"}
+    assert algorithm_section("algorithm.name=ddg") == {"name": "ddg", "warmup": "skip"}
+    assert algorithm_section("algorithm.name=bp") == {"name": "bp"}
+    assert algorithm_section("algorithm.replay_bn=twice", "algorithm.warmup=zeros") == \
+        {"name": "fr", "warmup": "zeros", "replay_bn": "twice"}
+    # an option the algorithm does not take is an error naming the class and what it takes
+    with pytest.raises(RecipeError, match=r"^algorithm 'ddg' \(DecoupledBackprop\) takes no option "
+                                          r"'replay_bn'; its options: warmup \(skip\|zeros, "
+                                          r"default skip\)\. Remove algorithm\.replay_bn"):
+        algorithm_section("algorithm.name=ddg", "algorithm.replay_bn=twice")
+    with pytest.raises(RecipeError, match=r"algorithm 'bp' \(Backprop\) takes no option 'warmup'; "
+                                          r"its options: none\."):
+        algorithm_section("algorithm.name=bp", "algorithm.warmup=skip")  # once silently dropped
+    with pytest.raises(RecipeError, match=r"takes no option 'replay_b'.*Did you mean 'replay_bn'"):
+        algorithm_section("algorithm.replay_b=twice")
+    # a bad choice names the option, the value and the valid ones; types count (1 is not 'skip')
+    with pytest.raises(RecipeError, match=r"algorithm.warmup='zero' is not one of skip, zeros "
+                                          r"\(algorithm 'fr' \(FeaturesReplay\)\)\. Did you mean 'zeros'"):
+        algorithm_section("algorithm.warmup=zero")
+    with pytest.raises(RecipeError, match=r"algorithm.replay_bn=2 is not one of once, twice"):
+        algorithm_section("algorithm.replay_bn=2")
+    with pytest.raises(RecipeError, match=r"algorithm.name=None must be the name of an algorithm"):
+        load_recipe(None, ["model.name=x", "algorithm.name=null"])
+
+
+def test_recipes_setting_fr_options_keep_working_and_the_paper_recipe_takes_every_algorithm(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "model: {name: x}\n"
+                                        "algorithm: {name: fr, warmup: zeros, replay_bn: twice}\n")
+    assert dict(resolve_algorithm(load_recipe(recipe)).algorithm) == \
+        {"name": "fr", "warmup": "zeros", "replay_bn": "twice"}
+    # docs/reproduction.md runs the paper's recipe with algorithm.name=bp and =ddg as well
+    paper = REPO / "recipes" / "cifar10_resnet101.yaml"
+    for name, section in (("fr", {"warmup": "skip", "replay_bn": "once"}),
+                          ("ddg", {"warmup": "skip"}), ("bp", {})):
+        cfg = resolve_algorithm(load_recipe(paper, [f"algorithm.name={name}"]))
+        assert dict(cfg.algorithm) == {"name": name, **section}
+
+
+def test_a_bad_algorithm_option_exits_2_on_the_cli_before_building_anything(capsys):
+    code = main(["plan", "model.name=x", "algorithm.name=ddg", "algorithm.replay_bn=twice"])
+    err = capsys.readouterr().err
+    assert code == 2 and "algorithm 'ddg' (DecoupledBackprop) takes no option 'replay_bn'" in err
+    assert "Traceback" not in err and "unknown model" not in err  # failed before the model
 
 
 def test_missing_model_name():

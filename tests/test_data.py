@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from frzoo.config import DataConfig
 from frzoo.data import (CIFAR10_MEAN, CIFAR10_STD, DataInfo, DataModule, DatasetSplits,
                         augment_batch, build_data)
+from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
 from frzoo.registry import register_dataset
 
@@ -428,8 +429,8 @@ def test_augment_batch_semantics() -> None:
     n_flipped = int((flipped[:, 0, 0, 0] == 1).sum())
     assert 10 < n_flipped < 54
     assert torch.equal(augment_batch(ones, "none", torch.Generator()), ones)
-    with pytest.raises(FrzooError, match="data.augment='blur'"):
-        augment_batch(ones, "blur", torch.Generator())
+    with pytest.raises(FrzooError, match="data.augment='blur' is not one of"):  # in the schema
+        load_recipe(None, ["model.name=resnet18", "data.augment=blur"])
 
 
 def test_drop_last_and_eval_batch_size() -> None:
@@ -453,8 +454,8 @@ def test_limits() -> None:
     xf = torch.cat([x for x, _ in full.train_batches(0)])
     xs = torch.cat([x for x, _ in small.train_batches(0)])
     assert torch.equal(xs, xf[:20])
-    with pytest.raises(FrzooError, match="limit_train=0"):
-        _synth(limit_train=0)
+    with pytest.raises(FrzooError, match="data.limit_train=0 must be positive"):  # the schema
+        load_recipe(None, ["model.name=resnet18", "data.limit_train=0"])
 
 
 def test_normalized_batches_are_standardized() -> None:

@@ -65,12 +65,14 @@ def test_distributed_checkpoint_resumes_in_either_executor(tmp_path):
     assert same_weights(tmp_path / "straight", tmp_path / "r")
 
 
+# One algorithm name per plugin file: the launching process imports the recipe's plugins too (it
+# checks the algorithm's options before any worker starts), and the tests share one process.
 FAILING_PLUGIN = '''
 import os, signal
 from frzoo.registry import register_algorithm
 from frzoo.algorithms.fr import FeaturesReplay
 
-@register_algorithm("fr_breaks")
+@register_algorithm("fr_breaks_{index}")
 class Breaks(FeaturesReplay):
     def backward(self, delta, step):
         if step == 5 and self.index == {index}:
@@ -89,7 +91,7 @@ def test_a_worker_that_raises_stops_the_job_and_names_part_rank_and_error(tmp_pa
     path = plugin(tmp_path, 1, 'raise ValueError("boom in the replay")')
     start = time.time()
     with pytest.raises(RuntimeError, match=r"part 2 \(rank 1.*ValueError: boom in the replay"):
-        run(tmp_path / "r", SPLITS[3], f"plugins=[{path}]", "algorithm.name=fr_breaks",
+        run(tmp_path / "r", SPLITS[3], f"plugins=[{path}]", "algorithm.name=fr_breaks_1",
             "executor=distributed", "train.checkpoint_every=2")
     assert time.time() - start < 60
     assert not multiprocessing.active_children()
@@ -101,7 +103,7 @@ def test_a_killed_worker_stops_the_job_within_seconds(tmp_path):
     path = plugin(tmp_path, 0, "os.kill(os.getpid(), signal.SIGKILL)")
     start = time.time()
     with pytest.raises(RuntimeError, match=r"part 1 \(rank 0\) was killed by signal SIGKILL"):
-        run(tmp_path / "r", SPLITS[2], f"plugins=[{path}]", "algorithm.name=fr_breaks",
+        run(tmp_path / "r", SPLITS[2], f"plugins=[{path}]", "algorithm.name=fr_breaks_0",
             "executor=distributed", "train.checkpoint_every=2")
     assert time.time() - start < 60
     assert not multiprocessing.active_children()

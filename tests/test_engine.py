@@ -3,7 +3,7 @@
 - Features Replay with K=1 is plain backprop, bit for bit.
 - Plain backprop over K parts is one training loop over the unsplit model, bit for bit.
 - Features Replay with K=3 is Algorithm 1 of the paper, re-implemented here from
-  shared/docs/ALGORITHM.md without any frzoo engine code, bit for bit.
+  docs/algorithm.md without any frzoo engine code, bit for bit (both warm-up variants).
 - History lengths, warm-up policies, BatchNorm replay policies, dropout masks in the replay.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from frzoo.algorithms import ForwardResult
 from frzoo.algorithms.bp import Backprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.executors import LocalExecutor
-from frzoo.partition import Part
+from frzoo.split.chain import Part
 
 torch.use_deterministic_algorithms(True)
 
@@ -111,8 +111,33 @@ def reference_last_part(chunk: nn.Module, opt, h: torch.Tensor, y: torch.Tensor,
     return loss.item()
 
 
-def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str) -> List[float]:
-    """Features Replay as ALGORITHM.md states it, written plainly (warm-up: skip)."""
+def bn_snapshot(chunk: nn.Module) -> list:
+    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in chunk.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def bn_restore(saved: list) -> None:
+    for m, mean, var, n in saved:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(n)
+
+
+def zero_replay(chunk: nn.Module, opt, h_like: torch.Tensor) -> None:
+    """The paper's warm-up iteration: replay a ZERO input, backpropagate a ZERO delta, update.
+    frzoo does not run this replay (its gradient is zero whatever the weights, and it would feed
+    zeros into BatchNorm's running statistics), so the reference undoes its statistics too."""
+    saved = bn_snapshot(chunk)
+    out = chunk(torch.zeros_like(h_like))
+    out.backward(torch.zeros_like(out))
+    bn_restore(saved)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str,
+               warmup: str = "skip") -> List[float]:
+    """Features Replay as docs/algorithm.md states it, written plainly."""
     chunks = [nn.Sequential(*[model[i] for i in ids]) for ids in CUTS[k_parts]]
     opts = [optimizer(c.parameters()) for c in chunks]
     K = k_parts
@@ -131,18 +156,16 @@ def algorithm1(model: nn.Sequential, data, k_parts: int, replay_bn: str) -> List
         # parts k < K: replay the input of iteration t-(K-k) with the current weights
         for k in range(K - 1):
             delay = K - 1 - k
-            if t - delay < 0:
-                continue  # warm-up (authors' code): no update yet
+            if t - delay < 0:  # warm-up: no stale sample exists yet
+                if warmup == "zeros":  # the paper
+                    zero_replay(chunks[k], opts[k], history[k][-1])
+                continue  # skip (authors' code): no update yet
             h_old = history[k].pop(0).clone().requires_grad_(k > 0)
-            saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                     for m in chunks[k].modules() if isinstance(m, nn.BatchNorm2d)]
+            saved = bn_snapshot(chunks[k])
             out = chunks[k](h_old)
             out.backward(delta_from_above[k])
             if replay_bn == "once":  # undo the replay's running-statistics update
-                for m, mean, var, n in saved:
-                    m.running_mean.copy_(mean)
-                    m.running_var.copy_(var)
-                    m.num_batches_tracked.copy_(n)
+                bn_restore(saved)
             if k > 0:
                 sent[k - 1] = h_old.grad
             opts[k].step()
@@ -160,13 +183,44 @@ def test_fr_k3_is_algorithm_1_bit_for_bit(replay_bn):
     assert_same_weights(ours, reference)
 
 
-def test_fr_differs_from_bp_once_staleness_starts():
-    data = batches(4)
-    a, b = tiny_model(), tiny_model()
-    fr = train(make_executor(a, 2, FeaturesReplay), data)
-    bp = train(make_executor(b, 2, Backprop), data)
-    assert fr[0] == bp[0]  # same initial weights, same first forward
-    assert fr[2:] != bp[2:]
+@pytest.mark.parametrize("k", [2, 3])
+def test_fr_warmup_zeros_is_algorithm_1_with_zero_replays_bit_for_bit(k):
+    data = batches(8)
+    ours, reference = tiny_model(), tiny_model()
+    losses = train(make_executor(ours, k, FeaturesReplay, warmup="zeros"), data)
+    assert losses == algorithm1(reference, data, k, "once", warmup="zeros")
+    assert_same_weights(ours, reference)
+    # and the warm-up steps matter: the zero-gradient step of iteration 0 (weight decay) moves
+    # part 1, which the next play sees, while under skip part 1 has not moved
+    skipped = algorithm1(tiny_model(), data, k, "once", warmup="skip")
+    assert losses[0] == skipped[0] and losses[1] != skipped[1]
+
+
+def parameters_of(algo) -> List[torch.Tensor]:
+    return [p.detach().clone() for p in algo.part.parameters()]
+
+
+def test_fr_differs_from_bp_exactly_as_the_delay_says():
+    """K=2, warm-up skip. Iteration 0: both compute the same loss and the same last-part update;
+    part 1 of FR does not move (no stale sample) while BP's does. Iteration 1: FR's part 1 replays
+    sample 0 at its unchanged weights w^0 with the delta part 2 sent for sample 0 at w^0_2, which
+    is exactly BP's gradient of iteration 0: FR's part 1 makes BP's first step, one iteration
+    late, bit for bit. Its part 2 has meanwhile seen an input from the unmoved part 1, so from
+    then on the two differ everywhere."""
+    fr = make_executor(tiny_model(), 2, FeaturesReplay)
+    bp = make_executor(tiny_model(), 2, Backprop)
+    initial = parameters_of(fr.algorithms[0])
+    (x0, y0), (x1, y1) = batches(2)
+    assert float(fr.train_step((x0, y0), 0).loss) == float(bp.train_step((x0, y0), 0).loss)
+    fr_part1, bp_part1 = parameters_of(fr.algorithms[0]), parameters_of(bp.algorithms[0])
+    assert all(torch.equal(a, b) for a, b in zip(fr_part1, initial))  # FR part 1: no update
+    assert all(not torch.equal(a, b) for a, b in zip(bp_part1, initial))  # BP part 1: updated
+    assert all(torch.equal(a, b) for a, b in zip(parameters_of(fr.algorithms[1]),
+                                                 parameters_of(bp.algorithms[1])))
+    assert float(fr.train_step((x1, y1), 1).loss) != float(bp.train_step((x1, y1), 1).loss)
+    assert all(torch.equal(a, b) for a, b in zip(parameters_of(fr.algorithms[0]), bp_part1))
+    assert all(not torch.equal(a, b) for a, b in zip(parameters_of(fr.algorithms[1]),
+                                                     parameters_of(bp.algorithms[1])))
 
 
 def test_history_lengths_and_deltas_in_flight():
@@ -359,9 +413,9 @@ def test_ddg_state_roundtrip_rebuilds_the_graphs_exactly():
 
 def test_a_part_starting_with_an_in_place_op_keeps_its_history_intact():
     import timm
-    from frzoo.partition import build_parts, partition_from_points
+    from frzoo.split import resolve
     model = timm.create_model("test_resnet", num_classes=5)
-    parts = build_parts(model, partition_from_points(model, ["act1", "layer3"]))  # act1: ReLU(inplace)
+    parts = resolve(model, points=["act1", "layer3"], build=True).parts  # act1: ReLU(inplace)
     algos = [FeaturesReplay(p, optimizer(p.parameters()), index=i, num_parts=3,
                             device=torch.device("cpu"), loss_fn=F.cross_entropy) for i, p in enumerate(parts)]
     ex = LocalExecutor(algos)

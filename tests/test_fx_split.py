@@ -21,9 +21,9 @@ from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.checkpoint import export_from_checkpoint
 from frzoo.errors import FrzooError
 from frzoo.executors import LocalExecutor
-from frzoo.fx_split import FxPart, build_fx_parts, fx_partition, profile_blocks, trace_model
-from frzoo.partition import (Part, build_checked_parts, build_parts, check_equivalence,
-                             partition_from_parts, partition_from_points)
+from frzoo.split import check_equivalence, profile_blocks, resolve
+from frzoo.split.chain import Part
+from frzoo.split.fx import FxPart, build_fx_parts, fx_partition, trace_model
 
 # name: (constructor kwargs, input size, {K: split points}, whether the chain split can never be
 # exact: root-owned tensors or functional code between the root's children)
@@ -150,8 +150,8 @@ def test_split_equals_the_model_and_trains_with_features_replay(name, k):
     assert set(ids) == {id(p) for p in model.parameters()}
 
     # what frzoo picks by itself (chain first, fx when the chain is not the forward) is exact too
-    picked, auto_parts, report = build_checked_parts(
-        model, partition_from_points(model, points), x)
+    auto = resolve(model, points=points, sample=x)
+    picked, auto_parts, report = auto.partition, auto.parts, auto.report
     assert report.exact, report
     assert picked.method == ("fx" if any(isinstance(p, FxPart) for p in auto_parts) else "chain")
     if ARCHS[name][3]:
@@ -181,8 +181,9 @@ def test_split_equals_the_model_and_trains_with_features_replay(name, k):
 # ---------------------------------------------------------------- root-owned tensors, export
 def test_vit_cls_token_and_pos_embed_stay_the_models_own_parameters():
     model = model_of("test_vit")
-    partition = partition_from_points(model, ["blocks.2"])
-    parts = build_parts(model, partition)  # the chain leaves cls_token out: the fx path takes it
+    partition = resolve(model, points=["blocks.2"]).partition
+    # the chain leaves cls_token out: the fx path takes it
+    parts = resolve(model, partition=partition, build=True).parts
     assert all(isinstance(p, FxPart) for p in parts)
     first = dict(parts[0].named_parameters())
     assert first["fx.cls_token"] is model.cls_token
@@ -219,10 +220,10 @@ def test_the_recorded_partition_names_every_module_once_in_execution_order():
         ["stages.1.blocks.1", "stages.2"],
         ["stages.3", "norm_pre", "head"]]
     # the explicit form of the same split is accepted, and a wrong one is refused
-    assert partition_from_parts(model, partition.to_list()) == partition
+    assert resolve(model, parts=partition.to_list()).partition == partition
     with pytest.raises(FrzooError, match="does not match the traced forward"):
-        partition_from_parts(model, [["stem", "stages.0"], ["stages.1.blocks.1", "stages.2"],
-                                     ["stages.3", "norm_pre", "head"]])
+        resolve(model, parts=[["stem", "stages.0"], ["stages.1.blocks.1", "stages.2"],
+                              ["stages.3", "norm_pre", "head"]])
 
 
 # ---------------------------------------------------------------- modes and in-place inputs
@@ -256,7 +257,7 @@ def test_cut_inside_a_vit_block_is_refused_naming_valid_points_near_it():
     with pytest.raises(FrzooError, match=r"cannot cut at 'blocks.1.attn': it lies inside "
                                          r"'blocks.1' \(Block\).*2 values would cross.*"
                                          r"near it: .*blocks.1, blocks.1.norm2"):
-        partition_from_points(model, ["blocks.1.attn"])
+        resolve(model, points=["blocks.1.attn"])
 
 
 def test_cut_between_the_cls_token_and_the_patches_is_refused():
@@ -264,20 +265,20 @@ def test_cut_between_the_cls_token_and_the_patches_is_refused():
     # and the cls token would both cross: no module starts there, so no name reaches it
     model = model_of("test_vit")
     with pytest.raises(FrzooError, match="first part would be empty"):
-        partition_from_points(model, ["patch_embed"])
+        resolve(model, points=["patch_embed"])
 
 
 def test_cut_inside_a_leaf_module_is_refused():
     model = model_of("test_efficientnet")  # bn1 is BatchNormAct2d, traced as one operation
     with pytest.raises(FrzooError, match=r"runs inside 'bn1' \(BatchNormAct2d\), which is "
                                          r"traced as one operation.*near it"):
-        partition_from_points(model, ["bn1.act"])
+        resolve(model, points=["bn1.act"])
 
 
 def test_points_out_of_order_and_unknown_points_are_refused():
     model = model_of("test_convnext")
     with pytest.raises(FrzooError, match="execution order"):
-        partition_from_points(model, ["stages.2.blocks.1", "stages.1.blocks.1"])
+        resolve(model, points=["stages.2.blocks.1", "stages.1.blocks.1"])
     with pytest.raises(FrzooError, match=r"'stages.9' is not a module.*Did you mean"):
         fx_partition(model, ["stages.9"])
 
@@ -305,7 +306,7 @@ def test_weights_used_on_both_sides_of_a_cut_are_refused():
         fx_partition(model, ["b"])
     # the chain split leaves the root's `scale` out, and the fx split says why it cannot help
     with pytest.raises(FrzooError, match="keeps tensors outside.*'shared' runs on both sides"):
-        build_parts(model, partition_from_points(model, ["b"]))
+        resolve(model, points=["b"], build=True).parts
     x = torch.randn(3, 4)
     parts = build_fx_parts(model, fx_partition(model, ["c"]))  # after the last use: fine
     assert torch.equal(chained(parts, x), model(x))
@@ -315,18 +316,19 @@ def test_functional_code_between_children_falls_back_to_the_trace():
     from test_partition import Scaled
     model = Scaled()
     x = torch.randn(3, 4)
-    chain = partition_from_points(model, ["b"])
-    assert chain.method == "chain" and not check_equivalence(model, build_parts(model, chain), x).exact
-    partition, parts, report = build_checked_parts(model, chain, x)
-    assert report.exact and partition.method == "fx" and partition.to_list() == [["a"], ["b"]]
+    chain = resolve(model, points=["b"]).partition
+    chain_parts = resolve(model, partition=chain, build=True).parts
+    assert chain.method == "chain" and not check_equivalence(model, chain_parts, x).exact
+    checked = resolve(model, partition=chain, sample=x)
+    assert checked.report.exact and checked.partition.method == "fx"
+    assert checked.partition.to_list() == [["a"], ["b"]]
 
 
 def test_chain_models_keep_the_chain_parts():
     model = model_of("resnet18")
-    partition, parts, report = build_checked_parts(
-        model, partition_from_points(model, ["layer3"]), sample("resnet18"))
-    assert partition.method == "chain" and all(isinstance(p, Part) for p in parts)
-    assert report.exact
+    checked = resolve(model, points=["layer3"], sample=sample("resnet18"))
+    assert checked.partition.method == "chain" and all(isinstance(p, Part) for p in checked.parts)
+    assert checked.report.exact
 
 
 def test_a_model_that_cannot_be_traced_keeps_the_chain_error():
@@ -341,7 +343,7 @@ def test_a_model_that_cannot_be_traced_keeps_the_chain_error():
             return self.stage["b"](self.stage["a"](x))
 
     with pytest.raises(FrzooError, match=r"cannot cut at 'stage.b'.*torch.fx cannot trace"):
-        partition_from_points(Untraceable(), ["stage.b"])
+        resolve(Untraceable(), points=["stage.b"])
 
 
 # ---------------------------------------------------------------- candidates
@@ -358,7 +360,7 @@ def test_candidates_cover_the_model_and_measure_the_cut():
     assert by_point["fc"].flops == 2 * 512 * 5
     # every listed point is accepted by the splitter
     points = [b.point for b in blocks[1:]]
-    assert partition_from_points(model, points[3:4]).points == points[3:4]
+    assert resolve(model, points=points[3:4]).partition.points == points[3:4]
 
 
 def test_candidates_count_attention_and_root_tensors_of_a_vit():

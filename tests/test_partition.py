@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from frzoo.errors import FrzooError
-from frzoo.partition import (Partition, all_cut_points, build_parts, check_equivalence,
-                             partition_from_parts, partition_from_points, points_for_k)
+from frzoo.split import Partition, all_cut_points, check_equivalence, points_for_k, resolve
 
 RESNETS = [
     ("resnet18", ["layer2", "layer3.1", "layer4"]),
@@ -23,7 +22,7 @@ RESNETS = [
 @pytest.mark.parametrize("name,points", RESNETS)
 def test_split_equals_whole_model(name, points):
     model = timm.create_model(name, num_classes=7)
-    parts = build_parts(model, partition_from_points(model, points))
+    parts = resolve(model, points=points, build=True).parts
     assert len(parts) == len(points) + 1
     x = torch.randn(2, 3, 48, 48)
     report = check_equivalence(model, parts, x)
@@ -41,7 +40,7 @@ def test_split_equals_whole_model(name, points):
 
 def test_every_parameter_lands_in_exactly_one_part_and_export_keeps_names():
     model = timm.create_model("resnet18", num_classes=3)
-    parts = build_parts(model, partition_from_points(model, ["layer3.1"]))
+    parts = resolve(model, points=["layer3.1"], build=True).parts
     merged = {}
     for part in parts:
         merged.update(part.original_state_dict())
@@ -52,35 +51,35 @@ def test_every_parameter_lands_in_exactly_one_part_and_export_keeps_names():
 
 def test_explicit_parts_equal_points():
     model = timm.create_model("test_resnet", num_classes=3)
-    by_points = partition_from_points(model, ["layer3"])
+    by_points = resolve(model, points=["layer3"]).partition
     names = [list(p) for p in by_points.parts]
-    assert partition_from_parts(model, names) == by_points
+    assert resolve(model, parts=names).partition == by_points
     with pytest.raises(FrzooError, match="missing: fc"):
-        partition_from_parts(model, [names[0], names[1][:-1]])
+        resolve(model, parts=[names[0], names[1][:-1]])
     with pytest.raises(FrzooError, match="execution order"):
-        partition_from_parts(model, [names[1], names[0]])
+        resolve(model, parts=[names[1], names[0]])
 
 
 def test_unknown_point_suggests_close_names_and_lists_valid_ones():
     model = timm.create_model("resnet18", num_classes=3)
     with pytest.raises(FrzooError, match=r"'layer5' is not a module.*Did you mean: layer.*Valid points"):
-        partition_from_points(model, ["layer5"])
+        resolve(model, points=["layer5"])
 
 
 def test_cut_inside_a_residual_block_is_refused_with_nearby_points():
     model = timm.create_model("resnet18", num_classes=3)
     with pytest.raises(FrzooError, match=r"inside 'layer3.1' \(BasicBlock\).*near it: .*layer3.1"):
-        partition_from_points(model, ["layer3.1.conv2"])
+        resolve(model, points=["layer3.1.conv2"])
 
 
 def test_points_out_of_order_or_first_module_are_refused():
     model = timm.create_model("resnet18", num_classes=3)
     with pytest.raises(FrzooError, match="execution order"):
-        partition_from_points(model, ["layer3", "layer2"])
+        resolve(model, points=["layer3", "layer2"])
     with pytest.raises(FrzooError, match="execution order"):
-        partition_from_points(model, ["layer3", "layer3"])
+        resolve(model, points=["layer3", "layer3"])
     with pytest.raises(FrzooError, match="first part would be empty"):
-        partition_from_points(model, ["conv1"])
+        resolve(model, points=["conv1"])
 
 
 def test_cut_points_are_listed_in_execution_order_at_every_depth():
@@ -102,9 +101,9 @@ def test_k_rule_is_ceil_chunks_of_blocks():
 def test_model_whose_forward_is_not_a_chain_is_split_on_its_trace():
     # the root owns cls_token and pos_embed: the chain parts would leave them out, so the parts
     # are cut from the traced forward instead (tests/test_fx_split.py has the details)
-    from frzoo.fx_split import FxPart
+    from frzoo.split.fx import FxPart
     vit = timm.create_model("test_vit", num_classes=3, img_size=32)
-    parts = build_parts(vit, partition_from_points(vit, ["blocks"]))
+    parts = resolve(vit, points=["blocks"], build=True).parts
     assert all(isinstance(p, FxPart) for p in parts)
     assert check_equivalence(vit, parts, torch.randn(2, 3, 32, 32)).exact
 
@@ -123,14 +122,14 @@ class Scaled(nn.Module):
 
 def test_functional_code_between_children_is_caught_by_the_check():
     model = Scaled()
-    parts = build_parts(model, partition_from_points(model, ["b"]))
+    parts = resolve(model, points=["b"], build=True).parts
     report = check_equivalence(model, parts, torch.randn(3, 4))
     assert not report.exact and report.first_bad_part() == 0
 
 
 def test_whole_model_partition_is_the_model_itself():
     vit = timm.create_model("test_vit", num_classes=3)
-    parts = build_parts(vit, Partition((("",),)))
+    parts = resolve(vit, partition=Partition((("",),)), build=True).parts
     assert parts[0].blocks[0] is vit
     assert check_equivalence(vit, parts, torch.randn(2, 3, 32, 32)).exact
     assert list(parts[0].original_state_dict()) == list(vit.state_dict())
@@ -138,8 +137,8 @@ def test_whole_model_partition_is_the_model_itself():
 
 def test_cut_before_a_container_and_inside_it():
     model = timm.create_model("resnet18", num_classes=3)
-    partition = partition_from_points(model, ["layer3", "layer3.1"])
+    partition = resolve(model, points=["layer3", "layer3.1"]).partition
     assert partition.parts[1] == ("layer3.0",)
     assert partition.parts[2][0] == "layer3.1"
-    parts = build_parts(model, partition)
+    parts = resolve(model, partition=partition, build=True).parts
     assert check_equivalence(model, parts, torch.randn(2, 3, 32, 32)).exact

@@ -18,12 +18,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from timm.models import _registry as timm_registry
 
 from frzoo import registry
+from frzoo.build import build_job, resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import load_recipe
-from frzoo.errors import FrzooError
+from frzoo.data import build_data
+from frzoo.errors import FrzooError, RecipeError
+from frzoo.executors import LocalExecutor
 from frzoo.models import create_model
 from frzoo.registry import (ALGORITHMS, ARCHITECTURES, DATASETS, SPLIT_PRESETS, PluginImportError,
                             PluginWarning, load_plugin, register_algorithm,
@@ -55,15 +59,13 @@ def scratch():
     regs = (ARCHITECTURES, DATASETS, ALGORITHMS, SPLIT_PRESETS)
     registry.load_entry_point_plugins()
     saved = [(dict(r._items), dict(r._origin)) for r in regs]
-    timm_before, ours = set(timm_registry._model_entrypoints), dict(registry._TIMM_OURS)
+    timm_before = set(timm_registry._model_entrypoints)
     yield
     for r, (items, origin) in zip(regs, saved):
         r._items, r._origin = items, origin
     for name in set(timm_registry._model_entrypoints) - timm_before:
         timm_registry._model_entrypoints.pop(name)
         timm_registry._clear_model_entries(name)
-    registry._TIMM_OURS.clear()
-    registry._TIMM_OURS.update(ours)
 
 
 def run_cli(*args: str, capsys) -> tuple:
@@ -138,8 +140,47 @@ def test_example_recipe_with_a_py_file_algorithm_plugin(example_installed, tmp_p
     cls = ALGORITHMS.get("clipped_bp")
     assert cls.__module__ == ALGORITHMS.origin("clipped_bp") == "frzoo_plugin_clipped_bp"
     assert cls.updates >= 6  # 3 steps x 2 parts
+    # its option, as the recipe sets it, is what the run records
+    saved = yaml.safe_load((tmp_path / "r" / "recipe.yaml").read_text())
+    assert saved["algorithm"] == {"name": "clipped_bp", "max_norm": 1.0}
     # the same file under another spelling is the same plugin, not a second registration
     assert load_plugin(str(REPO / "examples" / "clipped_bp.py")) is sys.modules[cls.__module__]
+
+
+def clipped_norms(*overrides: str) -> list:
+    """One step of the example recipe; per part, the norm of the gradient its optimizer applied."""
+    cfg = load_recipe("examples/example_recipe.yaml", [*QUIET, *overrides])
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info)
+    norms = []
+    for algo in job.algorithms:
+        def step(algo=algo, inner=algo.optimizer.step):
+            grads = [p.grad for p in algo.part.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            return inner()
+        algo.optimizer.step = step
+    LocalExecutor(job.algorithms).train_step(next(iter(data.train_batches(0))), 0)
+    return norms
+
+
+def test_a_plugin_algorithm_takes_its_own_option(example_installed, monkeypatch):
+    # clipped_bp declares `max_norm` (default 1.0): each part's applied gradient has that norm
+    # when its own is larger, as it is here for both small values
+    monkeypatch.chdir(REPO)
+    for max_norm in (1e-3, 2e-3):
+        assert clipped_norms(f"algorithm.max_norm={max_norm}") == \
+            [pytest.approx(max_norm, rel=1e-4)] * 2
+    assert all(n > 2e-3 for n in clipped_norms("algorithm.max_norm=1e9"))  # clipping is off
+    # the class checks its options: unknown ones, wrong types and its own rule (__post_init__)
+    for override, message in (
+            ("algorithm.max_norms=1", r"algorithm 'clipped_bp' \(ClippedBackprop\) takes no option "
+                                      r"'max_norms'; its options: max_norm \(float, default 1\.0\)\. "
+                                      r"Did you mean 'max_norm'\?"),
+            ("algorithm.max_norm=big", r"algorithm.max_norm='big' must be of type float"),
+            ("algorithm.max_norm=0", r"\(ClippedBackprop\): max_norm=0.0 must be positive"),
+            ("algorithm.warmup=skip", r"takes no option 'warmup'")):
+        with pytest.raises(RecipeError, match=message):
+            resolve_algorithm(load_recipe("examples/example_recipe.yaml", [override]))
 
 
 # ---------------------------------------------------------------- duplicates
@@ -348,7 +389,7 @@ def test_the_zoo_is_a_plugin_on_the_public_api():
     # the zoo imports nothing private from frzoo (only the names a third-party plugin uses)
     public = {"register_architecture", "register_dataset", "register_algorithm",
               "register_split_presets", "ARCHITECTURES", "DATASETS", "ALGORITHMS",
-              "SPLIT_PRESETS", "FrzooError"}
+              "SPLIT_PRESETS", "FrzooError", "fr_split_points"}
     for path in (REPO / "registry").glob("*.py"):
         for line in path.read_text().splitlines():
             if line.startswith(("from frzoo ", "from frzoo.")):

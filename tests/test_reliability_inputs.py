@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from frzoo.build import build_job
+from frzoo.algorithms.options import declared_options
+from frzoo.build import build_job, resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import CHOICES, load_recipe
 from frzoo.data import build_data
 from frzoo.errors import RecipeError
+from frzoo.registry import ALGORITHMS
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer3]", "train.max_steps=2",
@@ -182,15 +185,41 @@ def test_every_invalid_value_is_rejected_by_validation(override):
     assert "\n" not in str(info.value)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["fr", "bp", "ddg"]), st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10),
+       st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8))
+def test_every_invalid_algorithm_option_is_rejected_before_the_build(name, key, value):
+    declared = declared_options(ALGORITHMS.get(name))
+    if key == "name" or (key in declared and value in typing.get_args(declared[key][0])):
+        key += "_x"  # `name` picks the algorithm; a valid choice is not a bad value
+    cfg = load_recipe(None, ["model.name=test_resnet", f"algorithm.name={name}",
+                             f"algorithm.{key}={value}"])
+    with pytest.raises(RecipeError) as info:
+        resolve_algorithm(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"no option '{key}'" in message or f"algorithm.{key}=" in message  # names the option
+
+
+@st.composite
+def algorithm_section(draw):
+    """`algorithm.name=...` and any subset of the options that algorithm declares, each set to
+    one of its choices (the class is the schema: frzoo.algorithms.options)."""
+    name = draw(st.sampled_from(["fr", "bp", "ddg"]))
+    out = [f"algorithm.name={name}"]
+    for option, (hint, _) in declared_options(ALGORITHMS.get(name)).items():
+        if draw(st.booleans()):
+            out.append(f"algorithm.{option}={draw(st.sampled_from(typing.get_args(hint)))}")
+    return out
+
+
 @st.composite
 def valid_recipe(draw):
     k = draw(st.sampled_from([None, "split.points=[layer3]", "split.points=[layer2,layer4]",
                               "split.k=2", "split.k=3", "split.parts=[[conv1,bn1,act1,maxpool,layer1],[layer2,layer3,layer4,global_pool,fc]]"]))
     return [o for o in [
         k,
-        f"algorithm.name={draw(st.sampled_from(['fr', 'bp', 'ddg']))}",
-        f"algorithm.warmup={draw(st.sampled_from(CHOICES['algorithm.warmup']))}",
-        f"algorithm.replay_bn={draw(st.sampled_from(CHOICES['algorithm.replay_bn']))}",
+        *draw(algorithm_section()),
         f"optimizer.name={draw(st.sampled_from(CHOICES['optimizer.name']))}",
         f"optimizer.schedule.name={draw(st.sampled_from(CHOICES['optimizer.schedule.name']))}",
         f"optimizer.lr={draw(st.floats(0, 10, allow_nan=False))!r}",
@@ -218,3 +247,22 @@ def test_every_valid_recipe_builds(overrides):
 def test_an_override_that_is_not_yaml_is_a_recipe_error():
     with pytest.raises(RecipeError):
         load_recipe(None, ["model.name=test_resnet", "data.batch_size={a:"])
+
+
+@pytest.mark.parametrize("override,says", [
+    ("model.kwargs.num_classes=3", "predicts 3 classes but data 'synthetic' has 10; set "
+                                   "model.kwargs.num_classes=10"),
+    ("model.kwargs.in_chans=1", "takes 1-channel images but data 'synthetic' has 3 channel(s); "
+                                "set model.kwargs.in_chans=3"),
+])
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path, capsys,
+                                                                       override, says):
+    line = one_line_error(capsys, "run", *TINY, override, f"run.out_dir={tmp_path / 'r'}")
+    assert says in line
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path, capsys):
+    line = one_line_error(capsys, "run", *TINY, "optimizer.lr=1e30", "train.max_steps=12",
+                          "train.checkpoint_every=0", f"run.out_dir={tmp_path / 'r'}")
+    assert "No checkpoint was written yet" in line and "last.pt" not in line

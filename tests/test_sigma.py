@@ -1,24 +1,34 @@
 """Sigma, the sufficient direction constant, measured per part against true backprop."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
-from test_engine import assert_same_weights, batches, make_executor, tiny_model
+import torch
+import torch.nn.functional as F
+from test_engine import CUTS, assert_same_weights, batches, make_executor, tiny_model
 
 from frzoo.algorithms.ddg import DecoupledBackprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.config import load_recipe
 from frzoo.errors import RecipeError
 from frzoo.run import train
+from frzoo.sigma import SigmaProbe
+
+
+def probed_step(ex, probe: SigmaProbe, x, y, t: int) -> None:
+    """One step as the training loop runs it with train.sigma_every set."""
+    probe.before_step(t, x, y)
+    ex.train_step((x, y), t)
 
 
 def sigmas(k: int, lr: float, cls=FeaturesReplay, dropout: float = 0.0):
     ex = make_executor(tiny_model(dropout), k, cls, lr=lr)
-    ex.measure_sigma(1)
+    probe = SigmaProbe(ex.algorithms, every=1)
     for t, (x, y) in enumerate(batches(8)):
-        ex.train_step((x, y), t)
-    return [ex.sigma.read(i) for i in range(k)]
+        probed_step(ex, probe, x, y, t)
+    return [probe.read(i) for i in range(k)]
 
 
 def test_one_part_gives_sigma_one_exactly():
@@ -40,13 +50,65 @@ def test_training_gives_last_part_one_and_others_positive():
     assert all(0 < v < 1 for v in values[:2])
 
 
+def conv_linear_weights(modules) -> list:
+    return [m.weight for m in modules if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def expected_sigma(model_at, x, y, ids, used) -> float:
+    """sigma of one part from scratch: plain backprop of the whole model (a deep copy, so nothing
+    is touched) on the part's sample, then <true, used> / ||true||^2 over its Conv/Linear weights."""
+    model = copy.deepcopy(model_at)
+    F.cross_entropy(model(x), y).backward()
+    true = [w.grad for w in conv_linear_weights(m for i in ids for m in model[i].modules())]
+    dot = sum(float((t.double() * u.double()).sum()) for t, u in zip(true, used))
+    return dot / sum(float((t.double() ** 2).sum()) for t in true)
+
+
+def test_sigma_is_measured_at_the_current_weights_on_the_part_s_own_sample():
+    """At iteration t, part k's update is compared with the true gradient at w^t (every part's
+    weights before iteration t updates anything) on sample t - staleness_k: recomputed here
+    with plain backprop on copies of the model taken at w^t. Copies at w^{t-1} (stale) and
+    w^{t+1} (after the update) give other values, which the probe must not match."""
+    k = 3
+    model = tiny_model()
+    ex = make_executor(model, k, FeaturesReplay, lr=0.05)
+    probe = SigmaProbe(ex.algorithms, every=1)
+    used: dict = {}  # part -> the gradient its optimizer applied, read as it steps
+    for i, algo in enumerate(ex.algorithms):
+        def step(i=i, algo=algo, inner=algo.optimizer.step):
+            used[i] = [w.grad.clone() for w in conv_linear_weights(algo.part.modules())]
+            return inner()
+        algo.optimizer.step = step
+    data = batches(6)
+    snapshots = [copy.deepcopy(model)]  # snapshots[t] = the model at w^t
+    measured = []  # per iteration: sigma per part (None before a part's first update)
+    for t, (x, y) in enumerate(data):
+        used.clear()
+        probed_step(ex, probe, x, y, t)
+        snapshots.append(copy.deepcopy(model))
+        measured.append(([probe.read(i) for i in range(k)], dict(used)))
+    checked = 0
+    for t in range(2, len(data) - 1):
+        sigmas_t, used_t = measured[t]
+        for i, ids in enumerate(CUTS[k]):
+            sample = t - ex.algorithms[i].staleness
+            x, y = data[sample]
+            at = {w: expected_sigma(snapshots[w], x, y, ids, used_t[i]) for w in (t - 1, t, t + 1)}
+            assert sigmas_t[i] == at[t], (t, i, sigmas_t[i], at)
+            if i < k - 1:  # the last part's sigma is 1 at w^t; other weights give other values
+                assert abs(at[t - 1] - at[t]) > 1e-6 and abs(at[t + 1] - at[t]) > 1e-6, (t, i)
+            checked += 1
+    assert checked == 3 * k
+    assert measured[0][0] == [None, None, 1.0]  # parts 1 and 2 are still warming up
+
+
 def test_the_probe_does_not_change_training():
     data = batches(6)
     probed, plain = tiny_model(), tiny_model()
     ex = make_executor(probed, 3, FeaturesReplay)
-    ex.measure_sigma(1)
+    probe = SigmaProbe(ex.algorithms, every=1)
     for t, (x, y) in enumerate(data):
-        ex.train_step((x, y), t)
+        probed_step(ex, probe, x, y, t)
     ex2 = make_executor(plain, 3, FeaturesReplay)
     for t, (x, y) in enumerate(data):
         ex2.train_step((x, y), t)

@@ -125,6 +125,8 @@ def test_local_grid_sweep_of_four_trials_interrupted_and_continued(tmp_path, cap
     ({"algorithm.name": {"values": ["fr", "fancy"]}}, "algorithm.name",
      "unknown algorithm 'fancy'"),
     ({"split.points": {"values": [["layer3"], ["layer9"]]}}, "split.points", "layer9"),
+    ({"algorithm.replay_bn": {"values": ["once", "thrice"]}}, "algorithm.replay_bn",
+     "algorithm.replay_bn='thrice' is not one of once, twice"),
     ({"optimizer.lr": {"min": -1.0, "max": 0.1}}, "optimizer.lr", "must be zero or more"),
 ])
 def test_bad_sweeps_fail_before_any_trial_naming_the_key(tmp_path, capsys, parameters, key, says):
@@ -134,6 +136,19 @@ def test_bad_sweeps_fail_before_any_trial_naming_the_key(tmp_path, capsys, param
     err = capsys.readouterr().err
     assert f"parameter '{key}'" in err and says in err, err
     assert not root.exists()  # no trial started, not even a sweep folder
+
+
+def test_algorithm_options_are_sweepable_and_checked_per_combination(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, {"algorithm.replay_bn": {"values": ["once", "twice"]},
+                                             "algorithm.warmup": {"values": ["skip", "zeros"]}}))
+    assert spec.parameters["algorithm.replay_bn"] == {"values": ["once", "twice"]}
+    # bp takes no replay_bn: the grid point (bp, twice) is refused before any trial
+    path = write_sweep(tmp_path, {"algorithm.name": {"values": ["fr", "bp"]},
+                                  "algorithm.replay_bn": {"values": ["twice"]}})
+    with pytest.raises(FrzooError, match=r"the combination \{\"algorithm.name\": \"bp\", "
+                                         r"\"algorithm.replay_bn\": \"twice\"\} is invalid: algorithm "
+                                         r"'bp' \(Backprop\) takes no option 'replay_bn'"):
+        load_sweep(path)
 
 
 def test_sweep_file_errors(tmp_path):

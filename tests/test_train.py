@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 
 from frzoo.cli import main
 from frzoo.config import load_recipe
@@ -76,6 +77,25 @@ def test_resume_with_another_recipe_says_what_differs(tmp_path):
         run(tmp_path / "r", "optimizer.lr=0.1", resume=True)
     with pytest.raises(FrzooError, match=r"partition"):
         run(tmp_path / "r", "split.points=[layer3]", resume=True)
+    # the run recorded its algorithm's options, defaults included: changing one is refused
+    assert yaml.safe_load((tmp_path / "r" / "recipe.yaml").read_text())["algorithm"] == \
+        {"name": "fr", "warmup": "skip", "replay_bn": "once"}
+    with pytest.raises(FrzooError, match=r"algorithm.replay_bn: 'once' in the checkpoint, 'twice' now"):
+        run(tmp_path / "r", "algorithm.replay_bn=twice", resume=True)
+
+
+def test_resume_accepts_a_checkpoint_holding_options_its_algorithm_never_took(tmp_path):
+    """Checkpoints from before algorithms declared their options hold fr's warmup/replay_bn
+    whatever the algorithm (the build dropped those it did not take): bp resumes them."""
+    run(tmp_path / "r", "algorithm.name=bp", "train.max_steps=2")
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["recipe"]["algorithm"] == {"name": "bp"}
+    state["recipe"]["algorithm"].update(warmup="skip", replay_bn="once")
+    torch.save(state, ckpt)
+    assert run(tmp_path / "r", "algorithm.name=bp", "train.max_steps=3", resume=True)["steps"] == 3
+    with pytest.raises(FrzooError, match=r"algorithm.name: 'bp' in the checkpoint, 'fr' now"):
+        run(tmp_path / "r", "train.max_steps=4", resume=True)
 
 
 def test_a_used_run_folder_is_not_overwritten(tmp_path):
@@ -120,6 +140,11 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
     code, _, err = cli("run", *TINY, "data.name=cifar10", f"data.root={tmp_path}/nodata",
                        f"run.out_dir={tmp_path}/e", capsys=capsys)
     assert code == 2 and "data.download" in err
+    code, _, err = cli("run", *TINY, "algorithm.name=ddg", "algorithm.replay_bn=twice",
+                       f"run.out_dir={tmp_path}/f", capsys=capsys)
+    assert code == 2 and "algorithm 'ddg' (DecoupledBackprop) takes no option 'replay_bn'; its " \
+                         "options: warmup" in err
+    assert not (tmp_path / "f" / "checkpoints").exists()  # refused before training
     assert "Traceback" not in err
 
 

@@ -126,6 +126,22 @@ def test_split_rule_matches_authors_ceil_rule():
         fr_split_points(["a", "b"], 3)
 
 
+def test_split_k_and_the_zoo_presets_use_one_rule():
+    # one implementation: the zoo's presets and `split.k` (models without presets) both use it
+    import frzoo.split
+    from frzoo_registry import split_rule
+    assert split_rule.fr_split_points is frzoo.split.fr_split_points
+    assert SPLIT_PRESETS.get("cifar_resnet20")[4] == ["layer2.0", "layer2.2", "layer3.1"]
+    # 9 blocks, K=4: ceil(9/4) = 3 fills only 3 parts, so 3, 2, 2, 2 blocks: cut before 3, 5, 7
+    model = nn.Sequential()
+    model.add_module("stem", nn.Linear(2, 2))
+    for stage in (1, 2, 3):
+        model.add_module(f"layer{stage}", nn.Sequential(*[nn.Linear(2, 2) for _ in range(3)]))
+    model.add_module("fc", nn.Linear(2, 2))
+    assert frzoo.split.points_for_k(model, 4) == ["layer2.0", "layer2.2", "layer3.1"]
+    assert frzoo.split.points_for_k(model, 4) == fr_split_points(stage_block_names([3, 3, 3]), 4)
+
+
 def test_option_a_shortcut_and_head_dropout():
     model = timm.create_model("cifar_resnet20", drop_rate=0.2)
     assert isinstance(model.layer2[0].downsample, ShortcutA)

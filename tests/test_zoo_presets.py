@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from frzoo.partition import build_parts, check_equivalence, partition_from_points
+from frzoo.split import check_equivalence, resolve
 from frzoo.registry import SPLIT_PRESETS
 from frzoo_registry.timm_presets import PRESETS, compute
 
@@ -16,6 +16,6 @@ def test_preset_is_registered_exact_and_current(arch):
     assert compute(arch) == PRESETS[arch]  # regenerate with python -m frzoo_registry.timm_presets
     model = timm.create_model(arch, num_classes=10)
     for k, points in PRESETS[arch].items():
-        parts = build_parts(model, partition_from_points(model, points))
+        parts = resolve(model, points=points, build=True).parts
         assert len(parts) == k
         assert check_equivalence(model, parts, torch.randn(2, 3, 64, 64)).exact

@@ -18,7 +18,9 @@ That single rule gives Features Replay its one-iteration delay (part k+1's delta
 used by part k at t+1) and plain backprop its zero delay (used in the same iteration), because
 the executors run backward from the last part to the first.
 
-Algorithms know nothing of configs, processes, devices of other parts or logging.
+Algorithms know nothing of configs, processes, devices of other parts or logging. What a recipe
+may set for an algorithm (the `algorithm:` section besides `name`) the class declares itself, as
+its ``Options`` dataclass (see frzoo.algorithms.options).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..memory import MemoryMeter, static_bytes
+from .options import parse_options
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: What backward() receives from the next part: the delta, none, or a function returning it
@@ -143,9 +146,14 @@ class PartAlgorithm:
     #: True when part k needs part k+1's delta of the SAME iteration (plain backprop).
     synchronous: bool = False
 
+    @dataclass(frozen=True)
+    class Options:
+        """The recipe options this algorithm takes besides `name`: none. A subclass that takes
+        some declares its own frozen dataclass named Options (frzoo.algorithms.options)."""
+
     def __init__(self, part: nn.Module, optimizer: torch.optim.Optimizer, *, index: int,
                  num_parts: int, device: torch.device, loss_fn: LossFn, seed: int = 0,
-                 **options: Any) -> None:
+                 options: Optional[Any] = None, **given: Any) -> None:
         self.part = part
         self.optimizer = optimizer
         self.index = index  # 0-based: part k of the paper is index k-1
@@ -155,8 +163,11 @@ class PartAlgorithm:
         self.seed = seed
         self.is_first = index == 0
         self.is_last = index == num_parts - 1
-        if options:
-            raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
+        # The builder parses the recipe's options once for all parts and passes them here; a
+        # test or tool that builds the class directly gives them as keywords, checked the same way.
+        if options is not None and given:
+            raise TypeError(f"{type(self).__name__}: give options= or keyword options, not both")
+        self.options = options if options is not None else parse_options(type(self), given)
         # Seconds spent in each phase since the executor last read them (see PHASES).
         self.timer = PhaseTimer(device)
         self.memory: Optional[MemoryMeter] = None  # see measure_memory()
@@ -210,6 +221,20 @@ class PartAlgorithm:
     def history_of(cls, index: int, num_parts: int) -> int:
         """How many inputs part `index` keeps at most (its history length)."""
         return 0
+
+    @classmethod
+    def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
+        """Work of part `index` per iteration, given the cost of one forward and of one backward
+        (with the update) of its modules: what `split.auto` balances. Here one of each."""
+        return forward + backward
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """Bytes part `index` keeps alive, given its parameter and optimizer bytes (`weights`),
+        what autograd saves for one backward (`saved`) and the bytes of one input: here one
+        graph at a time."""
+        return weights + saved
 
     @property
     def staleness(self) -> int:

@@ -14,7 +14,8 @@ forward). The copies cost K-k parameter sets per part, small beside the stored a
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Literal, Optional, Tuple
 
 from torch import Tensor
 from torch.func import functional_call
@@ -30,11 +31,13 @@ Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, outpu
 class DecoupledBackprop(PartAlgorithm):
     """One part under DDG. Options: warmup ('skip' or 'zeros'), as for Features Replay."""
 
-    def __init__(self, *args: Any, warmup: str = "skip", **kwargs: Any) -> None:
+    @dataclass(frozen=True)
+    class Options(PartAlgorithm.Options):
+        warmup: Literal["skip", "zeros"] = "skip"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if warmup not in ("skip", "zeros"):
-            raise ValueError(f"bad option warmup={warmup!r}")
-        self.warmup = warmup
+        self.warmup = self.options.warmup
         self.delay = self.num_parts - 1 - self.index
         self.graphs: Deque[Graph] = deque()
 
@@ -45,6 +48,13 @@ class DecoupledBackprop(PartAlgorithm):
     @classmethod
     def history_of(cls, index: int, num_parts: int) -> int:
         return num_parts - index if index < num_parts - 1 else 0  # graphs kept, K - k + 1
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """K - k + 1 graphs and K - k more inputs (the time cost is backprop's: F + B)."""
+        extra = cls.staleness_of(index, num_parts)
+        return weights + saved * (extra + 1) + extra * input_bytes
 
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:

@@ -7,13 +7,14 @@ Part k of K (paper numbering) at iteration t:
           replayed input (taken at w^t, before the update) goes to part k-1 for iteration t+1;
   update  w^{t+1}_k = w^t_k - lr * g^t_k.
 The last part (k = K, staleness 0) is ordinary backprop of the loss on the current sample.
-See shared/docs/ALGORITHM.md for the index check and the authors' unstated details.
+See docs/algorithm.md ("The index check", "Details the paper leaves out").
 """
 from __future__ import annotations
 
 from collections import deque
 from contextlib import nullcontext
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from .base import Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats
 class FeaturesReplay(PartAlgorithm):
     """One part under Features Replay.
 
-    Options:
+    Options (the recipe's algorithm.warmup / algorithm.replay_bn):
       warmup: 'skip'  (authors' code) the part makes no update while no stale sample exists,
                       i.e. for its first K-k iterations;
               'zeros' (paper) those iterations replay a zero input with a zero delta: the loss
@@ -37,13 +38,15 @@ class FeaturesReplay(PartAlgorithm):
                  'twice' by the play and the replay (authors' code).
     """
 
-    def __init__(self, *args: Any, warmup: str = "skip", replay_bn: str = "once",
-                 **kwargs: Any) -> None:
+    @dataclass(frozen=True)
+    class Options(PartAlgorithm.Options):
+        warmup: Literal["skip", "zeros"] = "skip"
+        replay_bn: Literal["once", "twice"] = "once"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if warmup not in ("skip", "zeros") or replay_bn not in ("once", "twice"):
-            raise ValueError(f"bad option warmup={warmup!r} replay_bn={replay_bn!r}")
-        self.warmup = warmup
-        self.replay_bn = replay_bn
+        self.warmup = self.options.warmup
+        self.replay_bn = self.options.replay_bn
         self.delay = self.num_parts - 1 - self.index  # K - k: how stale this part's gradient is
         self.history: Deque[Tuple[int, Tensor]] = deque()  # (iteration, input), oldest first
 
@@ -54,6 +57,19 @@ class FeaturesReplay(PartAlgorithm):
     @classmethod
     def history_of(cls, index: int, num_parts: int) -> int:
         return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
+
+    @classmethod
+    def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
+        """Play, replay and backward (2F + B); the last part F + B."""
+        if index < num_parts - 1:
+            return 2 * forward + backward
+        return forward + backward
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float:
+        """One graph (the replay's) and K - k more inputs (the history)."""
+        return weights + saved + cls.staleness_of(index, num_parts) * input_bytes
 
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:

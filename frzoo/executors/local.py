@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from ..algorithms.base import ForwardResult, PartAlgorithm
-from ..sigma import SigmaProbe
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state)
 
@@ -33,11 +32,6 @@ class LocalExecutor(Executor):
         self.algorithms = list(algorithms)
         self.mailboxes: List[Deque[Tensor]] = [deque() for _ in self.algorithms]
         self.clocks = [PhaseClock() for _ in self.algorithms]
-        self.sigma: Optional[SigmaProbe] = None
-
-    def measure_sigma(self, every: int) -> None:
-        """Compare, every `every` steps, each part's update with the true gradient (frzoo.sigma)."""
-        self.sigma = SigmaProbe(self.algorithms, every)
 
     @property
     def num_parts(self) -> int:
@@ -66,13 +60,6 @@ class LocalExecutor(Executor):
             target = y.to(algo.device) if algo.is_last else None
             result = algo.forward(h.to(algo.device), target, step)
             h = result.output  # type: ignore[assignment]
-        probing = self.sigma is not None and self.sigma.active(step)
-        if self.sigma is not None:
-            self.sigma.remember(step, x, y)
-            if probing:  # true gradients at w^t, before any part of this iteration updates
-                self.sigma.compute_true_gradients(step)
-        for k, algo in enumerate(self.algorithms):
-            algo.before_update = (lambda a, k=k: self.sigma.compare(k, a)) if probing else None  # type: ignore[union-attr]
         for k in reversed(range(self.num_parts)):
             algo = self.algorithms[k]
             delta = self.mailboxes[k].popleft() if algo.expects_delta(step) else None
@@ -99,13 +86,7 @@ class LocalExecutor(Executor):
         return totals.result()
 
     def timing_window(self) -> List[Dict[str, float]]:
-        rows = [clock.read(algo) for clock, algo in zip(self.clocks, self.algorithms)]
-        if self.sigma is not None:
-            for k, row in enumerate(rows):
-                value = self.sigma.read(k)
-                if value is not None:
-                    row["sigma"] = value
-        return rows
+        return [clock.read(algo) for clock, algo in zip(self.clocks, self.algorithms)]
 
     # -- checkpointing: the parts, and what is in flight between them
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Split a model whose forward is not a plain chain of its children, by tracing it with torch.fx.
 
-The chain split (frzoo.partition) needs the root's forward to be ``for m in children: x = m(x)``.
+The chain split (frzoo.split.chain) needs the root's forward to be ``for m in children: x = m(x)``.
 Most timm models are not quite that: a ViT concatenates its class token and adds a position
 embedding that the root owns, a Mixer averages tokens between its last norm and its head, a Swin
 or ConvNeXt stage is not an ``nn.Sequential``. Here the forward is traced into a graph of
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import math
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -39,9 +38,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .errors import FrzooError
-from .partition import FX_PREFIX, Partition
-from .registry import suggest
+from ..errors import FrzooError
+from ..registry import suggest
+from .costs import counting_flops
+from .plan import Partition, SplitPart, check_disjoint, list_valid
+
 _MODES = (True, False)  # training, eval: the model is traced in both
 
 
@@ -291,11 +292,7 @@ def _near_text(mg: ModeGraph, i: Optional[int], name: Optional[str], width: int 
 
 
 def _list_valid(mg: ModeGraph) -> str:
-    valid = [names[0] for _, names in mg.valid_points]
-    if len(valid) <= 60:
-        return f"Valid points: {', '.join(valid)}."
-    return (f"Valid points ({len(valid)}): {', '.join(valid[:25])}, ..., "
-            f"{', '.join(valid[-10:])}; `frzoo plan RECIPE --candidates` lists them all.")
+    return list_valid([names[0] for _, names in mg.valid_points], "--candidates")
 
 
 def _open_chain(model: nn.Module, points: Sequence[str]) -> List[str]:
@@ -356,7 +353,7 @@ def _same_part(model: nn.Module, path: str, entry: str, k: int, entry_part: Dict
 
 
 # ---------------------------------------------------------------- building parts
-class FxPart(nn.Module):
+class FxPart(SplitPart):
     """A part cut out of the traced forward: one tensor in, one tensor out.
 
     ``self.fx`` holds the model's own module objects (and root-owned tensors) at their original
@@ -364,6 +361,8 @@ class FxPart(nn.Module):
     traced in the mode of its first module, like a chain Part, whose behaviour is its modules':
     ``part.train()``/``part.eval()`` and ``model.train()``/``model.eval()`` both switch it.
     """
+
+    KEY_PREFIX = "fx."  # the holder's attribute name, so every state_dict key starts with it
 
     def __init__(self, names: Sequence[str], holder: nn.Module,
                  graphs: Dict[bool, fx.Graph]) -> None:
@@ -379,9 +378,15 @@ class FxPart(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._forwards[self._mode_of.training](self.fx, x)
 
-    def original_state_dict(self) -> Dict[str, Tensor]:
-        """This part's state in the whole model's parameter names."""
-        return {key[len(FX_PREFIX):]: value for key, value in self.state_dict().items()}
+    @classmethod
+    def owns_key(cls, key: str) -> bool:
+        """Whether `key` is of the form an FxPart's state_dict uses."""
+        return key.startswith(cls.KEY_PREFIX)
+
+    @classmethod
+    def original_key(cls, names: Sequence[str], key: str) -> str:
+        """`fx.{name}` of an FxPart's state_dict -> `{name}` of the whole model."""
+        return key[len(cls.KEY_PREFIX):]
 
     def code(self, training: Optional[bool] = None) -> str:
         """The Python code of the part's forward (in its current mode by default)."""
@@ -431,7 +436,7 @@ def build_fx_parts(model: nn.Module, partition: Partition) -> List[FxPart]:
         holder = _holder(model, names, own)
         parts.append(FxPart(names, holder, {m: _protect_input(g, holder)
                                             for m, g in graphs[k].items()}))
-    _check_disjoint(parts)
+    check_disjoint(parts)
     return parts
 
 
@@ -515,16 +520,6 @@ def _level(holder: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _check_disjoint(parts: Sequence[FxPart]) -> None:
-    seen: Dict[int, int] = {}
-    for k, part in enumerate(parts):
-        for t in part.parameters():
-            if seen.setdefault(id(t), k) != k:
-                raise FrzooError(f"a parameter is shared between part {seen[id(t)] + 1} and part "
-                                 f"{k + 1} (tied weights); move the cut so both users are in "
-                                 f"one part.")
-
-
 # ---------------------------------------------------------------- candidates
 @dataclass
 class Block:
@@ -582,66 +577,28 @@ def _attr(model: nn.Module, target: str) -> Any:
     return getattr(model.get_submodule(owner), attr)
 
 
-_MATMULS = {torch.matmul, torch.bmm, torch.mm, operator.matmul, torch.einsum}
-
-
 def _run_profile(model: nn.Module, mg: ModeGraph, sample: Tensor
                  ) -> Tuple[Dict[fx.Node, int], Dict[fx.Node, Tuple[Tuple[int, ...], int]]]:
-    """FLOPs of every node (conv/linear modules counted by hooks, matrix products and attention
-    by their shapes) and the shape and size of every tensor value, from one eval forward."""
+    """FLOPs of every node (frzoo.split.costs.counting_flops, inside modules and in the traced
+    code alike) and the shape and size of every tensor value, from one eval forward."""
     flops: Dict[fx.Node, int] = {}
     shapes: Dict[fx.Node, Tuple[Tuple[int, ...], int]] = {}
-    current = [0]
-
-    def conv_or_linear(module: nn.Module, _args: Any, out: Any) -> None:
-        if not isinstance(out, Tensor):
-            return
-        if isinstance(module, nn.Linear):
-            current[0] += 2 * out.numel() * module.in_features
-        else:
-            per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
-            current[0] += 2 * out.numel() * per_output
 
     class Profiler(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
-            current[0] = 0
-            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            before = flops_so_far()
             out = super().run_node(node)
-            flops[node] = current[0] + _functional_flops(node, args, kwargs, out)
+            flops[node] = flops_so_far() - before
             if isinstance(out, Tensor):
                 shapes[node] = (tuple(out.shape), out.numel() * out.element_size())
             return out
 
-    hooks = [m.register_forward_hook(conv_or_linear) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counting_flops() as flops_so_far:
             Profiler(fx.GraphModule(model, mg.graph)).run(sample, *mg.constants.values())
     finally:
-        for h in hooks:
-            h.remove()
         for m, flag in modes.items():
             m.training = flag
     return flops, shapes
-
-
-def _functional_flops(node: fx.Node, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> int:
-    if not isinstance(out, Tensor):
-        return 0
-    target = node.target
-    if node.op == "call_method" and target in ("matmul", "bmm", "mm"):
-        target = torch.matmul
-    if target in _MATMULS and target is not torch.einsum and len(args) >= 2 \
-            and isinstance(args[0], Tensor):
-        return 2 * out.numel() * args[0].shape[-1]
-    if target is torch.nn.functional.linear and isinstance(args[1], Tensor):
-        return 2 * out.numel() * args[1].shape[-1]
-    if target in (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
-                  torch.nn.functional.conv3d, torch.conv2d) and isinstance(args[1], Tensor):
-        return 2 * out.numel() * math.prod(args[1].shape[1:])
-    if target is torch.nn.functional.scaled_dot_product_attention:
-        q, k = args[0], args[1]
-        return 2 * q.numel() * k.shape[-2] + 2 * out.numel() * k.shape[-2]
-    return 0

@@ -1,0 +1,27 @@
+"""Split a model into K parts that compute exactly what the whole model computes.
+
+A split is given as module lists, split points or a number of parts (a registered preset, the
+authors' rule, or `split.auto`), and resolved into the canonical :class:`Partition` (module names
+per part) and parts (:class:`SplitPart`) by :func:`resolve`, the one place that chooses between
+cutting the chain of children and cutting the traced forward. Modules:
+
+* ``plan``: the partition, what every part offers, checks both ways of cutting share;
+* ``chain``: cutting where the forward is a chain of children;
+* ``fx``: cutting the torch.fx trace of any other forward; the split candidates;
+* ``check``: the bit-for-bit comparison with the whole model;
+* ``rule``: the Features Replay authors' ceil(n/K) rule (`split.k`, the zoo's presets);
+* ``costs``: FLOPs (torch's FlopCounterMode), seconds and bytes of pieces of a model;
+* ``balance``: `split.auto`, the exact balancing under an algorithm's cost model;
+* ``resolve``: :func:`resolve`.
+"""
+from .balance import balanced_points
+from .chain import all_cut_points
+from .check import EquivalenceReport, check_equivalence
+from .fx import profile_blocks
+from .plan import WHOLE_MODEL, Partition, SplitPart
+from .resolve import Split, original_key, resolve
+from .rule import fr_split_points, points_for_k
+
+__all__ = ["WHOLE_MODEL", "EquivalenceReport", "Partition", "Split", "SplitPart",
+           "all_cut_points", "balanced_points", "check_equivalence", "fr_split_points",
+           "original_key", "points_for_k", "profile_blocks", "resolve"]

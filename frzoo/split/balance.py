@@ -1,0 +1,121 @@
+"""Choose split points that balance the parts (`split.auto`).
+
+Cost of a part depends on the algorithm, and the algorithm class says what it is
+(``part_cost`` and ``memory_cost``, frzoo.algorithms.base): under Features Replay every part but
+the last runs its forward twice (play and replay) and its backward once, the last part once each;
+so a balanced split gives the last part more blocks (shared/docs/ALGORITHM.md, "Ideal speed").
+The backward / forward ratio varies a lot between blocks (about 1.4 for CIFAR ResNet-56 blocks
+at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and backward
+separately, per block. The best contiguous split for a cost is found exactly by dynamic
+programming.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Protocol, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import FrzooError
+from .chain import block_list
+from .costs import measure_units, unit_flops, unit_memory
+
+
+class AlgorithmCosts(Protocol):
+    """What balancing asks of an algorithm class (frzoo.algorithms.base.PartAlgorithm)."""
+
+    @classmethod
+    def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float: ...
+
+    @classmethod
+    def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
+                    input_bytes: float) -> float: ...
+
+
+def units_of(model: nn.Module) -> List[List[str]]:
+    """The cuttable units: the stem joins the first block, the head joins the last."""
+    stem, blocks, head = block_list(model)
+    if not blocks:
+        return [stem + head]
+    units = [[b] for b in blocks]
+    units[0] = stem + units[0]
+    units[-1] = units[-1] + head
+    return units
+
+
+def part_cost(costs: Sequence[Tuple[float, float]], index: int, num_parts: int,
+              algorithm: AlgorithmCosts) -> float:
+    """Work of part `index` per iteration from its units' (forward, backward + update) costs,
+    as `algorithm` spends them."""
+    forward = sum(f for f, _ in costs)
+    backward = sum(b for _, b in costs)
+    return algorithm.part_cost(index, num_parts, forward, backward)
+
+
+def memory_cost(rows: Sequence[Tuple[float, float, float]], index: int, num_parts: int,
+                algorithm: AlgorithmCosts) -> float:
+    """Bytes part `index` keeps alive, from its units' (saved, input, parameter) bytes: the
+    parameters and a momentum buffer each, its activations, and what `algorithm` holds more."""
+    return algorithm.memory_cost(index, num_parts, weights=2 * sum(r[2] for r in rows),
+                                 saved=sum(r[0] for r in rows), input_bytes=rows[0][1])
+
+
+def best_cuts(n: int, k: int, cost: Callable[[int, int, int], float]) -> List[int]:
+    """Indices (into units) where parts 2..K start, minimising the largest part cost exactly.
+
+    `cost(a, b, index)` is the cost of units[a:b] as part `index` (0-based; the cost may depend
+    on the position, e.g. the history a part keeps)."""
+    if n < k:
+        raise FrzooError(f"cannot balance {n} blocks into K={k} parts; use K <= {n}.")
+    inf = float("inf")
+    # best[j][i]: the smallest possible largest cost of units[:i] split into the first j parts
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    back = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            if j == k and i != n:
+                continue
+            for s in range(j - 1, i):
+                value = max(best[j - 1][s], cost(s, i, j - 1))
+                if value < best[j][i]:
+                    best[j][i], back[j][i] = value, s
+    cuts, i = [], n
+    for j in range(k, 0, -1):
+        i = back[j][i]
+        cuts.append(i)
+    return sorted(cuts)[1:]
+
+
+def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
+                    sample: torch.Tensor) -> Tuple[List[str], List[float]]:
+    """Split points for K parts balanced by `by` (time, flops, params or memory) under
+    `algorithm` (its class, e.g. ``ALGORITHMS.get("fr")``), and each part's cost in that measure
+    (seconds, FLOPs per sample, parameters, bytes)."""
+    units = units_of(model)
+    if by in ("time", "flops"):
+        if by == "time":
+            costs = measure_units(model, units, sample)
+        else:  # a backward costs about two forwards
+            costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return part_cost(costs[a:b], index, k, algorithm)
+    elif by == "params":
+        counts = [float(sum(p.numel() for n in unit for p in model.get_submodule(n).parameters()))
+                  for unit in units]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return sum(counts[a:b])
+    elif by == "memory":
+        rows = unit_memory(model, units, sample)
+
+        def cost(a: int, b: int, index: int) -> float:
+            return memory_cost(rows[a:b], index, k, algorithm)
+    else:
+        raise FrzooError(f"split.auto={by!r} is not one of time, flops, params, memory.")
+
+    cuts = best_cuts(len(units), k, cost)
+    bounds = [0, *cuts, len(units)]
+    shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [units[c][0] for c in cuts], shares

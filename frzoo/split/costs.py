@@ -1,0 +1,136 @@
+"""What a stretch of a model costs: FLOPs, seconds and bytes, measured on a sample.
+
+FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode``: 2 per
+multiply-add of convolutions, linear layers, matrix products and scaled-dot-product attention,
+whether they run inside modules or as functional code; norms, activations and element-wise
+operations count 0. The split candidates (`frzoo plan --candidates`) and `split.auto=flops` both
+use :func:`counting_flops`, so they agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..memory import MemoryMeter
+
+
+def _attention_flops(query_shape: Sequence[int], key_shape: Sequence[int],
+                     value_shape: Sequence[int], *args: Any, out_shape: Any = None,
+                     **kwargs: Any) -> int:
+    """q @ k^T and attention @ v, 2 FLOPs per multiply-add: the formula torch uses for its CUDA
+    attention kernels, for the kernels its table lacks (the CPU one)."""
+    *batch, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * queries * keys * (dim + value_dim)
+
+
+_MISSING_FORMULAS: Dict[Any, Callable[..., int]] = {
+    getattr(torch.ops.aten, op): _attention_flops
+    for op in ("_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_fused_attention_overrideable")
+    if hasattr(torch.ops.aten, op)}
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[Callable[[], int]]:
+    """Count the FLOPs of everything that runs inside the block; yields a function that returns
+    the count so far (read it before and after a piece of work to get that work's FLOPs)."""
+    with FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS) as counter:
+        yield counter.get_total_flops
+
+
+def unit_flops(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor) -> List[float]:
+    """Forward FLOPs per sample of each unit (module names run in order), see :func:`counting_flops`."""
+    out: List[float] = []
+    h = sample
+    was_training = model.training
+    model.eval()  # the count does not depend on the mode; eval accepts a batch of one
+    try:
+        with torch.no_grad(), counting_flops() as flops_so_far:
+            for unit in units:
+                before = flops_so_far()
+                for name in unit:
+                    h = model.get_submodule(name)(h)
+                out.append((flops_so_far() - before) / sample.shape[0])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor,
+                  repeats: int = 3) -> List[Tuple[float, float]]:
+    """Median (forward, backward + optimizer step) seconds of each unit on `sample`, in train
+    mode, in order. The update is measured too: a part holding most of the parameters (resnet18's
+    layer4) spends tens of ms in it per iteration."""
+    modules = [[model.get_submodule(n) for n in unit] for unit in units]
+    was_training = model.training
+    model.train()
+    out: List[Tuple[float, float]] = []
+    h = sample
+    try:
+        for unit in modules:
+            fwd, bwd = [], []
+            for _ in range(repeats + 1):  # the first run warms up allocators and kernels
+                x = h.detach().requires_grad_(True)
+                y = x.clone()  # a non-leaf, so an in-place first module (ReLU) is allowed
+                start = time.perf_counter()
+                for m in unit:
+                    y = m(y)
+                mid = time.perf_counter()
+                y.backward(torch.ones_like(y))
+                end = time.perf_counter()
+                fwd.append(mid - start)
+                bwd.append(end - mid)
+            params = [p for m in unit for p in m.parameters() if p.grad is not None]
+            step = statistics.median(_optimizer_seconds(params)) if params else 0.0
+            # the update runs once per iteration in every part, like the backward: count it there
+            out.append((statistics.median(fwd[1:]), statistics.median(bwd[1:]) + step))
+            with torch.no_grad():
+                for m in unit:
+                    h = m(h)
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _optimizer_seconds(params: List[nn.Parameter], repeats: int = 3) -> List[float]:
+    """Seconds of an SGD step (momentum, Nesterov, weight decay) over `params`, on copies."""
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.detach().clone()
+    opt = torch.optim.SGD(copies, lr=0.0, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt.step()  # creates the momentum buffers, as in steady state
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def unit_memory(model: nn.Module, units: Sequence[Sequence[str]],
+                sample: torch.Tensor) -> List[Tuple[float, float, float]]:
+    """Per unit: (bytes autograd saves for its backward, bytes of its input, parameter bytes)."""
+    out = []
+    h = sample
+    for unit in units:
+        modules = nn.ModuleList([model.get_submodule(n) for n in unit])
+        meter = MemoryMeter(modules, lambda: [])
+        x = h.detach().requires_grad_(True)
+        with meter.recording():
+            y = x.clone()
+            for m in modules:
+                y = m(y)
+        params = float(sum(p.numel() * p.element_size() for p in modules.parameters()))
+        out.append((float(meter.peak), float(h.numel() * h.element_size()), params))
+        h = y.detach()
+        del y
+    return out
