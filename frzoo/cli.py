@@ -72,11 +72,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from .build import build_job, resolve_algorithm
     from .data import build_data
+    from .run import executor_line
     from .split import all_cut_points
     # resolve_algorithm loads the recipe's plugins first: one may register the data set
     cfg = resolve_algorithm(_load(args.args)[1])
     print("# resolved recipe")
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    print(f"# {executor_line(cfg)[1]}\n")
     data = build_data(cfg.data, cfg.train.seed)
     if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
         _print_candidates(cfg, data.info)

@@ -105,7 +105,8 @@ class TrainConfig:
     # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).
     measure_memory: bool = False
     # Every N steps, compare each part's update with the true gradient on the same sample
-    # (sigma, logged as partK/sigma over each log interval). 0 = off. Local executor only.
+    # (sigma, logged as partK/sigma over each log interval). 0 = off. Every part in one process:
+    # executor auto then chooses local.
     sigma_every: int = 0
     progress: bool = True
 
@@ -131,7 +132,8 @@ class LoggingConfig:
 
 @dataclass
 class DistributedConfig:
-    """`executor: distributed`: one process per part on torch.distributed."""
+    """One process per part on torch.distributed (`executor: distributed`, or `auto` with the
+    parts on several devices)."""
     backend: str = "auto"  # auto: nccl when every part is on CUDA, else gloo
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port (single node); torchrun sets its own
@@ -153,7 +155,9 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    executor: str = "local"  # local: all parts in this process; distributed: one process per part
+    # auto: one process per part when the parts sit on two or more devices, else one process
+    # (frzoo.run.choose_executor); local: all parts in this process; distributed: one per part
+    executor: str = "auto"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: List[str] = field(default_factory=list)
 
@@ -163,7 +167,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "optimizer.schedule.name": ("constant", "multistep", "cosine"),
     "data.augment": ("standard", "crop", "none"),
     "logging.mode": ("auto", "online", "offline", "disabled"),
-    "executor": ("local", "distributed"),
+    "executor": ("auto", "local", "distributed"),
     "distributed.backend": ("auto", "gloo", "nccl"),
 }
 
@@ -291,9 +295,9 @@ def validate(cfg: DictConfig) -> None:
     positive("optimizer.lr", allow_zero=True)
     positive("distributed.timeout_s")
     positive("train.sigma_every", allow_zero=True)
-    if cfg.train.sigma_every and cfg.executor != "local":
+    if cfg.train.sigma_every and cfg.executor == "distributed":  # auto resolves to local then
         raise RecipeError("train.sigma_every needs the whole model in one process: use "
-                          "executor=local for sigma measurements.")
+                          "executor=local (or auto) for sigma measurements.")
     positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)

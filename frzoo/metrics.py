@@ -11,8 +11,12 @@ in the executors' own keys (``forward``, ``wait``, ``params_bytes`` ...), which 
 from __future__ import annotations
 
 import difflib
+import math
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
 
 KIND = "kind"  # "train" or "eval": what a record is; the rest of a record is its metrics
 TRAIN, EVAL = "train", "eval"
@@ -83,20 +87,34 @@ class RunClock:
 
 
 class Window:
-    """Running sums between two train records."""
+    """Running sums between two train records. Each step's loss and count of correct
+    predictions stay on the device until :meth:`read` (reading them each step would make the
+    host wait for the device each step)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.loss = self.correct = self.count = self.seconds = self.steps = 0.0
+        self.pending: List[Tuple[int, Tensor]] = []  # (step, [loss, correct]) on the device
 
-    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
-        self.loss += loss
-        self.correct += correct
-        self.count += count
-        self.seconds += seconds
+    def add(self, step: int, loss: Tensor, logits: Tensor, target: Tensor) -> None:
+        correct = (logits.argmax(1) == target).sum()
+        self.pending.append((step, torch.stack([loss.float(), correct.float()])))
+        self.count += len(target)
         self.steps += 1
+
+    def read(self) -> Optional[Tuple[int, float]]:
+        """Add the pending values (one wait for the device); the first (step, non-finite loss)."""
+        values = torch.stack([v for _, v in self.pending]).tolist() if self.pending else []
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for step, (loss, correct) in zip(steps, values):
+            if not math.isfinite(loss):
+                return step, loss
+            self.loss += loss
+            self.correct += correct
+        return None
 
     def record(self, timings: Optional[List[Dict[str, float]]], *, epoch: float, lr: float,
                lr_scales: Sequence[float], clock: RunClock) -> Dict[str, Any]:

@@ -3,6 +3,7 @@
 `frzoo run`, `frzoo eval`, every process of a distributed job (spawned by frzoo or started by
 torchrun) and the benchmarks assemble a run through these functions, in this order:
 
+    choose_executor `executor: auto` resolved: one process, or one process per part
     resolve_split   split.auto measured once (a resumed run keeps the points it chose)
     build           plugins -> data -> model cut into parts -> the executor that runs them
     train           the run folder and its lock, then the training loop (frzoo.trainer), here
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +43,61 @@ class Assembly:
     job: Job
     executor: Executor
     probe: Optional[SigmaProbe] = None  # train.sigma_every: a hook of the training loop
+
+
+def choose_executor(cfg: DictConfig) -> Tuple[str, str]:
+    """`local` or `distributed`, and why: the one place `executor: auto` is resolved.
+
+    auto runs one process per part when the parts sit on two or more distinct devices (each
+    device then works on its own part at the same time), and every part in one process when
+    they share one (all on cpu, all on cuda:0, or devices unset): processes on one device would
+    only take turns, and pay for the transfers. Under torchrun each process is one part.
+    """
+    k = num_parts_requested(cfg) or 1
+    parts = f"{k} part{'s' if k != 1 else ''}"
+    if under_torchrun():
+        return "distributed", f"started by torchrun: one process per part ({parts})"
+    if cfg.executor != "auto":
+        return cfg.executor, f"as the recipe sets ({parts})"
+    devices: List[str] = []
+    for name in cfg.devices or ["cpu"]:
+        if _device_name(name) not in devices:
+            devices.append(_device_name(name))
+    if len(devices) < 2 or k < 2:
+        return "local", f"{parts}, all on {devices[0]}: one process"
+    where = f"{parts} on {len(devices)} devices ({_span(devices)})"
+    if cfg.train.sigma_every:
+        return "local", f"{where}, in one process: train.sigma_every needs every part there"
+    return "distributed", where
+
+
+def _device_name(name: str) -> str:
+    """`cuda` is `cuda:0` and `cpu:0` is `cpu`; a name torch does not know is kept as written
+    (building the parts names the error)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return name
+    if device.type == "cpu":
+        return "cpu"
+    return f"{device.type}:{device.index or 0}"
+
+
+def _span(devices: List[str]) -> str:
+    """`cuda:0..3` for consecutive GPUs, else the list."""
+    indices = [int(d[5:]) for d in devices if d.startswith("cuda:") and d[5:].isdigit()]
+    if len(devices) > 2 and len(indices) == len(devices) \
+            and indices == list(range(indices[0], indices[0] + len(indices))):
+        return f"cuda:{indices[0]}..{indices[-1]}"
+    return ", ".join(devices)
+
+
+def executor_line(cfg: DictConfig) -> Tuple[str, str]:
+    """The executor that runs `cfg` and the line that says so, e.g.
+    `executor auto -> distributed: 4 parts on 4 devices (cuda:0..3)`."""
+    name, reason = choose_executor(cfg)
+    arrow = f" -> {name}" if name != cfg.executor else ""
+    return name, f"executor {cfg.executor}{arrow}: {reason}"
 
 
 def resolve_split(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> DictConfig:
@@ -85,13 +141,19 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     """Train the recipe into `out_dir` (resuming from its checkpoint if `resume`).
 
     `executor: local` runs every part in this process; `executor: distributed` runs one process
-    per part (frzoo.executors.launch), each of which calls :func:`worker`. `should_stop` (local
+    per part (frzoo.executors.launch), each of which calls :func:`worker`; `auto` is one of the
+    two (:func:`choose_executor`), written into the run's recipe as chosen. `should_stop` (local
     only, e.g. a sweep's early termination) is asked before each step; when it says yes the run
     stops as on Ctrl-C: checkpoint, summary, `interrupted: true`.
     """
+    name, line = executor_line(cfg)
+    echo(line)
+    if name != cfg.executor:
+        cfg = OmegaConf.merge(cfg, {"executor": name})  # type: ignore[assignment]
+        OmegaConf.set_readonly(cfg, True)
     cfg = resolve_algorithm(cfg)  # its options are checked before anything starts
     cfg = resolve_split(cfg, out_dir, resume, echo)
-    if cfg.executor == "distributed" or under_torchrun():
+    if name == "distributed":
         num_parts = num_parts_requested(cfg) or 1
         resolve_devices(cfg.devices, num_parts)  # fail before starting anything: count, existence
         return launch(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)

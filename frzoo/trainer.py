@@ -7,7 +7,6 @@ it. That is what makes a resumed run equal, bit for bit, to one that never stopp
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -99,7 +98,21 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         save_recipe(cfg, out_dir / "recipe.yaml")
         (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
 
+    window = metrics.Window()
+
+    def read_losses() -> None:
+        """The window's losses, read from the device (where they stay between reads: reading
+        each step would make the host wait for the device each step); a non-finite one stops
+        training. Called at each log point and before each checkpoint, which so stays good."""
+        bad = window.read()
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // steps_per_epoch}); "
+                f"training stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
+                f"optimizer.lr or check the data.")
+
     def save_checkpoint() -> None:
+        read_losses()
         clock.fields()  # the wall clock into the progress: a resumed run continues it
         gathered = executor.gather_checkpoint()  # collective: every process calls it
         if gathered is not None:
@@ -123,7 +136,6 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
     step = progress["step"]
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and leader))
-    window = metrics.Window()
     if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
             and progress.get("last_eval_step") != step and cfg.train.eval_every \
             and (step // steps_per_epoch) % cfg.train.eval_every == 0:
@@ -144,21 +156,21 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                     set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
                 if probe is not None and batch is not None:  # sigma: true gradients at w^t
                     probe.before_step(step, *batch)
-                result = executor.train_step(batch, step, stop=stop.requested or should_stop())
+                # The steps up to the next log point or epoch end follow with nothing else in
+                # between: the distributed executor posts their receives ahead.
+                horizon = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch,
+                              (step // cfg.train.log_every + 1) * cfg.train.log_every)
+                result = executor.train_step(batch, step, stop=stop.requested or should_stop(),
+                                             horizon=horizon)
                 if executor.stopped:  # Ctrl-C or should_stop: the previous step was the last one
                     break
                 if result is not None:  # the leader: loss and logits of the last part
-                    loss = float(result.loss)  # syncs the device: the step's time is complete
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"the loss is {loss} at step {step} (epoch {epoch}); training "
-                            f"stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
-                            f"optimizer.lr or check the data.")
+                    window.add(step, result.loss, result.logits, result.target)
+                    if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                        read_losses()  # waits for the device: the window's time is complete
                 now = time.perf_counter()
                 seconds, tick = now - tick, now
-                if result is not None:
-                    correct = int((result.logits.argmax(1) == result.target).sum())
-                    window.add(loss, correct, len(result.target), seconds)
+                window.seconds += seconds
                 progress["train_seconds"] += seconds
                 step += 1
                 progress["step"] = step

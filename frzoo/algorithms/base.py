@@ -7,6 +7,10 @@ calls in this order for each part:
     out = algo.forward(h_in, target, t)   # the play: h_in from part k-1, out goes to part k+1
     delta_out = algo.backward(delta_in, t) # update; delta_out goes to part k-1
 
+``delta_in`` may be a function that returns the delta (see :data:`Delta`): the distributed
+executor hands it over while the delta is still in flight, and the algorithm calls
+:func:`arrived` only where it needs the tensor, so a replay runs during the transfer.
+
 ``expects_delta(t)`` / ``sends_delta(t)`` tell the executor whether a delta message flows at
 iteration t, so that both ends of a link agree on the message count without talking. Deltas are
 FIFO per link: the executor hands part k the oldest delta part k+1 sent it that it has not used.
@@ -23,16 +27,23 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..memory import MemoryMeter, static_bytes
 from .options import parse_options
-from ..metrics import PHASES
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: What backward() receives from the next part: the delta, none, or a function returning it
+#: (waiting for it if it is still in flight).
+Delta = Union[Tensor, Callable[[], Tensor], None]
+
+
+def arrived(delta: Delta) -> Optional[Tensor]:
+    """The delta itself; where it is still in flight, wait for it now."""
+    return delta() if callable(delta) else delta
 
 
 @dataclass
@@ -43,6 +54,47 @@ class ForwardResult:
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     target: Optional[Tensor] = None
+
+
+class PhaseTimer:
+    """Seconds spent in named phases, summed until read.
+
+    On the CPU a phase's time is its block's wall time. On a GPU a block only queues work, so
+    its time is the device's: CUDA events recorded around it on the device's current stream,
+    read (waiting for the last one) only when the totals are, every `train.log_every` steps.
+    Nothing waits for the device on the hot path.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: Dict[str, float] = {}
+        self._events: List[Tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self.add(phase, time.perf_counter() - start)
+            return
+        stream = torch.cuda.current_stream(self.device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        yield
+        end.record(stream)
+        self._events.append((phase, begin, end))
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def read(self) -> Dict[str, float]:
+        """The seconds per phase since the last read; then start again from zero."""
+        for phase, begin, end in self._events:
+            end.synchronize()
+            self.add(phase, begin.elapsed_time(end) / 1000)
+        self._events = []
+        out, self.seconds = self.seconds, {}
+        return out
 
 
 def step_seed(seed: int, step: int, part_index: int) -> int:
@@ -113,8 +165,8 @@ class PartAlgorithm:
         if options is not None and given:
             raise TypeError(f"{type(self).__name__}: give options= or keyword options, not both")
         self.options = options if options is not None else parse_options(type(self), given)
-        # Seconds spent in each phase since the executor last read them (see PHASES).
-        self.clock: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        # Seconds spent in each phase since the executor last read them (frzoo.metrics.PHASES).
+        self.timer = PhaseTimer(device)
         self.memory: Optional[MemoryMeter] = None  # see measure_memory()
         self.before_update: Optional[Callable[["PartAlgorithm"], None]] = None
 
@@ -137,21 +189,16 @@ class PartAlgorithm:
     def _recording(self) -> Any:
         return self.memory.recording() if self.memory is not None else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Add the block's wall time to ``self.clock[phase]``. On CUDA the device is synchronised
-        first, so the time is the work's and not the kernel launches'."""
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.clock[phase] += time.perf_counter() - start
+    def timed(self, phase: str) -> Any:
+        """Count the block's time as this part's `phase` (on a GPU the device's time, read
+        later: see PhaseTimer)."""
+        return self.timer(phase)
 
     # -- the iteration API (see module docstring)
     def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
         raise NotImplementedError
 
-    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
         raise NotImplementedError
 
     def expects_delta(self, step: int) -> bool:

@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..registry import register_algorithm
-from .base import ForwardResult, PartAlgorithm
+from .base import Delta, ForwardResult, PartAlgorithm, arrived
 
 
 @register_algorithm("bp")
@@ -28,7 +28,8 @@ class Backprop(PartAlgorithm):
             self._output = self._run(self._input, step)
         return ForwardResult(output=self._output.detach())
 
-    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
+        delta = arrived(delta)
         with self.timed("backward"):
             if self.is_last:
                 self._loss.backward()

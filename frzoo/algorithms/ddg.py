@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..registry import register_algorithm
-from .base import ForwardResult, PartAlgorithm, frozen_bn_stats, seeded, step_seed
+from .base import (Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats, seeded,
+                   step_seed)
 
 Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, output, weight copies
 
@@ -71,7 +72,7 @@ class DecoupledBackprop(PartAlgorithm):
         with seeded(step_seed(self.seed, step, self.index), self.device), self._recording():
             return functional_call(self.part, weights, (x,), strict=False)
 
-    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
             return self._last_part_backward()
         stale_step = step - self.delay
@@ -80,6 +81,7 @@ class DecoupledBackprop(PartAlgorithm):
             return None
         sample_step, x, out, weights = self.graphs.popleft()
         assert sample_step == stale_step, (sample_step, stale_step)
+        delta = arrived(delta)
         with self.timed("backward"):
             out.backward(delta)  # through the graph of iteration t-(K-k), at its own weights
         for name, p in self.part.named_parameters():

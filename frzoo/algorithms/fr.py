@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_algorithm
-from .base import ForwardResult, PartAlgorithm, frozen_bn_stats
+from .base import Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats
 
 
 @register_algorithm("fr")
@@ -79,7 +79,7 @@ class FeaturesReplay(PartAlgorithm):
         with torch.no_grad(), self.timed("forward"):
             return ForwardResult(output=self._run(h_in, step))
 
-    def backward(self, delta: Optional[Tensor], step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
         """The Features Replay step of this part at iteration `step`."""
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
             return self._last_part_backward()
@@ -95,6 +95,7 @@ class FeaturesReplay(PartAlgorithm):
         bn_policy = frozen_bn_stats(self.part) if self.replay_bn == "once" else nullcontext()
         with bn_policy, self.timed("replay"):
             replayed = self._run(h_stale, sample_step)  # current weights, the play's RNG masks
+        delta = arrived(delta)  # may have been in flight during the replay: wait only now
         with self.timed("backward"):
             replayed.backward(delta)  # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1
         grad_in = None if self.is_first else h_stale.grad  # taken at w^t, before the update

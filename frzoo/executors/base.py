@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..algorithms.base import ForwardResult, PartAlgorithm, PhaseTimer
 from ..metrics import PEAK_ALLOCATED, PHASES
 
 Batch = Tuple[Tensor, Tensor]
@@ -20,6 +20,9 @@ class Executor:
       ``None`` elsewhere);
     - ``train_step`` runs one iteration of this process's parts and returns the last part's
       ForwardResult on the leader (the process that logs and writes files), ``None`` elsewhere;
+      ``horizon`` is the step at which the current run of consecutive steps ends (the next log
+      point, epoch end or the end): steps up to it follow with nothing else in between, so an
+      executor may prepare them ahead;
     - ``evaluate``, ``timing_window``, ``gather_checkpoint`` and ``gather_export`` are collective:
       every process calls them at the same step, and the leader gets the result.
     """
@@ -32,7 +35,8 @@ class Executor:
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
         raise NotImplementedError
 
-    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False,
+                   horizon: Optional[int] = None) -> Optional[ForwardResult]:
         raise NotImplementedError
 
     def evaluate(self, data: Any) -> Optional[Dict[str, float]]:
@@ -67,25 +71,28 @@ def load_part_state(algo: PartAlgorithm, state: Dict[str, Any]) -> None:
 
 
 class PhaseClock:
-    """Per-part seconds per phase, summed over a window of steps, read as means per step."""
+    """Per-part seconds per phase, summed over a window of steps, read as means per step: the
+    algorithm's phases and the executor's own (`wait`, timed on `device`; `step`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
         self.steps = 0
-        self.extra: Dict[str, float] = {}
+        self.timer = PhaseTimer(device)
 
     def add(self, phase: str, seconds: float) -> None:
-        self.extra[phase] = self.extra.get(phase, 0.0) + seconds
+        self.timer.add(phase, seconds)
+
+    def timed(self, phase: str) -> Any:
+        return self.timer(phase)
 
     def read(self, algo: PartAlgorithm) -> Dict[str, float]:
         """Mean seconds per step of every phase since the last read, then reset; with memory
         measurement on (or on CUDA), the part's bytes too (keys ending in `_bytes`)."""
         steps = max(self.steps, 1)
-        out = {phase: algo.clock[phase] / steps for phase in PHASES}
-        out.update({phase: value / steps for phase, value in self.extra.items()})
+        phases = algo.timer.read()
+        out = {phase: phases.get(phase, 0.0) / steps for phase in PHASES}
+        out.update({phase: value / steps for phase, value in self.timer.read().items()})
         if algo.memory is not None or algo.device.type == "cuda":
             out.update({k: float(v) for k, v in algo.memory_report().items()})
-        algo.clock.update(dict.fromkeys(PHASES, 0.0))
-        self.extra = {}
         self.steps = 0
         return out
 

@@ -40,7 +40,8 @@ class LocalExecutor(Executor):
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
         return data.train_batches(epoch, first_batch)
 
-    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
+    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False,
+                   horizon: Optional[int] = None) -> Optional[ForwardResult]:
         if stop:
             self.stopped = True
             return None

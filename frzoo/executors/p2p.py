@@ -1,22 +1,70 @@
 """The transport between parts in separate processes (torch.distributed point-to-point).
 
 Rank k runs part k+1 with exactly the per-part step the local executor calls; only the transport
-differs. Per iteration t, rank k:
+differs. The last rank (which has the loss) is the leader: it logs and writes files. Processes
+are started and supervised by frzoo.executors.launch; this module only moves tensors.
 
-    receive h_{k-1}^t from rank k-1 (rank 0 takes the batch and sends the labels to the last rank)
-    forward (the play)                         -> send h_k^t to rank k+1 (asynchronously)
-    receive the delta rank k+1 sent (FIFO)     -> backward and update -> send its delta to rank k-1
+The rules the schedule keeps (NCCL's; gloo is more lenient, and tests/nccl_emulation.py
+holds gloo to them in the tests):
 
-Sends are asynchronous, so rank k goes on with iteration t+1 as soon as its own iteration t is
-done: after warm-up every rank is busy with its own forward, replay and backward, and the period
-approaches the slowest part's work (docs/algorithm.md, "Ideal speed"). Every message carries a
-small header (kind, shape), so a smaller last batch and the stop signal need no other
-coordination. The last rank (which has the loss) is the leader: it logs and writes files.
+1. tags are ignored: the messages from one rank to another match in the order they are posted;
+2. a rank's operations with one peer, sends and receives alike, run one after another in the
+   order it posted them (one stream per pair of ranks);
+3. a send may not complete before the peer has posted the matching receive.
 
-Processes are started and supervised by frzoo.executors.launch; this module only moves tensors.
+So both ranks of a pair post that pair's operations in the same order, and a message's receive
+is posted before the message is sent whenever possible (the transfer then overlaps computation).
+
+Runs of steps. Training goes in runs: the steps between two points where the trainer does
+anything else with the pipeline (a log point, an epoch's end, the end; the trainer passes the
+run's end as `horizon`). Receives are posted ahead only within a run, so at its end nothing is in
+flight; evaluation, timings and checkpoints see an idle pipeline (checkpoints may also fall inside
+a run: they are collectives, not point-to-point). A run starts with a one-number broadcast from
+rank 0: whether Ctrl-C asked it to stop, so a stop takes effect at the next run's start (at most
+`train.log_every` steps later) and no stop message is ever needed on the wire.
+
+The schedule of step t, per pair (both sides derive it from t, the data's batch sizes and the
+algorithm's expects_delta / sends_delta, so nothing else crosses):
+
+    rank 0   -> rank K-1   label t
+    rank k   -> rank k+1   activation t                  (k = 0 .. K-2)
+    rank k+1 -> rank k     delta(t): the delta part k+1 uses at step t, if it expects one
+
+delta(t) is the one rank k+1 made at the end of its step t (a `synchronous` algorithm, bp) or
+of step t-1 (the others, fr and ddg: the local executor's mailbox holds one delta between steps). For K=2 the first two are the same pair and go
+in the order written: label t, activation t, delta(t). Who posts what, and when:
+
+- rank k, after its forward of step t: send activation t, then at once the receive of delta(t).
+  The delta travels while part k replays; the algorithm is handed a function that waits for it,
+  called right before the backward (frzoo.algorithms.base.arrived).
+- rank k+1 posts the receive of activation t (and, the leader, of label t) as soon as everything
+  before it on the pair is posted, i.e. once it has made delta(t-1): at the end of step t-2 (fr)
+  or t-1 (bp), at most two steps ahead. It posts the send of delta(t) right after the receive of
+  activation t, or as soon as it has made it. Under fr, activation t+1 is thus in flight while
+  rank k+1 computes step t.
+- the label of step t is sent by rank 0 when it takes the batch, before its forward.
+
+Why this cannot deadlock when every send waits for its receive: on each pair both sides post
+the same sequence (label t,) activation t, delta(t), t = t0, t0+1, ..., so the i-th operation
+on one side meets the i-th on the other (rule 1: each receive gets its message; rules 2-3: the
+heads of the two queues always match). Each operation is posted after computation that waits
+only for messages that come earlier in the schedule: activation t needs activation t from the
+part before (earlier rank, same t); delta(t) needs the delta the part after made at step t
+(bp: a later rank, down to the last part, which needs none) or at step t-1 (fr, ddg: an
+earlier step). By induction over (t, rank) every operation is posted, so every one completes.
+The old schedule broke rule 2: rank k sent activation t+1 and then took delta(t), while rank k+1
+had posted the send of delta(t) before the receive of activation t+1: two sends, each waiting.
+
+Shapes. A receive is posted before its message exists, so its shape is predicted: the batch
+size of the step (or test batch) it belongs to, known to every rank from the data, times the
+trailing shape and dtype of that kind of message, which a small header carries once per kind
+(the first message of each kind in this process). A message whose shape differs from the
+prediction is an error on the sending side. CUDA parts on gloo cross through pinned host
+buffers; with NCCL tensors stay on the GPU and waits only order the CUDA streams.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
@@ -26,19 +74,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..algorithms.base import ForwardResult, PartAlgorithm
-from ..metrics import PHASES
 from ..errors import FrzooError
+from ..metrics import PHASES
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
 
-# Message kinds in a header, and the tags of the channels (gloo matches on tags; NCCL on the
-# order of calls between two ranks, which the schedule keeps the same on both sides).
-DATA, STOP, END = 0, 1, 2
-ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL, TIMING = 1, 2, 3, 4, 5, 6
+# Kinds of message: each has its own trailing shape and dtype, sent once in a header.
+ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL = range(5)
+KIND_NAMES = ("activation", "delta", "labels", "evaluation activation", "evaluation labels")
 MEMORY_KEYS = ("params_bytes", "optimizer_bytes", "peak_activation_bytes", "peak_allocated_bytes")
-HEADER_LEN = 10  # kind, dtype, ndim, up to 7 dims
-TRAINING, EVALUATION = 0, 1  # send channels (see DistributedExecutor._advance)
+HEADER_LEN = 10  # dtype, number of trailing dims, up to 8 trailing dims
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
+Spec = Tuple[torch.dtype, Tuple[int, ...]]  # dtype and the shape after the batch dimension
 
 
 class PeerStalled(FrzooError):
@@ -55,8 +102,28 @@ def _is_timeout(exc: BaseException) -> bool:
                                               or "Timeout" in text or "timeout" in text)
 
 
+class _Incoming:
+    """A posted receive. `take()` waits for it (the part's `wait` time) and returns the tensor
+    on the part's device; later calls return the same tensor."""
+
+    def __init__(self, executor: "DistributedExecutor", work: Any, buffer: Tensor, peer: int,
+                 what: str) -> None:
+        self.executor, self.work, self.buffer, self.peer, self.what = executor, work, buffer, peer, what
+        self.tensor: Optional[Tensor] = None
+
+    def take(self) -> Tensor:
+        if self.tensor is None:
+            self.wait()
+            self.tensor = self.executor._from_wire(self.buffer)
+        return self.tensor
+
+    def wait(self) -> None:
+        with self.executor.clock.timed("wait"), self.executor._waiting(self.peer, self.what):
+            self.work.wait()
+
+
 class DistributedExecutor(Executor):
-    """The transport for one part in its own process."""
+    """The transport for one part in its own process (the schedule: see the module docstring)."""
 
     def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str) -> None:
         self.algorithms = [algorithm]
@@ -66,223 +133,285 @@ class DistributedExecutor(Executor):
         self.is_first = rank == 0
         self.is_leader = rank == world_size - 1
         self.accepts_stop = self.is_first  # rank 0 feeds the pipeline, so it decides when to stop
-        # gloo moves CPU tensors; NCCL moves tensors on the part's own GPU.
+        self.device = algorithm.device
+        # gloo moves CPU tensors (a CUDA part's through pinned memory); NCCL the part's own GPU's.
         self.wire = torch.device("cpu") if backend == "gloo" else algorithm.device
-        self.mailbox: Deque[Tensor] = deque()  # deltas received before they are due (checkpoint)
-        # isend works and the tensors they read, with the channel (TRAINING or EVALUATION) and
-        # the tick of that channel (a training step, an evaluation batch) they were sent at.
-        self.pending: List[Tuple[int, int, Any, Tensor]] = []
-        self.ticks = [0, 0]
-        self.channel = TRAINING
-        self.clock = PhaseClock()
+        self.pinned = self.wire.type == "cpu" and self.device.type == "cuda"
+        self.lag = 0 if algorithm.synchronous else 1  # delta(t) is made at step t - lag
+        self.clock = PhaseClock(self.wire)  # `wait` on the GPU's stream when tensors stay there
+        self.data: Any = None  # the batch sizes predict every message's shape
+        self.sent_specs: Dict[int, Spec] = {}
+        self.recv_specs: Dict[int, Spec] = {}
+        # Deltas made for the previous part that it has not used yet, as (step it uses it at,
+        # delta), oldest first: sent or still to send; a checkpoint stores them as its mailbox.
+        self.outbox: Deque[Tuple[int, Tensor]] = deque()
+        self.last_sent = -1  # the step whose delta was sent last
+        self.inbox: Dict[Tuple[int, int], _Incoming] = {}  # posted receives by (kind, step)
+        self.sends: List[Tuple[int, int, Any, Tensor]] = []  # (tick, peer, work, tensor)
+        self.tick = 0  # steps and evaluation batches done: sends older than world+1 are retired
+        self.run_end: Optional[int] = None  # the end of the current run of steps; None: idle
+        self.posted = 0  # the first step whose receives are not posted yet
+        self.finished = -1  # the last step done
         self.next_step = 0
+        self.stop_requested = False
         self.timeout_s: Optional[float] = None  # for the message when a peer stops answering
 
-    def _waiting(self, peer: Optional[int], what: str) -> "_Waiting":
-        return _Waiting(self, peer, what)
+    def _waiting(self, peer: Optional[int], what: str, by: bool = False) -> "_Waiting":
+        return _Waiting(self, peer, what, by)
 
-    # -- transport
-    def _send(self, dst: int, tag: int, tensor: Optional[Tensor], kind: int = DATA) -> None:
-        """Header then payload, both asynchronous; the tensors live until the sends complete."""
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        header[0] = kind
-        if tensor is not None:
-            header[1] = DTYPES.index(tensor.dtype)
-            header[2] = tensor.dim()
-            header[3:3 + tensor.dim()] = torch.tensor(tensor.shape)
-        header = header.to(self.wire)
-        tick = self.ticks[self.channel]
-        self.pending.append((self.channel, tick, dist.isend(header, dst, tag=tag), header))
-        if tensor is not None:
-            payload = tensor.detach().to(self.wire).contiguous()
-            self.pending.append((self.channel, tick, dist.isend(payload, dst, tag=tag), payload))
+    # -- the wire
+    def _rows(self, step: int) -> int:
+        """The batch size of training step `step` (every epoch has the same batches)."""
+        data = self.data
+        if data.drop_last:
+            return data.batch_size
+        index = step % data.steps_per_epoch()
+        return min(data.batch_size, data.info.num_train - index * data.batch_size)
 
-    def _advance(self, channel: int) -> None:
-        """Next tick of `channel`: wait for its sends of `world + 1` ticks ago and drop them.
+    def _to_wire(self, tensor: Tensor) -> Tensor:
+        t = tensor.detach()
+        if t.device == self.wire:
+            return t.contiguous()
+        if self.wire.type != "cpu":  # e.g. labels from the data loader onto the GPU (NCCL)
+            return t.to(self.wire).contiguous()
+        buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buffer.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()  # gloo reads it from the host now
+        return buffer
 
-        gloo's `is_completed()` stays False until `wait()`, so without this the list would keep
-        every tensor sent since the last checkpoint (memory growing all epoch). Within a channel
-        a message's receiver needs nothing newer than the next tick from this rank to take it,
-        and no rank runs more than `world` ticks ahead of another, so this wait is over (or
-        nearly) and cannot deadlock; it only bounds memory. The channels are kept apart because
-        a training step's last delta is taken only after the evaluation that may follow it.
-        """
-        self.ticks[channel] += 1
-        due = self.ticks[channel] - self.world - 1
-        old = [entry for entry in self.pending if entry[0] == channel and entry[1] <= due]
-        if not old:
-            return
-        with self._waiting(None, "its sends to complete"):
-            for entry in old:
-                entry[2].wait()
-        self.pending = [entry for entry in self.pending
-                        if not (entry[0] == channel and entry[1] <= due)]
+    def _from_wire(self, buffer: Tensor) -> Tensor:
+        if buffer.device == self.device or self.wire.type != "cpu":
+            return buffer
+        return buffer.to(self.device, non_blocking=True)  # from pinned memory: asynchronous
 
-    def _recv(self, src: int, tag: int) -> Tuple[int, Optional[Tensor]]:
-        start = time.perf_counter()
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.wire)
-        with self._waiting(src, "a message"):
-            dist.recv(header, src, tag=tag)
-        header = header.cpu()
-        kind = int(header[0])
-        payload = None
-        if kind == DATA:
-            shape = [int(d) for d in header[3:3 + int(header[2])]]
-            payload = torch.empty(shape, dtype=DTYPES[int(header[1])], device=self.wire)
-            with self._waiting(src, "a message"):
-                dist.recv(payload, src, tag=tag)
-        self.clock.add("wait", time.perf_counter() - start)
-        return kind, payload
+    def _send(self, kind: int, peer: int, tensor: Tensor, rows: int) -> None:
+        """Post the send of a message of `kind` whose receiver expects `rows` rows; the first of
+        its kind goes after a header with its trailing shape and dtype."""
+        spec: Spec = (tensor.dtype, tuple(tensor.shape[1:]))
+        expected = self.sent_specs.get(kind, spec)
+        if spec != expected or tensor.shape[0] != rows:
+            raise FrzooError(
+                f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of shape {tuple(tensor.shape)} "
+                f"({tensor.dtype}) but part {peer + 1} expects {(rows, *expected[1])} "
+                f"({expected[0]}): a receive is posted before its message exists, so a message's "
+                f"shape must be the batch size times the shape and dtype of the first message "
+                f"of its kind. Make the part's output shape depend on the batch size only, or "
+                f"use executor=local.")
+        if kind not in self.sent_specs:
+            if tensor.dtype not in DTYPES or tensor.dim() - 1 > HEADER_LEN - 2:
+                raise FrzooError(f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of dtype "
+                                 f"{tensor.dtype} with {tensor.dim()} dims; the distributed "
+                                 f"executor moves {', '.join(map(str, DTYPES))} tensors of at "
+                                 f"most {HEADER_LEN - 1} dims. Use executor=local.")
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            header[0], header[1] = DTYPES.index(tensor.dtype), tensor.dim() - 1
+            header[2:1 + tensor.dim()] = torch.tensor(tensor.shape[1:], dtype=torch.int64)
+            self._post_send(peer, header.to(self.wire))
+            self.sent_specs[kind] = spec
+        self._post_send(peer, self._to_wire(tensor))
 
-    def flush(self) -> None:
-        with self._waiting(None, "its sends to complete"):
-            for _, _, work, _ in self.pending:
+    def _post_send(self, peer: int, tensor: Tensor) -> None:
+        self.sends.append((self.tick, peer, dist.isend(tensor, peer), tensor))
+
+    def _expect(self, kind: int, peer: int, rows: int) -> _Incoming:
+        """Post the receive of the next message of `kind` from `peer`, of `rows` rows. The first
+        of its kind waits for its header here (once per process)."""
+        what = f"a {KIND_NAMES[kind]}"
+        if kind not in self.recv_specs:
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.wire)
+            _Incoming(self, dist.irecv(header, peer), header, peer, what).wait()
+            values = header.tolist()
+            self.recv_specs[kind] = (DTYPES[values[0]], tuple(values[2:2 + values[1]]))
+        dtype, trailing = self.recv_specs[kind]
+        buffer = torch.empty((rows, *trailing), dtype=dtype, device=self.wire,
+                             pin_memory=self.pinned)
+        return _Incoming(self, dist.irecv(buffer, peer), buffer, peer, what)
+
+    def _retire(self, upto: float) -> None:
+        """Wait for the sends posted at ticks <= `upto` and drop them. Within a run the
+        receivers of sends `world + 1` ticks old have posted their receives (no rank runs that
+        far ahead of another), so this wait is over or nearly; it bounds the tensors kept."""
+        keep = []
+        for entry in self.sends:
+            tick, peer, work, _ = entry
+            if tick > upto:
+                keep.append(entry)
+                continue
+            with self._waiting(peer, "a message it sent to be taken", by=True):
                 work.wait()
-        self.pending = []
+        self.sends = keep
 
     # -- training
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
+        self.data = data
         if self.is_first:
             return data.train_batches(epoch, first_batch)
         return iter([None] * (data.steps_per_epoch() - first_batch))
 
-    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False) -> Optional[ForwardResult]:
-        self._advance(TRAINING)
+    def train_step(self, batch: Optional[Batch], step: int, stop: bool = False,
+                   horizon: Optional[int] = None) -> Optional[ForwardResult]:
         start = time.perf_counter()
-        result = self._train_step(batch, step, stop)
+        self.stop_requested = self.stop_requested or stop
+        if self.run_end is None:
+            if self._agree_stop():
+                self.stopped = True
+                return None
+            self._start_run(step, step + 1 if horizon is None else max(horizon, step + 1))
+        result = self._train_step(batch, step)
         self.clock.add("step", time.perf_counter() - start)
         return result
 
-    def _train_step(self, batch: Optional[Batch], step: int, stop: bool) -> Optional[ForwardResult]:
-        algo, last = self.algo, self.world - 1
+    def _agree_stop(self) -> bool:
+        """Rank 0's answer to "did Ctrl-C ask to stop?", broadcast at the start of every run."""
+        flag = torch.tensor([int(self.stop_requested)], dtype=torch.int64, device=self.wire)
+        if self.world > 1:
+            with self._waiting(None, "the other parts to start a run of steps"):
+                dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _start_run(self, step: int, end: int) -> None:
+        self.run_end, self.finished, self.posted, self.last_sent = end, step - 1, step, step - 1
+        self._post_ahead()
+
+    def _post_ahead(self) -> None:
+        """Post, on the pair with the previous rank, all the schedule allows now: the receives
+        of the next steps of the run (at most two steps ahead), each followed by the delta the
+        previous part uses at that step, once made."""
+        while True:
+            for slot, delta in self.outbox:
+                if self.last_sent < slot < self.posted:
+                    rows = self._rows(slot - type(self.algo).staleness_of(self.algo.index - 1,
+                                                                          self.world))
+                    self._send(DELTA, self.rank - 1, delta, rows)
+                    self.last_sent = slot
+            t = self.posted
+            made = t - 1 - self.lag  # the step that makes the delta sent just before step t's receives
+            assert self.run_end is not None
+            if t >= self.run_end or t > self.finished + 2 \
+                    or (made > self.finished and self.algo.sends_delta(made)):
+                return
+            rows = self._rows(t)
+            if self.is_leader and not self.is_first:
+                self.inbox[(LABEL, t)] = self._expect(LABEL, 0, rows)
+            if not self.is_first:
+                self.inbox[(ACT, t)] = self._expect(ACT, self.rank - 1, rows)
+            self.posted = t + 1
+
+    def _train_step(self, batch: Optional[Batch], step: int) -> Optional[ForwardResult]:
+        algo = self.algo
         if self.is_first:
-            if stop:
-                self._stop_downstream()
-                return None
             assert batch is not None
             h, target = batch
             if self.world > 1:
-                self._send(last, LABEL, target)
+                self._send(LABEL, self.world - 1, target, self._rows(step))
         else:
-            kind, h = self._recv(self.rank - 1, ACT)
-            if kind == STOP:
-                self._stop_downstream()
-                return None
-            target = None
-        if self.is_leader and not self.is_first:
-            target = self._recv(0, LABEL)[1]
+            h = self.inbox.pop((ACT, step)).take()
+            target = self.inbox.pop((LABEL, step)).take() if self.is_leader else None
         result = algo.forward(h.to(algo.device), None if target is None else target.to(algo.device), step)
         if not self.is_leader:
-            self._send(self.rank + 1, ACT, result.output)
-        if algo.expects_delta(step):
-            delta = self.mailbox.popleft() if self.mailbox else self._recv(self.rank + 1, DELTA)[1]
-            assert delta is not None
-            delta = delta.to(algo.device)
-        else:
-            delta = None
-        grad_in = algo.backward(delta, step)
+            self._send(ACT, self.rank + 1, result.output, self._rows(step))  # type: ignore[arg-type]
+        incoming = None
+        if algo.expects_delta(step):  # posted now: it travels while the part replays
+            incoming = self._expect(DELTA, self.rank + 1, self._rows(step - algo.staleness))
+        grad_in = algo.backward(None if incoming is None else incoming.take, step)
+        if incoming is not None:
+            incoming.take()  # taken even by an algorithm that did not ask for it
         if algo.sends_delta(step):
-            assert grad_in is not None
-            self._send(self.rank - 1, DELTA, grad_in)
+            assert grad_in is not None, f"part {self.rank + 1} promised a delta at step {step}"
+            self.outbox.append((step + self.lag, grad_in.detach()))
+        self.finished, self.next_step = step, step + 1
+        self._post_ahead()
+        while self.outbox and self.outbox[0][0] <= min(self.last_sent, step):
+            self.outbox.popleft()  # sent, and used by the previous part at a step done now
         self.clock.steps += 1
-        self.next_step = step + 1
+        self.tick += 1
+        self._retire(self.tick - self.world - 1)
+        if step + 1 >= self.run_end:  # type: ignore[operator]
+            self._end_run()
         return result if self.is_leader else None
 
-    def _stop_downstream(self) -> None:
-        if not self.is_leader:
-            self._send(self.rank + 1, ACT, None, kind=STOP)
-        self.stopped = True
+    def _end_run(self) -> None:
+        self._retire(math.inf)
+        assert not self.inbox, f"receives left posted at the end of a run: {sorted(self.inbox)}"
+        self.run_end = None
 
-    # -- evaluation through the same pipeline (eval mode, no history)
+    # -- evaluation through the same pipeline (eval mode, no history), between runs
     def evaluate(self, data: Any) -> Optional[Dict[str, float]]:
-        self.channel = EVALUATION
-        try:
-            return self._evaluate(data)
-        finally:
-            self.channel = TRAINING
-
-    def _evaluate(self, data: Any) -> Optional[Dict[str, float]]:
+        n, size = data.info.num_test, data.eval_batch_size
+        sizes = [min(size, n - i) for i in range(0, n, size)]
         totals = EvalTotals()
         if self.is_first:
             for x, y in data.test_batches():
-                self._advance(EVALUATION)  # bounds the evaluation's sends in flight too
+                if self.world > 1:
+                    self._send(EVAL_LABEL, self.world - 1, y, len(y))
                 h = eval_forward(self.algo, x)
                 if self.is_leader:
                     totals.add(h, y)
-                    continue
-                self._send(self.rank + 1, EVAL_ACT, h)
-                self._send(self.world - 1, EVAL_LABEL, y)
-            if not self.is_leader:
-                self._send(self.rank + 1, EVAL_ACT, None, kind=END)
-        else:
-            while True:
-                kind, h = self._recv(self.rank - 1, EVAL_ACT)
-                if kind == END:
-                    if not self.is_leader:
-                        self._send(self.rank + 1, EVAL_ACT, None, kind=END)
-                    break
-                assert h is not None
-                self._advance(EVALUATION)
-                out = eval_forward(self.algo, h)
-                if self.is_leader:
-                    totals.add(out, self._recv(0, EVAL_LABEL)[1])  # type: ignore[arg-type]
                 else:
-                    self._send(self.rank + 1, EVAL_ACT, out)
+                    self._send(EVAL_ACT, self.rank + 1, h, len(y))
+                self.tick += 1
+                self._retire(self.tick - self.world - 1)
+        else:
+            posted = 0
+            for b in range(len(sizes)):
+                while posted < min(b + 2, len(sizes)):  # the next batch's receives, ahead
+                    if self.is_leader:
+                        self.inbox[(EVAL_LABEL, posted)] = self._expect(EVAL_LABEL, 0, sizes[posted])
+                    self.inbox[(EVAL_ACT, posted)] = self._expect(EVAL_ACT, self.rank - 1, sizes[posted])
+                    posted += 1
+                out = eval_forward(self.algo, self.inbox.pop((EVAL_ACT, b)).take())
+                if self.is_leader:
+                    totals.add(out, self.inbox.pop((EVAL_LABEL, b)).take())
+                else:
+                    self._send(EVAL_ACT, self.rank + 1, out, sizes[b])
+                self.tick += 1
+                self._retire(self.tick - self.world - 1)
+        self._retire(math.inf)
         return totals.result() if self.is_leader else None
 
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         mine = read_windows([self.clock], [self.algo])[0]
         keys = [*PHASES, "wait", "step", *MEMORY_KEYS]
-        if not self.is_leader:
-            self._send(self.world - 1, TIMING, torch.tensor([mine.get(k, -1.0) for k in keys],
-                                                            dtype=torch.float64))
-            return None
-        rows = []
-        for rank in range(self.world - 1):
-            values = self._recv(rank, TIMING)[1]
-            assert values is not None
-            rows.append({k: v for k, v in zip(keys, values.tolist()) if v != -1.0})
-        return rows + [mine]
+        return self._gather({k: mine[k] for k in keys if k in mine})
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
-        self.flush()
         out: Optional[List[Any]] = [None] * self.world if self.is_leader else None
-        with self._waiting(None, "the other parts to gather a checkpoint"):
+        with self._waiting(None, "the other parts to gather"):
             dist.gather_object(obj, out, dst=self.world - 1)
         return out
 
     def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
-        # A delta sent for the next step is part of the state: take it off the wire now. (Its
-        # sender finished the previous step, so it has been sent, also when a stop came.)
-        if not self.algo.synchronous and self.algo.expects_delta(self.next_step) \
-                and not self.mailbox:
-            delta = self._recv(self.rank + 1, DELTA)[1]
-            assert delta is not None
-            self.mailbox.append(delta)
-        mine = (_to_cpu(part_state(self.algo)), [d.cpu() for d in self.mailbox])
-        gathered = self._gather(mine)
+        # The deltas this part made that the previous part has not used are the previous part's
+        # mailbox: sent or not, they are the state its next steps depend on.
+        unused = [d.cpu() for slot, d in self.outbox if slot >= self.next_step]
+        gathered = self._gather((_to_cpu(part_state(self.algo)), unused))
         if gathered is None:
             return None
-        return [p for p, _ in gathered], {"mailboxes": [m for _, m in gathered]}
+        return ([p for p, _ in gathered],
+                {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]})
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         return self._gather(_to_cpu(self.algo.part.original_state_dict()))
 
     def load_checkpoint(self, state: Dict[str, Any]) -> None:
         load_part_state(self.algo, state["parts"][self.rank])
-        self.mailbox = deque(d.to(self.wire) for d in state["executor"]["mailboxes"][self.rank])
         self.next_step = int(state["progress"]["step"])
+        # The previous part's mailbox, to send again: it uses them at its next steps.
+        mailbox = state["executor"]["mailboxes"][self.rank - 1] if self.rank > 0 else []
+        self.outbox = deque((self.next_step + i, d.to(self.device)) for i, d in enumerate(mailbox))
 
     def close(self) -> None:
-        self.flush()
+        self._retire(math.inf)
 
 
 class _Waiting:
     """Turns a transport timeout into PeerStalled naming the part this process waited for."""
 
-    def __init__(self, executor: DistributedExecutor, peer: Optional[int], what: str) -> None:
+    def __init__(self, executor: DistributedExecutor, peer: Optional[int], what: str,
+                 by: bool = False) -> None:
         self.executor, self.peer, self.what = executor, peer, what
+        self.preposition = "by" if by else "from"  # a send waits for its receiver
 
     def __enter__(self) -> None:
         return None
@@ -295,7 +424,8 @@ class _Waiting:
         whom = (f"part {self.peer + 1} (rank {self.peer})" if self.peer is not None
                 else "the other parts")
         raise PeerStalled(f"part {me + 1} (rank {me}) waited more than {limit} "
-                          f"(distributed.timeout_s) for {self.what} from {whom}", self.peer) from None
+                          f"(distributed.timeout_s) for {self.what} {self.preposition} {whom}",
+                          self.peer) from None
 
 
 def _to_cpu(obj: Any) -> Any:

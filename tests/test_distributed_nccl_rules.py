@@ -1,0 +1,97 @@
+"""The distributed executor under NCCL's point-to-point rules, emulated on gloo, equals the local one.
+
+gloo matches messages by tag and buffers sends, so a transport whose two sides post a pair's
+messages in different orders still works on gloo and deadlocks, or mixes up messages, on NCCL.
+tests/nccl_emulation.py (a recipe plugin, loaded in every worker) takes both away: tags are
+ignored (first in, first out per pair of ranks), a rank's operations with one peer run one at a
+time in posting order, and a send completes only once the peer's receive has run. The transport
+of frzoo before this test existed fails under it at K=2 (the labels arrive as the activation).
+
+The model has dropout (head) and drop-path (blocks of parts 2..K), checked active below; the
+data has a smaller last batch (20 samples, batches of 8) and a smaller last test batch, so the
+predicted message shapes change; checkpoints fall inside a run of steps (step 5) and at epoch ends.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from frzoo.build import build_job
+from frzoo.config import load_recipe
+from frzoo.data import build_data
+from frzoo.run import train
+
+EMULATION = Path(__file__).with_name("nccl_emulation.py")
+TINY = ["model.name=test_resnet", "model.kwargs.drop_block_rate=0.2", "model.kwargs.drop_path_rate=0.3",
+        "model.kwargs.zero_init_last=false",
+        "data.name=synthetic", "data.num_train=20", "data.num_test=12", "data.batch_size=8",
+        "data.image_size=16", "train.epochs=2", "train.progress=false", "train.threads=1",
+        "train.log_every=2", "train.checkpoint_every=5", "optimizer.lr=0.05",
+        "distributed.timeout_s=30", f"plugins=[{EMULATION}]"]
+SPLITS = {2: "split.points=[layer3]", 3: "split.points=[layer2,layer4]",
+          4: "split.points=[layer2,layer3,layer4]"}
+
+
+def run(out: Path, *extra: str) -> dict:
+    cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
+    return train(cfg, out, echo=lambda *_: None)
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_dropout_and_drop_path_are_active_in_every_part_after_the_first():
+    cfg = load_recipe(None, [*TINY, SPLITS[4]])
+    data = build_data(cfg.data, cfg.train.seed)
+    job = build_job(cfg, data.info)
+    h = next(data.train_batches(0))[0]
+    for index, part in enumerate(job.parts):
+        part.train()
+        with torch.no_grad():
+            outs = []
+            for seed in (1, 1, 2):
+                torch.manual_seed(seed)
+                outs.append(part(h))
+        if index > 0:  # the same seed gives the same masks, another seed other masks
+            assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]), index
+        h = outs[0]
+
+
+@pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
+def test_distributed_under_nccl_rules_equals_local_bit_for_bit(tmp_path, algo):
+    for k in (2, 3, 4):
+        local, dist = tmp_path / f"local{k}", tmp_path / f"dist{k}"
+        run(local, SPLITS[k], f"algorithm.name={algo}", "executor=local")
+        summary = run(dist, SPLITS[k], f"algorithm.name={algo}", "executor=distributed")
+        assert_same_tree(torch.load(local / "final.pt", weights_only=True),
+                         torch.load(dist / "final.pt", weights_only=True), f"K={k} final.pt")
+        a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+        for key in ("parts", "executor"):  # weights, optimizer state, history, mailboxes
+            assert_same_tree(a[key], b[key], f"K={k} checkpoint {key}")
+        for key in ("step", "best_test_acc1", "last_eval", "last_eval_step"):
+            assert a["progress"][key] == b["progress"][key], (k, key)
+        if algo != "bp":
+            assert [len(m) for m in b["executor"]["mailboxes"]] == [1] * (k - 1) + [0]
+        reference = json.loads((local / "summary.json").read_text())
+        assert summary["final_test_acc1"] == reference["final_test_acc1"]
+        assert summary["best_test_acc1"] == reference["best_test_acc1"]
+        assert summary["executor"] == "distributed" and len(summary["part_time_share"]) == k
+        assert "wait" in summary["part_time_share"][0]
+    assert not multiprocessing.active_children()
