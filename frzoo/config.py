@@ -8,10 +8,12 @@ whole recipe; see docs/recipes.md for every key.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -43,12 +45,12 @@ class SplitConfig:
     # by `time` (forward and backward of each block measured at the recipe's batch size, with
     # the algorithm's cost model), `flops`, `params` or `memory` (parameters, momentum,
     # activations and the algorithm's history: part k of fr holds K-k+1 inputs).
-    auto: Optional[str] = None
+    auto: Optional[Literal["time", "flops", "params", "memory"]] = None
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"  # constant | multistep | cosine
+    name: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: List[float] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up from 0 to the base lr
@@ -57,7 +59,7 @@ class ScheduleConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
@@ -79,7 +81,8 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: Optional[int] = None  # default: batch_size
     image_size: Optional[int] = None  # resize to this side; default: the data set's own
-    augment: str = "standard"  # standard: random crop (pad 4) + horizontal flip; crop; none
+    # standard: random crop (pad 4) + horizontal flip; crop; none
+    augment: Literal["standard", "crop", "none"] = "standard"
     normalize: bool = True
     shuffle: bool = True
     num_workers: int = 0
@@ -126,7 +129,7 @@ class LoggingConfig:
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     # auto: online when a W&B API key is configured, else offline (see docs/wandb.md)
-    mode: str = "auto"  # auto | online | offline | disabled
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     log_model: bool = False  # upload final.pt as a W&B "model" artifact
 
 
@@ -134,7 +137,7 @@ class LoggingConfig:
 class DistributedConfig:
     """One process per part on torch.distributed (`executor: distributed`, or `auto` with the
     parts on several devices)."""
-    backend: str = "auto"  # auto: nccl when every part is on CUDA, else gloo
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when every part is on CUDA, else gloo
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port (single node); torchrun sets its own
     # A part that waits longer than this for a neighbour fails the job (a stalled or dead peer).
@@ -157,19 +160,34 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # auto: one process per part when the parts sit on two or more devices, else one process
     # (frzoo.run.choose_executor); local: all parts in this process; distributed: one per part
-    executor: str = "auto"
+    executor: Literal["auto", "local", "distributed"] = "auto"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: List[str] = field(default_factory=list)
 
 
-CHOICES: Dict[str, Sequence[str]] = {
-    "optimizer.name": ("sgd", "adamw"),
-    "optimizer.schedule.name": ("constant", "multistep", "cosine"),
-    "data.augment": ("standard", "crop", "none"),
-    "logging.mode": ("auto", "online", "offline", "disabled"),
-    "executor": ("auto", "local", "distributed"),
-    "distributed.backend": ("auto", "gloo", "nccl"),
-}
+def _choices(schema: type, prefix: str = "") -> Dict[str, Sequence[str]]:
+    """{dotted key: its choices} of every Literal-typed field in the schema: the schema is the
+    one place a choice is written down; merging a layer checks it (see _merge)."""
+    out: Dict[str, Sequence[str]] = {}
+    for f in dataclasses.fields(schema):
+        inner = typing.get_type_hints(schema)[f.name]
+        if typing.get_origin(inner) is typing.Union:  # Optional[X]: X
+            inner = next(a for a in typing.get_args(inner) if a is not type(None))
+        if typing.get_origin(inner) is Literal:
+            out[prefix + f.name] = typing.get_args(inner)
+        elif dataclasses.is_dataclass(inner):
+            out.update(_choices(inner, f"{prefix}{f.name}."))
+    return out
+
+
+CHOICES: Dict[str, Sequence[str]] = _choices(Recipe)
+
+
+def _not_a_choice(key: str, value: Any) -> str:
+    choices = CHOICES[key]
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{key}={value!r} is not one of {', '.join(map(str, choices))}.{hint}"
 
 
 # ---------------------------------------------------------------- loading
@@ -227,6 +245,9 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or "?"
         if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
             raise RecipeError(f"{source}: unknown key '{key}'.{_closest_key(base, str(key))}") from None
+        if key in CHOICES:  # a Literal field: say it as every choice error is said
+            value = OmegaConf.select(OmegaConf.create(layer), str(key))
+            raise RecipeError(_not_a_choice(str(key), value)) from None
         msg = str(exc).splitlines()[0]
         raise RecipeError(f"{source}: bad value for '{key}': {msg}") from None
 
@@ -263,13 +284,6 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(name, str) or not name:
         raise RecipeError(f"algorithm.name={name!r} must be the name of an algorithm: fr, bp, "
                           f"ddg or one a plugin registers.")
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
-
     def positive(key: str, allow_zero: bool = False, allow_none: bool = False) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None and allow_none:
@@ -301,6 +315,10 @@ def validate(cfg: DictConfig) -> None:
     positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
+    if cfg.optimizer.nesterov and cfg.optimizer.momentum <= 0:
+        raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
+    if len(cfg.optimizer.betas) != 2:
+        raise RecipeError(f"optimizer.betas={list(cfg.optimizer.betas)} must have two values.")
     split = cfg.split
     given = [name for name in ("points", "parts") if split[name] is not None]
     if split.k is not None and split.auto is None:
@@ -310,9 +328,6 @@ def validate(cfg: DictConfig) -> None:
     if split.k is not None and split.k < 1:
         raise RecipeError(f"split.k={split.k} must be at least 1.")
     if split.auto is not None:
-        if split.auto not in ("time", "flops", "params", "memory"):
-            raise RecipeError(f"split.auto={split.auto!r} is not one of time, flops, params, "
-                              f"memory.")
         if split.points is not None or split.parts is not None:
             raise RecipeError("split.auto chooses the points itself: remove split.points/parts.")
         if split.k is None and cfg.devices is None:

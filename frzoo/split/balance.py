@@ -107,13 +107,11 @@ def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCo
 
         def cost(a: int, b: int, index: int) -> float:
             return sum(counts[a:b])
-    elif by == "memory":
+    else:  # memory: the schema admits no other split.auto (frzoo.config)
         rows = unit_memory(model, units, sample)
 
         def cost(a: int, b: int, index: int) -> float:
             return memory_cost(rows[a:b], index, k, algorithm)
-    else:
-        raise FrzooError(f"split.auto={by!r} is not one of time, flops, params, memory.")
 
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
