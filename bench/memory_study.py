@@ -23,7 +23,7 @@ PAPER_MIB = {"cifar_resnet164": {"bp": 1754, "fr": {2: 1920, 3: 2065, 4: 2270}, 
 
 
 def measure(model: str, batch: int, algorithm: str, k: int) -> dict:
-    from frzoo.build import build_job
+    from frzoo.pipeline import build_pipeline
     from frzoo.config import load_recipe
     from frzoo.data import build_data
     from frzoo.executors import LocalExecutor
@@ -32,7 +32,7 @@ def measure(model: str, batch: int, algorithm: str, k: int) -> dict:
                              "data.augment=none", f"split.k={k}", f"algorithm.name={algorithm}",
                              "train.measure_memory=true", "train.progress=false"])
     data = build_data(cfg.data, 0)
-    job = build_job(cfg, data.info)
+    job = build_pipeline(cfg, data.info)
     executor = LocalExecutor(job.algorithms)
     for step, batch_xy in enumerate(data.train_batches(0, 0)):
         executor.train_step(batch_xy, step)

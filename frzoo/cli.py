@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .build import build_job, resolve_algorithm
+    from .pipeline import build_pipeline, resolve_algorithm
     from .data import build_data
     from .run import executor_line
     from .split import all_cut_points
@@ -80,14 +80,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"# {executor_line(cfg)[1]}\n")
     data = build_data(cfg.data, cfg.train.seed)
-    if args.candidates:  # before the job: the list helps most when the recipe's split is invalid
+    if args.candidates:  # before the pipeline: the list helps most when the recipe's split is invalid
         _print_candidates(cfg, data.info)
-    job = build_job(cfg, data.info)
+    pipeline = build_pipeline(cfg, data.info)
     if args.points:
         print("# valid split points, in execution order")
-        print("\n".join(all_cut_points(job.model)))
+        print("\n".join(all_cut_points(pipeline.model)))
         print()
-    rows = job.table()
+    rows = pipeline.table()
     print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}")
     header = f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} {'history':>7}"
     print(header)
@@ -99,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, row["output_shape"] or [])) or "?"
         print(f"{row['part']:>4}  {label:<44} {row['params']:>11,}  {shape:<18} "
               f"{row['device']:<8} {row['history']:>7}")
-    diffs = ", ".join(f"{d:g}" for d in job.report.max_abs_diff)
+    diffs = ", ".join(f"{d:g}" for d in pipeline.report.max_abs_diff)
     print(f"\nsplit check: the chained parts equal the whole model exactly "
           f"(max |diff| per part: {diffs}; eval mode, random input)")
     return 0
@@ -115,7 +115,7 @@ def _si(value: float) -> str:
 def _print_candidates(cfg: Any, info: Any) -> None:
     """Every valid split point of the recipe's model with the block that starts there."""
     import torch
-    from .build import build_model
+    from .pipeline import build_model
     from .split import all_cut_points, profile_blocks
     model = build_model(cfg.model, info, cfg.train.seed)
     sample = torch.randn(1, info.channels, info.image_size, info.image_size)

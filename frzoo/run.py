@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .build import (Job, build_job, load_plugins, num_parts_requested, resolve_algorithm,
+from .pipeline import (Pipeline, build_pipeline, load_plugins, num_parts_requested, resolve_algorithm,
                     resolve_auto_split, resolve_devices)
 from .data import DataModule, build_data
 from .errors import FrzooError
@@ -40,7 +40,7 @@ class Assembly:
     """What one process runs: the data, its parts (all of them, or the one of its rank) and the
     executor that moves activations and deltas between them."""
     data: DataModule
-    job: Job
+    pipeline: Pipeline
     executor: Executor
     probe: Optional[SigmaProbe] = None  # train.sigma_every: a hook of the training loop
 
@@ -120,19 +120,19 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     process group must be up)."""
     load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info, only_part=rank)
+    pipeline = build_pipeline(cfg, data.info, only_part=rank)
     if rank is None:
-        probe = SigmaProbe(job.algorithms, cfg.train.sigma_every) if cfg.train.sigma_every else None
-        return Assembly(data, job, LocalExecutor(job.algorithms), probe)
-    if len(job.parts) != world_size:
-        raise FrzooError(f"the recipe splits the model into {len(job.parts)} parts but the job has "
+        probe = SigmaProbe(pipeline.algorithms, cfg.train.sigma_every) if cfg.train.sigma_every else None
+        return Assembly(data, pipeline, LocalExecutor(pipeline.algorithms), probe)
+    if len(pipeline.parts) != world_size:
+        raise FrzooError(f"the recipe splits the model into {len(pipeline.parts)} parts but the job has "
                          f"{world_size} processes; run one process per part.")
-    device = job.devices[rank]
+    device = pipeline.devices[rank]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    executor = DistributedExecutor(job.algorithms[0], rank, world_size, choose_backend(cfg))
+    executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg))
     executor.timeout_s = cfg.distributed.timeout_s
-    return Assembly(data, job, executor)
+    return Assembly(data, pipeline, executor)
 
 
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
@@ -162,7 +162,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         run = build(cfg)
-        return run_loop(cfg, out_dir, resume, job=run.job, data=run.data,
+        return run_loop(cfg, out_dir, resume, pipeline=run.pipeline, data=run.data,
                         executor=run.executor, loggers=loggers, echo=echo, probe=run.probe,
                         should_stop=should_stop)
 
@@ -176,7 +176,7 @@ def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: 
     loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume, echo=echo) \
         if executor.is_leader else []
     try:
-        run_loop(cfg, out_dir, resume, job=run.job, data=run.data, executor=executor,
+        run_loop(cfg, out_dir, resume, pipeline=run.pipeline, data=run.data, executor=executor,
                  loggers=loggers, echo=echo)
     except BaseException:
         close_loggers(loggers, failed=True)  # mark the tracker's run failed, then report
@@ -194,7 +194,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, weights: Optional[Path] = None) -> 
     run = build(cfg)
     weights = weights or run_dir / "final.pt"
     if weights.exists():
-        load_init_checkpoint(run.job.model, str(weights), what="--weights")  # weights only
+        load_init_checkpoint(run.pipeline.model, str(weights), what="--weights")  # weights only
     else:
         run.executor.load_checkpoint(load_file(rundir.checkpoint_path(run_dir)))
     return run.executor.evaluate(run.data)  # type: ignore[return-value]

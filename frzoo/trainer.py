@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import metrics, rundir
-from .build import Job
+from .pipeline import Pipeline
 from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
                          load_file)
 from .config import save_recipe, to_container
@@ -60,14 +60,14 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
+def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,
              executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print,
              probe: Optional[SigmaProbe] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
     try:
-        return _run_loop(cfg, out_dir, resume, job=job, data=data, executor=executor,
+        return _run_loop(cfg, out_dir, resume, pipeline=pipeline, data=data, executor=executor,
                          loggers=loggers, echo=echo, probe=probe,
                          should_stop=should_stop or (lambda: False))
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
@@ -79,11 +79,11 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: Da
                          ) from None
 
 
-def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: DataModule,
+def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,
               executor: Executor, loggers: Sequence[Logger], echo: Any,
               probe: Optional[SigmaProbe], should_stop: Callable[[], bool]) -> Dict[str, Any]:
     leader = executor.is_leader
-    recipe, partition = to_container(cfg), job.partition.to_list()
+    recipe, partition = to_container(cfg), pipeline.partition.to_list()
     progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
                                 "last_eval": None, "last_eval_step": None}
     if resume:
@@ -92,7 +92,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         executor.load_checkpoint(state)
         progress = state["progress"]
     clock = metrics.RunClock(progress)
-    table = job.table()
+    table = pipeline.table()
     if leader:
         rundir.remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
         save_recipe(cfg, out_dir / "recipe.yaml")
@@ -153,7 +153,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                 # The learning rate of step t, scaled per part (e.g. the authors' [2, 1, 1, 1]).
                 mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
                 for algo in executor.algorithms:
-                    set_lr(algo.optimizer, cfg.optimizer.lr * job.lr_scales[algo.index] * mult)
+                    set_lr(algo.optimizer, cfg.optimizer.lr * pipeline.lr_scales[algo.index] * mult)
                 if probe is not None and batch is not None:  # sigma: true gradients at w^t
                     probe.before_step(step, *batch)
                 # The steps up to the next log point or epoch end follow with nothing else in
@@ -186,7 +186,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
                         metrics.accumulate(progress, timings, window.steps)
                         record = window.record(timings, epoch=step / steps_per_epoch,
                                                lr=cfg.optimizer.lr * mult,
-                                               lr_scales=job.lr_scales, clock=clock)
+                                               lr_scales=pipeline.lr_scales, clock=clock)
                         logger.log(record, step)
                         bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
                                         acc=f"{record[metrics.TRAIN_ACC]:.1f}",
@@ -213,7 +213,7 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, job: Job, data: D
         save_checkpoint()
     exported = executor.gather_export()  # collective
     summary = {
-        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "num_parts": len(job.parts),
+        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "num_parts": len(pipeline.parts),
         "executor": cfg.executor, "steps": step, "epochs": step / steps_per_epoch,
         "interrupted": interrupted, "train_seconds": progress["train_seconds"],
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from frzoo.build import resolve_algorithm
+from frzoo.pipeline import resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import load_recipe, recipe_diff, to_container
 from frzoo.errors import RecipeError

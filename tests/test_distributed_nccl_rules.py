@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from frzoo.build import build_job
+from frzoo.pipeline import build_pipeline
 from frzoo.config import load_recipe
 from frzoo.data import build_data
 from frzoo.run import train
@@ -59,7 +59,7 @@ def assert_same_tree(a, b, where: str = "") -> None:
 def test_dropout_and_drop_path_are_active_in_every_part_after_the_first():
     cfg = load_recipe(None, [*TINY, SPLITS[4]])
     data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info)
+    job = build_pipeline(cfg, data.info)
     h = next(data.train_batches(0))[0]
     for index, part in enumerate(job.parts):
         part.train()

@@ -22,7 +22,7 @@ import yaml
 from timm.models import _registry as timm_registry
 
 from frzoo import registry
-from frzoo.build import build_job, resolve_algorithm
+from frzoo.pipeline import build_pipeline, resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.data import build_data
@@ -151,7 +151,7 @@ def clipped_norms(*overrides: str) -> list:
     """One step of the example recipe; per part, the norm of the gradient its optimizer applied."""
     cfg = load_recipe("examples/example_recipe.yaml", [*QUIET, *overrides])
     data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info)
+    job = build_pipeline(cfg, data.info)
     norms = []
     for algo in job.algorithms:
         def step(algo=algo, inner=algo.optimizer.step):

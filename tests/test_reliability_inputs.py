@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frzoo.algorithms.options import declared_options
-from frzoo.build import build_job, resolve_algorithm
+from frzoo.pipeline import build_pipeline, resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import CHOICES, load_recipe
 from frzoo.data import build_data
@@ -240,7 +240,7 @@ def test_every_valid_recipe_builds(overrides):
     cfg = load_recipe(None, ["model.name=test_resnet", "data.num_train=8", "data.num_test=8",
                              *overrides])
     data = build_data(cfg.data, cfg.train.seed)
-    job = build_job(cfg, data.info)
+    job = build_pipeline(cfg, data.info)
     assert len(job.parts) >= 1
 
 

@@ -198,7 +198,7 @@ def validate_trial(spec: SweepSpec, params: Dict[str, Any],
 
 def _check_build_rules(cfg: Any) -> None:
     """Rules load_recipe leaves to build time that a sweep should catch before its first trial."""
-    from ..build import num_parts_requested, resolve_algorithm  # noqa: PLC0415
+    from ..pipeline import num_parts_requested, resolve_algorithm  # noqa: PLC0415
     resolve_algorithm(cfg)  # an unknown name or an option the algorithm does not take
     k = num_parts_requested(cfg)
     if cfg.devices is not None and k is not None and len(cfg.devices) != k:
@@ -211,7 +211,7 @@ def _check_split(cfg: Any, models: Dict[str, Any]) -> None:
     """Resolve the split on the model (built once per model config; no data, no devices)."""
     from types import SimpleNamespace  # noqa: PLC0415
     from omegaconf import OmegaConf  # noqa: PLC0415
-    from ..build import build_model, build_partition  # noqa: PLC0415
+    from ..pipeline import build_model, build_partition  # noqa: PLC0415
     key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
     if key not in models:
         # Module names do not depend on the class count or input channels: any will do here.

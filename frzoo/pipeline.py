@@ -1,4 +1,5 @@
-"""From a resolved recipe to runnable parts: model, partition, devices, optimizers, algorithms.
+"""The pipeline: the recipe's model cut into K parts, each on its device with its optimizer and
+the algorithm that drives it (model, partition, devices, optimizers, algorithms).
 
 Each step reads only its own recipe section. The split is checked against the whole model
 before anything trains (see :func:`frzoo.split.check_equivalence`).
@@ -25,8 +26,10 @@ from .split import EquivalenceReport, Partition, SplitPart, balanced_points, res
 
 
 @dataclass
-class Job:
-    """Everything a trainer or a planner needs, built once from a recipe."""
+class Pipeline:
+    """The model cut into parts on their devices, each with its optimizer and algorithm: what the
+    training loop and `frzoo plan` need, built once from a recipe (:func:`build_pipeline`). A
+    process that runs one part holds every part's modules but an algorithm for its own only."""
     model: nn.Module
     partition: Partition
     parts: List[SplitPart]
@@ -136,8 +139,8 @@ def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
         k=k, presets=presets).partition
 
 
-def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
-              only_part: Optional[int] = None) -> Job:
+def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
+              only_part: Optional[int] = None) -> Pipeline:
     """Model -> partition -> equivalence check -> parts on devices -> one algorithm per part.
 
     A process that runs a single part (`only_part`, 0-based) builds the whole model the same way
@@ -179,7 +182,7 @@ def build_job(cfg: DictConfig, info: DataInfo, *, check: bool = True,
                                      device, cfg.train.seed, options))
         if cfg.train.measure_memory:
             algos[-1].measure_memory()
-    return Job(model, partition, parts, devices, report, algos, algo_cls, scales)
+    return Pipeline(model, partition, parts, devices, report, algos, algo_cls, scales)
 
 
 def algorithm_of(cfg: DictConfig) -> tuple[Any, Any]:
