@@ -112,6 +112,12 @@ class TrainConfig:
     # executor auto then chooses local.
     sigma_every: int = 0
     progress: bool = True
+    # How each part computes (frzoo/precision.py): autocast dtype (parameters stay fp32), the
+    # layout of weights and activations, and torch.compile per part with this backend.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -315,6 +321,11 @@ def validate(cfg: DictConfig) -> None:
     positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
+    if cfg.train.precision == "fp16":
+        raise RecipeError("train.precision=fp16 is not supported: its loss scale would have to "
+                          "follow each delta through Features Replay's staleness, which frzoo "
+                          "does not implement yet. Use train.precision=bf16 (no loss scaling "
+                          "needed) or fp32.")
     if cfg.optimizer.nesterov and cfg.optimizer.momentum <= 0:
         raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
     if len(cfg.optimizer.betas) != 2:

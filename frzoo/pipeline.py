@@ -21,6 +21,7 @@ from .data import DataInfo
 from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
+from .precision import prepare_part
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
 from .split import EquivalenceReport, Partition, SplitPart, balanced_points, resolve
 
@@ -177,6 +178,10 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
         if only_part is not None and index != only_part:
             continue
         part.to(device).train()
+        prepare_part(part, device, precision=cfg.train.precision,
+                     memory_format=cfg.train.memory_format, compile=cfg.train.compile,
+                     compile_backend=cfg.train.compile_backend,
+                     is_last=index == partition.num_parts - 1)
         optimizer = build_optimizer(part.parameters(), cfg.optimizer)
         algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
                                      device, cfg.train.seed, options))

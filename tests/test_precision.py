@@ -1,0 +1,90 @@
+"""How a part computes (frzoo/precision.py): bf16 autocast, channels_last, torch.compile.
+
+Exactness as everywhere: K=1 Features Replay equals backprop bit for bit in bf16 too, and the
+distributed executor equals the local one in bf16 (activations and deltas cross in bf16).
+Images are 32x32, as for the CIFAR models frzoo targets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from frzoo.config import load_recipe
+from frzoo.errors import RecipeError
+from frzoo.run import train
+
+TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
+        "data.batch_size=8", "data.image_size=32", "train.epochs=1", "train.progress=false",
+        "train.threads=1", "train.log_every=5", "optimizer.lr=0.05", "distributed.timeout_s=60"]
+
+
+def run(out: Path, *extra: str) -> dict:
+    cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
+    return train(cfg, out, echo=lambda *_: None)
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "final.pt", weights_only=True)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_k1_features_replay_equals_bf16_backprop_and_differs_from_fp32(tmp_path):
+    run(tmp_path / "fr", "train.precision=bf16", "algorithm.name=fr")
+    run(tmp_path / "bp", "train.precision=bf16", "algorithm.name=bp")
+    run(tmp_path / "fp32", "algorithm.name=bp")
+    fr, bp, fp32 = weights(tmp_path / "fr"), weights(tmp_path / "bp"), weights(tmp_path / "fp32")
+    floats = [v for v in fr.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)  # parameters stay fp32
+    assert all(torch.isfinite(v).all() for v in floats)
+    assert same(fr, bp)
+    assert not same(bp, fp32)  # bf16 really ran
+
+
+def test_bf16_distributed_equals_bf16_local(tmp_path):
+    split = "split.points=[layer3]"
+    run(tmp_path / "local", "train.precision=bf16", split, "executor=local")
+    run(tmp_path / "dist", "train.precision=bf16", split, "executor=distributed")
+    assert same(weights(tmp_path / "local"), weights(tmp_path / "dist"))
+
+
+def test_channels_last_k1_features_replay_equals_backprop(tmp_path):
+    run(tmp_path / "fr", "train.memory_format=channels_last", "algorithm.name=fr")
+    run(tmp_path / "bp", "train.memory_format=channels_last", "algorithm.name=bp")
+    run(tmp_path / "plain", "algorithm.name=bp")
+    fr, bp, plain = weights(tmp_path / "fr"), weights(tmp_path / "bp"), weights(tmp_path / "plain")
+    assert same(fr, bp)
+    for key in plain:  # the same maths in another layout: float rounding apart
+        torch.testing.assert_close(bp[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_parts_equal_eager_parts_and_compile_a_fixed_set_of_graphs(tmp_path):
+    """With dynamo's `eager` backend the captured graphs run the same kernels as eager mode, so
+    the run must be bit-identical; and the graphs compiled must not grow with the steps:
+    part 1 compiles its play, its replay and its evaluation, part 2 its training and
+    evaluation forward, each once (40 samples in batches of 8: no smaller last batch)."""
+    split = "split.points=[layer3]"
+    run(tmp_path / "eager", split)
+    torch._dynamo.reset()  # forget graphs of earlier tests: count this run's alone
+    counters.clear()
+    run(tmp_path / "short", split, "train.compile=true", "train.compile_backend=eager",
+        "train.max_steps=3")
+    short = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    run(tmp_path / "compiled", split, "train.compile=true", "train.compile_backend=eager")
+    assert same(weights(tmp_path / "eager"), weights(tmp_path / "compiled"))
+    assert counters["stats"]["unique_graphs"] == short  # 5 steps compile no more than 3 did
+    assert short == 5
+
+
+def test_fp16_is_refused_with_the_reason_and_the_fix():
+    with pytest.raises(RecipeError, match=r"train.precision=fp16 is not supported.*"
+                                          r"train.precision=bf16"):
+        load_recipe(None, ["model.name=resnet18", "train.precision=fp16"])
