@@ -1,12 +1,12 @@
 """A MODEL (not a measurement) of Features Replay's speedup on K devices for the paper's ResNets.
 
-    python bench/speedup_model.py [--batch 32] [--bandwidth-gbs 10] [--out FILE]
+    python bench/speedup_model.py [--batch 32] [--bandwidth-gbs 10] [--device cpu|cuda] [--out FILE]
 
-Inputs, measured here: each block's forward and backward seconds (train mode, one CPU thread,
-CIFAR-shaped input at --batch) and each cut's activation size. Assumed: the link between two
-devices moves --bandwidth-gbs GB/s (PCIe 3 x16 between GPUs is about 10-12), transfers do not
-overlap compute, and a GPU's per-block time ratios are those of the CPU (an assumption; a GPU's
-are flatter at small batches). Per part and iteration, Features Replay costs 2F + B (+ sending
+Inputs, measured here: each block's forward and backward seconds (train mode, CIFAR-shaped input
+at --batch; on one CPU thread, or on the GPU with --device cuda) and each cut's activation size.
+Assumed: the link between two devices moves --bandwidth-gbs GB/s (PCIe 3 x16 between GPUs is
+about 10-12) and transfers do not overlap compute; with --device cpu, also that a GPU's per-block
+time ratios are those of the CPU (a GPU's are flatter at small batches). Per part and iteration, Features Replay costs 2F + B (+ sending
 its activation up and its delta down) for every part but the last, F + B for the last; backprop
 on one device costs the sum of F + B. The period is the busiest part's cost, so
 speedup = sum(F + B) / max_k cost_k, for the authors' split (ceil(n/K) blocks a part) and the
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--bandwidth-gbs", type=float, default=10.0)
     parser.add_argument("--models", default="cifar_resnet164,cifar_resnet101")
+    parser.add_argument("--device", default="cpu",
+                        help="where the per-block times are measured (cpu: one thread; cuda)")
     parser.add_argument("--out", default="bench/results/speedup_model.json")
     args = parser.parse_args()
     import frzoo_registry  # noqa: F401
@@ -74,13 +76,14 @@ def main() -> None:
     from frzoo.split.balance import best_cuts, part_cost, units_of
     from frzoo.split.costs import measure_units
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "batch": args.batch,
-               "bandwidth_gbs": args.bandwidth_gbs, "models": {}}
+               "bandwidth_gbs": args.bandwidth_gbs, "device": str(device), "models": {}}
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=10)
+        model = timm.create_model(name, num_classes=10).to(device)
         units = units_of(model)
-        sample = torch.randn(args.batch, 3, 32, 32)
+        sample = torch.randn(args.batch, 3, 32, 32, device=device)
         costs = measure_units(model, units, sample, repeats=3)
         sizes = activation_bytes(model, units, sample)
         first = [u[0] for u in units]

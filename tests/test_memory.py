@@ -102,6 +102,7 @@ def test_the_cuda_peak_is_read_before_any_reset_and_recorded_under_its_final_nam
     assert ex.timing_window()[0]["peak_allocated_bytes"] == 1 * MIB
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_of_parts_sharing_a_device(tmp_path):
     class Records(Logger):

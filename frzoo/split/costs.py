@@ -70,6 +70,7 @@ def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torc
     mode, in order. The update is measured too: a part holding most of the parameters (resnet18's
     layer4) spends tens of ms in it per iteration."""
     modules = [[model.get_submodule(n) for n in unit] for unit in units]
+    sync = _synchronizer(sample.device)
     was_training = model.training
     model.train()
     out: List[Tuple[float, float]] = []
@@ -80,11 +81,14 @@ def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torc
             for _ in range(repeats + 1):  # the first run warms up allocators and kernels
                 x = h.detach().requires_grad_(True)
                 y = x.clone()  # a non-leaf, so an in-place first module (ReLU) is allowed
+                sync()
                 start = time.perf_counter()
                 for m in unit:
                     y = m(y)
+                sync()
                 mid = time.perf_counter()
                 y.backward(torch.ones_like(y))
+                sync()
                 end = time.perf_counter()
                 fwd.append(mid - start)
                 bwd.append(end - mid)
@@ -108,12 +112,23 @@ def _optimizer_seconds(params: List[nn.Parameter], repeats: int = 3) -> List[flo
         c.grad = p.grad.detach().clone()
     opt = torch.optim.SGD(copies, lr=0.0, momentum=0.9, nesterov=True, weight_decay=5e-4)
     opt.step()  # creates the momentum buffers, as in steady state
+    sync = _synchronizer(params[0].device)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         opt.step()
+        sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for the device's queued work (a GPU runs kernels after the call returns), so a
+    wall-clock interval measures the work itself; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def unit_memory(model: nn.Module, units: Sequence[Sequence[str]],
