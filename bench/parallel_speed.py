@@ -12,6 +12,13 @@ fresh process, each configuration `--repeats` times in alternation (these machin
   ddp          DistributedDataParallel, two processes of one thread, 64 images each
   gpipe_4/8    torch.distributed.pipelining ScheduleGPipe, 2 stages, 4 / 8 micro-batches
   1f1b_4/8     torch.distributed.pipelining Schedule1F1B, 2 stages, 4 / 8 micro-batches
+  ceiling      two independent bp_1thread processes side by side: their images/s summed. Over
+               bp_1thread it is the machine's own ceiling c for two one-thread workers (2.0 on
+               ideal hardware; shared machines give less, and it swings from run to run, so a
+               configuration's ratio is read against the c of the same run)
+  CONFIG@bf16, @compile, @bf16_compile   the same with bf16 autocast, torch.compile (inductor) or
+               both: for bp_1thread a plain loop, for fr_k2_auto frzoo's train.precision=bf16 /
+               train.compile=true (compilation happens in the untimed warm-up steps)
 Pipelining stages use the same cut as fr_k2_auto. Warm-up steps are not timed. The frzoo rows
 also report each part's seconds per step in forward, replay, backward, optimizer and waiting.
 """
@@ -32,8 +39,10 @@ from typing import Any, Dict, List
 BATCH, SIZE, CLASSES = 128, 32, 10
 WARMUP = 3
 STEPS = {"resnet18": 10, "cifar_resnet56": 6}
-CONFIGS = ["bp_1thread", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
+CONFIGS = ["bp_1thread", "ceiling", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
            "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8"]
+VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
+            "bf16_compile": ["train.precision=bf16", "train.compile=true"]}
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -66,16 +75,20 @@ def time_steps(step, steps: int) -> float:
 
 
 # ---------------------------------------------------------------- baselines
-def plain(model_name: str, threads: int, steps: int) -> Dict[str, Any]:
+def plain(model_name: str, threads: int, steps: int, bf16: bool = False,
+          compile: bool = False) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
     model = build(model_name).train()
     opt = sgd(model.parameters())
     x, y = batch()
+    forward = torch.compile(model) if compile else model  # compiled in the warm-up steps
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,6 +171,14 @@ def spawn2(target, *args) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------- frzoo
+def ceiling(model_name: str, steps: int) -> Dict[str, Any]:
+    """Two bp_1thread processes at once: what two independent one-thread workers get here."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--one", model_name, "bp_1thread", "-"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in procs]
+    return {"images_per_s": sum(rates), "each": rates}
+
+
 def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         total = WARMUP + steps
@@ -179,8 +200,11 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> 
     for key in timed[0]:
         if key.startswith("part") and key.endswith("_s"):  # partK/forward_s ...
             parts[key] = statistics.median(r[key] for r in timed)
+    # each part's share of its step spent waiting for the other (the busiest part waits least)
+    waits = {k.split("/")[0]: parts[k] / parts[k.replace("wait_s", "step_s")]
+             for k in parts if k.endswith("/wait_s") and parts.get(k.replace("wait_s", "step_s"))}
     return {"images_per_s": len(timed) * BATCH / seconds, "part_seconds": parts,
-            "cut": points[1]["modules"][0] if len(points) > 1 else None}
+            "wait_share": waits, "cut": points[1]["modules"][0] if len(points) > 1 else None}
 
 
 def auto_point(model_name: str) -> str:
@@ -200,8 +224,14 @@ def rule_point(model_name: str) -> str:
 
 
 def run_one(model_name: str, config: str, steps: int, point: str) -> Dict[str, Any]:
-    if config == "bp_1thread":
-        return plain(model_name, 1, steps)
+    base, _, variant = config.partition("@")
+    if config == "ceiling":
+        return ceiling(model_name, steps)
+    if base == "bp_1thread":
+        return plain(model_name, 1, steps, bf16="bf16" in variant, compile="compile" in variant)
+    if base == "fr_k2_auto" and variant:
+        return frzoo_run(model_name, "fr", ["split.auto=time", "split.k=2", *VARIANTS[variant]],
+                         steps)
     if config == "bp_2threads":
         return plain(model_name, 2, steps)
     if config == "fr_k2_rule":
