@@ -287,5 +287,31 @@ class PartAlgorithm:
             raise ValueError(f"{type(self).__name__} carries no state, got {sorted(state)}")
 
 
+class DelayedPart(PartAlgorithm):
+    """A part k of K that trains on the sample of K-k iterations ago (Features Replay, DDG).
+
+    Every link then carries its delta one iteration late, so part k expects (and part k+1 sends)
+    a delta only once that sample exists: from iteration K-k on. The last part is plain backprop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = self.staleness  # K - k: how stale this part's gradient is
+
+    @classmethod
+    def staleness_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - 1 - index  # K - k
+
+    @classmethod
+    def history_of(cls, index: int, num_parts: int) -> int:
+        return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
+
+    def expects_delta(self, step: int) -> bool:
+        return not self.is_last and step - self.delay >= 0
+
+    def sends_delta(self, step: int) -> bool:
+        return not self.is_first and step - self.delay >= 0
+
+
 def tensors_to(items: Sequence[Any], device: torch.device) -> List[Any]:
     return [t.to(device) if isinstance(t, Tensor) else t for t in items]

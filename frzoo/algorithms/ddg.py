@@ -21,14 +21,14 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..registry import register_algorithm
-from .base import (Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats, seeded,
-                   step_seed)
+from .base import (DelayedPart, Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats,
+                   seeded, step_seed)
 
 Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, output, weight copies
 
 
 @register_algorithm("ddg")
-class DecoupledBackprop(PartAlgorithm):
+class DecoupledBackprop(DelayedPart):
     """One part under DDG. Options: warmup ('skip' or 'zeros'), as for Features Replay."""
 
     @dataclass(frozen=True)
@@ -38,16 +38,7 @@ class DecoupledBackprop(PartAlgorithm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.warmup = self.options.warmup
-        self.delay = self.num_parts - 1 - self.index
         self.graphs: Deque[Graph] = deque()
-
-    @classmethod
-    def staleness_of(cls, index: int, num_parts: int) -> int:
-        return num_parts - 1 - index
-
-    @classmethod
-    def history_of(cls, index: int, num_parts: int) -> int:
-        return num_parts - index if index < num_parts - 1 else 0  # graphs kept, K - k + 1
 
     @classmethod
     def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
@@ -93,12 +84,6 @@ class DecoupledBackprop(PartAlgorithm):
     def held_tensors(self) -> List[Tensor]:
         # the stored inputs and weight copies; the graphs' saved activations are counted as saved
         return [t for _, x, _, ws in self.graphs for t in (x, *ws.values())]
-
-    def expects_delta(self, step: int) -> bool:
-        return not self.is_last and step - self.delay >= 0
-
-    def sends_delta(self, step: int) -> bool:
-        return not self.is_first and step - self.delay >= 0
 
     def state_dict(self) -> Dict[str, Any]:
         # A live graph cannot be saved; its input and weight copies can, and rebuild it exactly.

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from ..registry import register_algorithm
-from .base import Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats
+from .base import (DelayedPart, Delta, ForwardResult, PartAlgorithm, arrived,
+                   frozen_bn_stats)
 
 
 @register_algorithm("fr")
-class FeaturesReplay(PartAlgorithm):
+class FeaturesReplay(DelayedPart):
     """One part under Features Replay.
 
     Options (the recipe's algorithm.warmup / algorithm.replay_bn):
@@ -47,16 +48,7 @@ class FeaturesReplay(PartAlgorithm):
         super().__init__(*args, **kwargs)
         self.warmup = self.options.warmup
         self.replay_bn = self.options.replay_bn
-        self.delay = self.num_parts - 1 - self.index  # K - k: how stale this part's gradient is
         self.history: Deque[Tuple[int, Tensor]] = deque()  # (iteration, input), oldest first
-
-    @classmethod
-    def staleness_of(cls, index: int, num_parts: int) -> int:
-        return num_parts - 1 - index  # K - k
-
-    @classmethod
-    def history_of(cls, index: int, num_parts: int) -> int:
-        return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
 
     @classmethod
     def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
@@ -104,12 +96,6 @@ class FeaturesReplay(PartAlgorithm):
 
     def held_tensors(self) -> List[Tensor]:
         return [h for _, h in self.history]
-
-    def expects_delta(self, step: int) -> bool:
-        return not self.is_last and step - self.delay >= 0
-
-    def sends_delta(self, step: int) -> bool:
-        return not self.is_first and step - self.delay >= 0
 
     def state_dict(self) -> Dict[str, Any]:
         return {"history_steps": [s for s, _ in self.history],
