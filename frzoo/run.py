@@ -20,8 +20,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .pipeline import (Pipeline, build_pipeline, load_plugins, num_parts_requested, resolve_algorithm,
-                    resolve_auto_split, resolve_devices)
 from .data import DataModule, build_data
 from .errors import FrzooError
 from .executors.base import Executor
@@ -29,6 +27,8 @@ from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
 from .logging import Logger, build_loggers, close_loggers
+from .pipeline import (Pipeline, build_pipeline, load_plugins, num_parts_requested,
+                       resolve_algorithm, resolve_auto_split, resolve_devices)
 from .sigma import SigmaProbe
 from .trainer import run_loop
 
