@@ -47,7 +47,7 @@ VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
 
 # ---------------------------------------------------------------- shared pieces
 def build(model_name: str):
-    import frzoo_registry  # noqa: F401  (the CIFAR ResNets)
+    import frzoo_zoo  # noqa: F401  (the CIFAR ResNets)
     import timm
     import torch
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ def main() -> None:
                         help="where the per-block times are measured (cpu: one thread; cuda)")
     parser.add_argument("--out", default="bench/results/speedup_model.json")
     args = parser.parse_args()
-    import frzoo_registry  # noqa: F401
+    import frzoo_zoo  # noqa: F401
     import timm
     from frzoo.algorithms.fr import FeaturesReplay
     from frzoo.split import points_for_k

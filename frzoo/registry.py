@@ -2,7 +2,7 @@
 
 Everything frzoo looks up by name lives in a :class:`Registry`: architectures, datasets,
 algorithms and split presets. Plugins add to them with the decorators below; the zoo's own
-``registry/`` folder (the package ``frzoo_registry``) is a plugin like any other and uses only
+``zoo/`` folder (the package ``frzoo_zoo``) is a plugin like any other and uses only
 this public API. See docs/plugins.md.
 
 Plugins are found in three ways:
@@ -63,7 +63,7 @@ def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
 
 def where_names_come_from(kind_plural: str) -> str:
     return (f"{kind_plural} come from frzoo itself, from installed plugins (entry point group "
-            f"'{ENTRY_POINT_GROUP}'; the zoo in registry/ is one) and from a recipe's `plugins:` "
+            f"'{ENTRY_POINT_GROUP}'; the zoo, package frzoo_zoo in zoo/, is one) and from a recipe's `plugins:` "
             f"list (module names or .py files); see docs/plugins.md.")
 
 

@@ -100,7 +100,7 @@ def test_example_registrations_and_timm(example_installed):
     # timm's register_model appends names to the module's __all__; frzoo undoes that so that
     # `from module import *` keeps working (the entrypoint does not live in the plugin module).
     import frzoo_example_plugin.models as models
-    import frzoo_registry.cifar_resnet as zoo
+    import frzoo_zoo.cifar_resnet as zoo
     for module in (models, zoo):
         assert all(hasattr(module, name) for name in module.__all__), module.__name__
 
@@ -384,8 +384,8 @@ def test_a_bug_inside_a_plugin_builder_keeps_its_traceback(scratch):
 def test_the_zoo_is_a_plugin_on_the_public_api():
     eps = {ep.name: ep.value for ep in metadata.distribution("frzoo").entry_points
            if ep.group == registry.ENTRY_POINT_GROUP}
-    assert eps == {"zoo": "frzoo_registry"}
-    assert ARCHITECTURES.origin("cifar_resnet20") == "frzoo_registry.cifar_resnet"
+    assert eps == {"zoo": "frzoo_zoo"}
+    assert ARCHITECTURES.origin("cifar_resnet20") == "frzoo_zoo.cifar_resnet"
     # the zoo imports nothing private from frzoo (only the names a third-party plugin uses)
     public = {"register_architecture", "register_dataset", "register_algorithm",
               "register_split_presets", "ARCHITECTURES", "DATASETS", "ALGORITHMS",
