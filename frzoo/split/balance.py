@@ -3,7 +3,7 @@
 Cost of a part depends on the algorithm, and the algorithm class says what it is
 (``part_cost`` and ``memory_cost``, frzoo.algorithms.base): under Features Replay every part but
 the last runs its forward twice (play and replay) and its backward once, the last part once each;
-so a balanced split gives the last part more blocks (shared/docs/ALGORITHM.md, "Ideal speed").
+so a balanced split gives the last part more blocks (docs/algorithm.md, "Ideal speed").
 The backward / forward ratio varies a lot between blocks (about 1.4 for CIFAR ResNet-56 blocks
 at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and backward
 separately, per block. The best contiguous split for a cost is found exactly by dynamic
