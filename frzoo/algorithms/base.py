@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -311,7 +311,3 @@ class DelayedPart(PartAlgorithm):
 
     def sends_delta(self, step: int) -> bool:
         return not self.is_first and step - self.delay >= 0
-
-
-def tensors_to(items: Sequence[Any], device: torch.device) -> List[Any]:
-    return [t.to(device) if isinstance(t, Tensor) else t for t in items]
