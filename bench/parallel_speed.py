@@ -1,6 +1,7 @@
 """Images/s of Features Replay against the alternatives a user of this machine would run.
 
     python bench/parallel_speed.py [--models resnet18,cifar_resnet56] [--repeats 2] [--out FILE]
+                                   [--configs bp_1thread,ceiling,...] [--before REV]
 
 For each model (batch 128, 32x32 synthetic images, 10 classes, SGD), every configuration runs in a
 fresh process, each configuration `--repeats` times in alternation (these machines are noisy):
@@ -12,10 +13,14 @@ fresh process, each configuration `--repeats` times in alternation (these machin
   ddp          DistributedDataParallel, two processes of one thread, 64 images each
   gpipe_4/8    torch.distributed.pipelining ScheduleGPipe, 2 stages, 4 / 8 micro-batches
   1f1b_4/8     torch.distributed.pipelining Schedule1F1B, 2 stages, 4 / 8 micro-batches
-  ceiling      two independent bp_1thread processes side by side: their images/s summed. Over
-               bp_1thread it is the machine's own ceiling c for two one-thread workers (2.0 on
-               ideal hardware; shared machines give less, and it swings from run to run, so a
-               configuration's ratio is read against the c of the same run)
+  ceiling      the machine's own ceiling c for two one-thread workers: one bp_1thread process
+               alone, then two side by side, their images/s summed over the one alone (2.0 on
+               ideal hardware; shared machines give less, and it swings from run to run). Both
+               halves run back to back inside the one measurement, so c does not mix rounds; a
+               configuration's ratio is read against the median c of the same run
+  transport_now / transport_before   fr K=2 at the auto cut (given explicitly, so both use the
+               same cut) with today's transport and with the code at --before (default: the last
+               commit before the NCCL-ordered transport), run from a temporary git worktree
   CONFIG@bf16, @compile, @bf16_compile   the same with bf16 autocast, torch.compile (inductor) or
                both: for bp_1thread a plain loop, for fr_k2_auto frzoo's train.precision=bf16 /
                train.compile=true (compilation happens in the untimed warm-up steps)
@@ -25,6 +30,7 @@ also report each part's seconds per step in forward, replay, backward, optimizer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,13 +40,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 BATCH, SIZE, CLASSES = 128, 32, 10
 WARMUP = 3
 STEPS = {"resnet18": 10, "cifar_resnet56": 6}
 CONFIGS = ["bp_1thread", "ceiling", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
-           "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8"]
+           "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8", "transport_now", "transport_before"]
+#: the last commit whose distributed transport predates the NCCL-ordered one (issue 12)
+BEFORE = "4dbd6d9"
 VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
             "bf16_compile": ["train.precision=bf16", "train.compile=true"]}
 
@@ -172,14 +180,35 @@ def spawn2(target, *args) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- frzoo
 def ceiling(model_name: str, steps: int) -> Dict[str, Any]:
-    """Two bp_1thread processes at once: what two independent one-thread workers get here."""
-    procs = [subprocess.Popen([sys.executable, __file__, "--one", model_name, "bp_1thread", "-"],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in procs]
-    return {"images_per_s": sum(rates), "each": rates}
+    """One bp_1thread process alone, then two at once: c = their summed images/s over the one."""
+    def launch(n: int) -> List[float]:
+        procs = [subprocess.Popen([sys.executable, __file__, "--one", model_name, "bp_1thread", "-"],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"]
+                for p in procs]
+    alone = launch(1)[0]
+    pair = launch(2)
+    return {"images_per_s": sum(pair), "each": pair, "alone": alone, "c": sum(pair) / alone}
 
 
-def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> Dict[str, Any]:
+#: metric names of the code before the metrics schema (the `transport_before` rows run it)
+OLD_NAMES = {"images_per_s": "train/images_per_s"}
+
+
+def _new_name(key: str) -> str:
+    """`part1_wait_s` (old) -> `part1/wait_s`; names already in today's schema unchanged."""
+    if key in OLD_NAMES:
+        return OLD_NAMES[key]
+    if key.startswith("part") and "_" in key and "/" not in key:
+        head, _, rest = key.partition("_")
+        return f"{head}/{rest}"
+    return key
+
+
+def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
+              code: str = "") -> Dict[str, Any]:
+    """One frzoo run (today's code, or the checkout at `code` on PYTHONPATH)."""
+    env = dict(os.environ, PYTHONPATH=code) if code else None
     with tempfile.TemporaryDirectory() as tmp:
         total = WARMUP + steps
         cmd = [sys.executable, "-m", "frzoo.cli", "run", f"model.name={model_name}",
@@ -189,10 +218,11 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int) -> 
                f"algorithm.name={algorithm}", f"train.max_steps={total}", "train.eval_every=0",
                "train.log_every=1", "train.progress=false", "optimizer.nesterov=true",
                f"run.out_dir={tmp}/run", *split]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code or None)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
-        records = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+        records = [{_new_name(k): v for k, v in json.loads(line).items()}
+                   for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
         points = json.loads(Path(tmp, "run", "partition.json").read_text())
     timed = [r for r in records if r["kind"] == "train" and r["step"] > WARMUP]
     seconds = sum(BATCH / r["train/images_per_s"] for r in timed)
@@ -238,6 +268,11 @@ def run_one(model_name: str, config: str, steps: int, point: str) -> Dict[str, A
         return frzoo_run(model_name, "fr", ["split.k=2"], steps)
     if config == "fr_k2_auto":
         return frzoo_run(model_name, "fr", ["split.auto=time", "split.k=2"], steps)
+    if config == "transport_now":
+        return frzoo_run(model_name, "fr", [f"split.points=[{point}]"], steps)
+    if config == "transport_before":
+        return frzoo_run(model_name, "fr", [f"split.points=[{point}]"], steps,
+                         code=os.environ["FRZOO_BENCH_BEFORE"])
     if config == "bp_k2":
         return frzoo_run(model_name, "bp", [f"split.points=[{point}]"], steps)
     if config == "ddp":
@@ -252,6 +287,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench/results/parallel_speed.json")
+    parser.add_argument("--before", default=BEFORE,
+                        help="git revision whose transport the transport_before rows run")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "CONFIG", "POINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,6 +301,33 @@ def main() -> None:
         "batch": BATCH, "image_size": SIZE, "warmup_steps": WARMUP, "models": {}}
     import torch
     results["machine"]["torch"] = torch.__version__
+    with contextlib.ExitStack() as stack:
+        if "transport_before" in args.configs.split(","):
+            os.environ["FRZOO_BENCH_BEFORE"] = stack.enter_context(checkout(args.before))
+            results["before"] = args.before
+        measure(args, results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[str]:
+    """A temporary detached git worktree of this repository at `rev`."""
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "before")
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", path, rev],
+                       check=True, capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", path],
+                           capture_output=True)
+
+
+def measure(args: argparse.Namespace, results: Dict[str, Any]) -> None:
+    """Every configuration `args.repeats` times, in alternation, each in a fresh process."""
     for model_name in args.models.split(","):
         point = auto_point(model_name)
         rows: Dict[str, List[Dict[str, Any]]] = {c: [] for c in args.configs.split(",")}
@@ -280,26 +344,40 @@ def main() -> None:
                       file=sys.stderr, flush=True)
         results["models"][model_name] = {"auto_point": point, "rule_point": rule_point(model_name),
                                          "runs": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(table(results))
 
 
 def table(results: Dict[str, Any]) -> str:
+    """Per model: each configuration's median images/s, its ratio to bp_1thread (the median of
+    the per-round ratios: rounds alternate, so a round's configurations share the machine's
+    state) and that ratio over the run's median ceiling c."""
     lines = []
     for model_name, entry in results["models"].items():
         runs = entry["runs"]
-        base = statistics.median(r["images_per_s"] for r in runs["bp_1thread"] if "images_per_s" in r)
-        lines += [f"\n### {model_name} (auto cut: {entry['auto_point']}, rule cut: {entry['rule_point']})\n",
-                  "| configuration | img/s (median) | runs | x bp_1thread |", "|---|---|---|---|"]
+        base = [r.get("images_per_s") for r in runs["bp_1thread"]]
+        cs = [r["c"] for r in runs.get("ceiling", []) if "c" in r]
+        c = statistics.median(cs) if cs else None
+        lines += [f"\n### {model_name} (auto cut: {entry['auto_point']}, rule cut: "
+                  f"{entry['rule_point']})\n",
+                  "ceiling c: " + (f"{c:.2f} (rounds: {', '.join(f'{v:.2f}' for v in cs)})"
+                                   if c else "not measured") + "\n",
+                  "| configuration | img/s (median) | runs | x bp_1thread | x c | period | wait share |",
+                  "|---|---|---|---|---|---|---|"]
         for config, rows in runs.items():
             values = [r["images_per_s"] for r in rows if "images_per_s" in r]
             if not values:
-                lines.append(f"| {config} | failed | | |")
+                lines.append(f"| {config} | failed | | | |")
                 continue
-            med = statistics.median(values)
-            lines.append(f"| {config} | {med:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
-                         f"{med / base:.2f}x |")
+            ratios = [r["images_per_s"] / b for r, b in zip(rows, base)
+                      if "images_per_s" in r and b]
+            ratio = statistics.median(ratios) if ratios else float("nan")
+            over_c = f"{ratio / c:.2f}" if c else ""
+            period = BATCH / statistics.median(values)
+            waits = [r["wait_share"] for r in rows if r.get("wait_share")]
+            wait = ", ".join(f"{part} {100 * statistics.median(w[part] for w in waits):.0f}%"
+                             for part in sorted(waits[0])) if waits else ""
+            lines.append(f"| {config} | {statistics.median(values):.1f} | "
+                         f"{', '.join(f'{v:.1f}' for v in values)} | {ratio:.2f}x | {over_c} | "
+                         f"{1000 * period:.0f} ms | {wait} |")
     return "\n".join(lines)
 
 
