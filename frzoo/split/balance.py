@@ -11,7 +11,7 @@ programming.
 
 Measured time is noisy: on a shared CPU a block's time moves by a few percent between runs, and
 resnet18's best K=2 cuts (before `layer2.0` or `layer2.1`) differ by less than that. So `time`
-measures each block several times (median, and the spread = largest minus smallest), and every
+measures each block several times (median, and the spread = interquartile range), and every
 split whose predicted bottleneck is within the spread of the best one counts as a tie; among the
 ties the FLOPs decide (the same cost model on FLOPs, backward = 2 forwards), then the position.
 FLOPs do not depend on the machine's load, so two runs on one machine choose the same cut, while
