@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .pipeline import build_pipeline, resolve_algorithm
+    from .pipeline import build_pipeline, resolve_algorithm, resolve_auto_split
     from .data import build_data
     from .run import executor_line
     from .split import all_cut_points
@@ -82,27 +82,46 @@ def cmd_plan(args: argparse.Namespace) -> int:
     data = build_data(cfg.data, cfg.train.seed)
     if args.candidates:  # before the pipeline: the list helps most when the recipe's split is invalid
         _print_candidates(cfg, data.info)
+    if cfg.split.auto is not None:  # the points `frzoo run` would choose, measured the same way
+        cfg = resolve_auto_split(cfg, data.info, echo=lambda msg: print(f"# {msg}\n"))
     pipeline = build_pipeline(cfg, data.info)
     if args.points:
         print("# valid split points, in execution order")
         print("\n".join(all_cut_points(pipeline.model)))
         print()
     rows = pipeline.table()
-    print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}")
-    header = f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} {'history':>7}"
+    costs = _predicted_costs(cfg, data.info, pipeline)
+    print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}; predicted cost per "
+          f"iteration under {cfg.algorithm.name}'s cost model from FLOPs (backward = 2 forwards), "
+          f"as a share of the bottleneck part's and of the total")
+    header = (f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} "
+              f"{'history':>7} {'bottleneck':>10} {'total':>6}")
     print(header)
     print("-" * len(header))
-    for row in rows:
+    for row, cost in zip(rows, costs):
         names = row["modules"]
         label = ("<whole model>" if names == [""] else
                  names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})")
         shape = "x".join(map(str, row["output_shape"] or [])) or "?"
         print(f"{row['part']:>4}  {label:<44} {row['params']:>11,}  {shape:<18} "
-              f"{row['device']:<8} {row['history']:>7}")
+              f"{row['device']:<8} {row['history']:>7} {100 * cost / (max(costs) or 1):>9.0f}% "
+              f"{100 * cost / (sum(costs) or 1):>5.0f}%")
     diffs = ", ".join(f"{d:g}" for d in pipeline.report.max_abs_diff)
     print(f"\nsplit check: the chained parts equal the whole model exactly "
           f"(max |diff| per part: {diffs}; eval mode, random input)")
     return 0
+
+
+def _predicted_costs(cfg: Any, info: Any, pipeline: Any) -> List[float]:
+    """Each part's cost per iteration under the algorithm's cost model (fr: 2F + B, the last
+    part F + B) with FLOPs for F and 2F for B, counted on a fresh copy of the model on the CPU
+    (the pipeline's parts may sit on different devices)."""
+    import torch
+    from .pipeline import build_model
+    from .split import flops_shares
+    model = build_model(cfg.model, info, cfg.train.seed)
+    sample = torch.randn(1, info.channels, info.image_size, info.image_size)
+    return flops_shares(model, pipeline.partition.to_list(), sample, pipeline.algorithm_cls)
 
 
 def _si(value: float) -> str:

@@ -23,7 +23,7 @@ from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
 from .precision import prepare_part
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
-from .split import EquivalenceReport, Partition, SplitPart, balanced_points, resolve
+from .split import EquivalenceReport, Partition, SplitPart, balance, resolve
 
 
 @dataclass
@@ -235,14 +235,12 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
     try:
         sample = torch.randn(cfg.data.batch_size, info.channels, info.image_size, info.image_size,
                              generator=torch.Generator().manual_seed(cfg.train.seed))
-        points, costs = balanced_points(model.to(device), k, by=cfg.split.auto,
-                                        algorithm=ALGORITHMS.get(cfg.algorithm.name),
-                                        sample=sample.to(device))
+        chosen = balance(model.to(device), k, by=cfg.split.auto,
+                         algorithm=ALGORITHMS.get(cfg.algorithm.name), sample=sample.to(device))
     finally:
         torch.set_num_threads(threads)
-    total = sum(costs) or 1.0
-    echo(f"split.auto={cfg.split.auto}: points {points}; part shares "
-         + ", ".join(f"{100 * c / total:.0f}%" for c in costs))
-    resolved = OmegaConf.merge(cfg, {"split": {"points": points, "auto": None, "k": None}})
+    echo(f"split.auto={cfg.split.auto}: points {chosen.points}; predicted cost per iteration "
+         f"under {cfg.algorithm.name}'s cost model: {chosen.describe()}")
+    resolved = OmegaConf.merge(cfg, {"split": {"points": chosen.points, "auto": None, "k": None}})
     OmegaConf.set_readonly(resolved, True)
     return resolved

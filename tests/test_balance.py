@@ -99,3 +99,89 @@ def test_each_algorithm_states_its_own_costs():
     assert memory_cost(rows, 0, 3, FeaturesReplay) == 6 + 30 + 2 * 3
     assert memory_cost(rows, 0, 3, DecoupledBackprop) == 6 + 3 * 30 + 2 * 3
     assert memory_cost(rows, 2, 3, DecoupledBackprop) == memory_cost(rows, 2, 3, Backprop)
+
+
+# split.auto=time holds still: near-ties (within the measured spread) go to FLOPs, then position.
+# Seven units with B = 2F, so under fr K=2 part 1 costs 4F and part 2 3F: the cuts before units
+# 3 and 4 predict bottlenecks 101.7 and 102.4 (0.7% apart), every other cut is > 20% worse.
+NEAR_TIE_F = [10.0, 8.0, 7.0, 0.6, 11.0, 11.0, 11.3]
+
+
+def noisy_draw(g, true, noise):
+    """Measured medians: each unit's forward and backward off by up to +-`noise` (relative)."""
+    factors = 1 + (2 * torch.rand(len(true), 2, generator=g) - 1) * noise
+    return [(f * float(a), b * float(c)) for (f, b), (a, c) in zip(true, factors)]
+
+
+def test_near_ties_go_to_flops_so_noisy_measurements_choose_the_same_cut():
+    from frzoo.split.balance import steady_cuts
+    true = [(f, 2 * f) for f in NEAR_TIE_F]
+    spreads = [(0.08 * f, 0.08 * b) for f, b in true]  # what the measurements' IQR says
+    g = torch.Generator().manual_seed(0)
+    fastest, steady = set(), set()
+    for _ in range(50):
+        medians = noisy_draw(g, true, 0.04)
+        fastest.add(tuple(best_cuts(7, 2, lambda a, b, i: part_cost(medians[a:b], i, 2, FeaturesReplay))))
+        steady.add(tuple(steady_cuts(medians, spreads, NEAR_TIE_F, 2, FeaturesReplay)))
+    assert fastest == {(3,), (4,)}  # the medians alone flip with the noise
+    assert steady == {(3,)}  # the smaller FLOPs bottleneck: 4 * 25 = 100 < 3 * 33.9 = 101.7
+    # equal FLOPs: the position decides, the same way every time
+    flat = [1.0] * 7
+    assert len({tuple(steady_cuts(noisy_draw(g, true, 0.04), spreads, flat, 2, FeaturesReplay))
+                for _ in range(20)}) == 1
+
+
+def test_a_split_better_by_more_than_the_spread_still_wins():
+    from frzoo.split.balance import steady_cuts
+    times = [(f, 2 * f) for f in [10.0, 8.0, 7.0, 9.0, 11.0, 11.0, 11.3]]
+    flops = [10.0, 8.0, 7.0, 0.6, 11.0, 11.0, 20.0]  # FLOPs alone would cut before unit 4
+    assert best_cuts(7, 2, lambda a, b, i: part_cost([(f, 2 * f) for f in flops][a:b], i, 2,
+                                                     FeaturesReplay)) == [4]
+    # by time the cut before unit 3 (126.9) beats the one before unit 4 (136) by far more than
+    # a 2% spread: time decides; with a spread wider than the gap, FLOPs do
+    tight = [(0.02 * f, 0.02 * b) for f, b in times]
+    assert steady_cuts(times, tight, flops, 2, FeaturesReplay) == [3]
+    wide = [(0.5 * f, 0.5 * b) for f, b in times]
+    assert steady_cuts(times, wide, flops, 2, FeaturesReplay) == [4]
+    # no spread measured (one measurement): the medians decide alone
+    assert steady_cuts(times, [(0.0, 0.0)] * 7, flops, 2, FeaturesReplay) == [3]
+
+
+def test_median_and_interquartile_spread_ignore_an_outlier():
+    from frzoo.split.costs import median_and_spread
+    rows = [(1.0, 5.0), (1.1, 5.2), (0.9, 25.0), (1.0, 4.9), (1.2, 5.1)]  # one 5x backward
+    (f, b), (sf, sb) = median_and_spread(rows)
+    assert (f, b) == (1.0, 5.1)
+    assert sf == pytest.approx(0.1) and sb == pytest.approx(0.2)
+
+
+def test_time_balance_measures_each_block_several_times_and_reports_shares():
+    from frzoo.split import balance
+    from frzoo.split.balance import REPEATS, predicted_shares
+    from frzoo.split.costs import sample_units
+    model = timm.create_model("resnet18", num_classes=10)
+    sample = torch.randn(4, 3, 32, 32)
+    rows = sample_units(model, units_of(model), sample, REPEATS)
+    assert REPEATS >= 3 and all(len(r) == REPEATS for r in rows)
+    chosen = balance(model, 2, by="time", algorithm=FeaturesReplay, sample=sample)
+    assert len(chosen.points) == 1 and len(chosen.costs) == len(chosen.spreads) == 2
+    assert chosen.unit == "s" and "of the bottleneck" in chosen.describe()
+    assert predicted_shares([3.0, 1.0]) == ("part 1 100% of the bottleneck (75% of the total), "
+                                            "part 2 33% of the bottleneck (25% of the total)")
+
+
+def test_flops_shares_of_any_partition_use_the_algorithm_cost_model():
+    from frzoo.split import flops_shares
+    model = timm.create_model("resnet18", num_classes=10)
+    sample = torch.randn(1, 3, 32, 32)
+    units = units_of(model)
+    per_unit = unit_flops_of(model, units, sample)
+    parts = [sum(units[:3], []), sum(units[3:], [])]
+    fr = flops_shares(model, parts, sample, FeaturesReplay)
+    assert fr == pytest.approx([4 * sum(per_unit[:3]), 3 * sum(per_unit[3:])])
+    assert flops_shares(model, [[""]], sample, Backprop) == pytest.approx([3 * sum(per_unit)])
+
+
+def unit_flops_of(model, units, sample):
+    from frzoo.split.costs import unit_flops
+    return unit_flops(model, units, sample)

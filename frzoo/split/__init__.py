@@ -14,7 +14,7 @@ cutting the chain of children and cutting the traced forward. Modules:
 * ``balance``: `split.auto`, the exact balancing under an algorithm's cost model;
 * ``resolve``: :func:`resolve`.
 """
-from .balance import balanced_points
+from .balance import Balance, balance, balanced_points, flops_shares
 from .chain import all_cut_points
 from .check import EquivalenceReport, check_equivalence
 from .fx import profile_blocks
@@ -22,6 +22,6 @@ from .plan import WHOLE_MODEL, Partition, SplitPart
 from .resolve import Split, original_key, resolve
 from .rule import fr_split_points, points_for_k
 
-__all__ = ["WHOLE_MODEL", "EquivalenceReport", "Partition", "Split", "SplitPart",
-           "all_cut_points", "balanced_points", "check_equivalence", "fr_split_points",
-           "original_key", "points_for_k", "profile_blocks", "resolve"]
+__all__ = ["WHOLE_MODEL", "Balance", "EquivalenceReport", "Partition", "Split", "SplitPart",
+           "all_cut_points", "balance", "balanced_points", "check_equivalence", "flops_shares",
+           "fr_split_points", "original_key", "points_for_k", "profile_blocks", "resolve"]

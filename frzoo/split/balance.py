@@ -8,17 +8,28 @@ The backward / forward ratio varies a lot between blocks (about 1.4 for CIFAR Re
 at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and backward
 separately, per block. The best contiguous split for a cost is found exactly by dynamic
 programming.
+
+Measured time is noisy: on a shared CPU a block's time moves by a few percent between runs, and
+resnet18's best K=2 cuts (before `layer2.0` or `layer2.1`) differ by less than that. So `time`
+measures each block several times (median, and the spread = interquartile range), and every
+split whose predicted bottleneck is within the spread of the best one counts as a tie; among the
+ties the FLOPs decide (the same cost model on FLOPs, backward = 2 forwards), then the position.
+FLOPs do not depend on the machine's load, so two runs on one machine choose the same cut, while
+a split that is better by more than the noise still wins (:func:`steady_cuts`).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Protocol, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import FrzooError
 from .chain import block_list
-from .costs import measure_units, unit_flops, unit_memory
+from .costs import median_and_spread, module_flops, sample_units, unit_flops, unit_memory
+
+REPEATS = 5  # measurements per block for split.auto=time, after a warm-up run
 
 
 class AlgorithmCosts(Protocol):
@@ -87,17 +98,94 @@ def best_cuts(n: int, k: int, cost: Callable[[int, int, int], float]) -> List[in
     return sorted(cuts)[1:]
 
 
+@dataclass
+class Balance:
+    """What `split.auto` chose and predicts: the points, and per part its cost in the measure
+    (`unit`: s, FLOPs, params or bytes) under the algorithm's cost model, with the measured spread
+    of that cost (0 for the measures that are counted, not timed)."""
+    points: List[str]
+    costs: List[float]
+    spreads: List[float] = field(default_factory=list)
+    unit: str = ""
+    tie_broken: bool = False  # the fastest split by the medians lost a near-tie on FLOPs
+
+    def describe(self) -> str:
+        """One line for the run's first lines: each part's predicted share of the bottleneck
+        and of the total, and how the noise was handled."""
+        line = predicted_shares(self.costs)
+        bottleneck = max(self.costs) if self.costs else 0.0
+        if self.spreads and bottleneck > 0 and any(self.spreads):
+            line += (f"; measured spread up to {100 * max(self.spreads) / bottleneck:.1f}% of the "
+                     f"bottleneck, splits within it are ties broken by FLOPs"
+                     + (" (which changed the pick)" if self.tie_broken else ""))
+        return line
+
+
+def predicted_shares(costs: Sequence[float]) -> str:
+    """`part 1 100% of the bottleneck (52% of the total), part 2 ...` for per-part costs."""
+    bottleneck, total = max(costs, default=0.0) or 1.0, sum(costs) or 1.0
+    return ", ".join(f"part {k + 1} {100 * c / bottleneck:.0f}% of the bottleneck "
+                     f"({100 * c / total:.0f}% of the total)" for k, c in enumerate(costs))
+
+
+def split_costs(costs: Sequence[Tuple[float, float]], cuts: Sequence[int], k: int,
+                algorithm: AlgorithmCosts) -> List[float]:
+    """Each part's cost for the split at `cuts` (indices where parts 2..K start)."""
+    bounds = [0, *cuts, len(costs)]
+    return [part_cost(costs[a:b], i, k, algorithm) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[float, float]],
+                flops: Sequence[float], k: int, algorithm: AlgorithmCosts) -> List[int]:
+    """The split with the smallest measured bottleneck, where near-ties go to FLOPs.
+
+    `times` and `spreads` are each unit's median (forward, backward) seconds and their spread,
+    `flops` its forward FLOPs. A split's bottleneck counts as tied with the best one's when it is
+    within the measured spread of the best split's parts (each part's spread under the cost
+    model, the largest of them: the amount by which the best bottleneck itself may be off).
+    Among the ties the one whose FLOPs bottleneck (same cost model, backward = 2 forwards) is
+    smallest wins; equal FLOPs go to the first in the search's order. Both are exact
+    minimisations by :func:`best_cuts`: the ties are the splits whose every part costs at most
+    the limit."""
+    n = len(times)
+    fastest = best_cuts(n, k, lambda a, b, i: part_cost(times[a:b], i, k, algorithm))
+    bottleneck = max(split_costs(times, fastest, k, algorithm))
+    tolerance = max(split_costs(spreads, fastest, k, algorithm))
+    if tolerance <= 0:
+        return fastest
+    by_flops = [(f, 2 * f) for f in flops]
+
+    def cost(a: int, b: int, index: int) -> float:
+        within = part_cost(times[a:b], index, k, algorithm) - bottleneck < tolerance
+        return part_cost(by_flops[a:b], index, k, algorithm) if within else float("inf")
+
+    return best_cuts(n, k, cost)
+
+
 def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
                     sample: torch.Tensor) -> Tuple[List[str], List[float]]:
     """Split points for K parts balanced by `by` (time, flops, params or memory) under
     `algorithm` (its class, e.g. ``ALGORITHMS.get("fr")``), and each part's cost in that measure
-    (seconds, FLOPs per sample, parameters, bytes)."""
+    (seconds, FLOPs per sample, parameters, bytes); :func:`balance` says more."""
+    chosen = balance(model, k, by=by, algorithm=algorithm, sample=sample)
+    return chosen.points, chosen.costs
+
+
+def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
+            sample: torch.Tensor) -> Balance:
+    """Split points for K parts balanced by `by` under `algorithm`, with each part's predicted
+    cost (and for `time` its measured spread), see :class:`Balance`."""
     units = units_of(model)
-    if by in ("time", "flops"):
-        if by == "time":
-            costs = measure_units(model, units, sample)
-        else:  # a backward costs about two forwards
-            costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
+    if by == "time":
+        medians, spreads = zip(*(median_and_spread(rows)
+                                 for rows in sample_units(model, units, sample, REPEATS)))
+        flops = unit_flops(model, units, sample[:1])
+        cuts = steady_cuts(medians, spreads, flops, k, algorithm)
+        fastest = best_cuts(len(units), k, lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
+        return Balance([units[c][0] for c in cuts], split_costs(medians, cuts, k, algorithm),
+                       split_costs(spreads, cuts, k, algorithm), "s", cuts != fastest)
+    if by == "flops":  # a backward costs about two forwards
+        costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
 
         def cost(a: int, b: int, index: int) -> float:
             return part_cost(costs[a:b], index, k, algorithm)
@@ -116,4 +204,18 @@ def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCo
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
     shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-    return [units[c][0] for c in cuts], shares
+    unit = {"flops": "FLOPs", "params": "params", "memory": "bytes"}[by]
+    return Balance([units[c][0] for c in cuts], shares, [0.0] * len(shares), unit)
+
+
+def flops_shares(model: nn.Module, names: Sequence[Sequence[str]], sample: torch.Tensor,
+                 algorithm: AlgorithmCosts) -> List[float]:
+    """Each part's predicted cost per iteration under `algorithm`'s cost model from FLOPs
+    (backward = 2 forwards), for parts given as module names (a partition): what `frzoo plan`
+    prints for any split. FLOPs outside the listed modules (functional code of the root) are
+    charged to the last part, which holds the head."""
+    per_module: Dict[str, float] = module_flops(model, sample[:1])
+    forward = [sum(per_module.get(n, 0.0) for n in part) for part in names]
+    if forward:
+        forward[-1] += max(0.0, per_module.get("", 0.0) - sum(forward))
+    return [algorithm.part_cost(i, len(forward), f, 2 * f) for i, f in enumerate(forward)]

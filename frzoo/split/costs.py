@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import FrzooError
 from ..memory import MemoryMeter
 
 
@@ -67,13 +68,25 @@ def unit_flops(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.T
 def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor,
                   repeats: int = 3) -> List[Tuple[float, float]]:
     """Median (forward, backward + optimizer step) seconds of each unit on `sample`, in train
-    mode, in order. The update is measured too: a part holding most of the parameters (resnet18's
-    layer4) spends tens of ms in it per iteration."""
+    mode, in order (:func:`sample_units` has the single measurements)."""
+    return [median_and_spread(rows)[0] for rows in sample_units(model, units, sample, repeats)]
+
+
+def sample_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor,
+                 repeats: int = 3) -> List[List[Tuple[float, float]]]:
+    """`repeats` measurements of (forward, backward + optimizer step) seconds of each unit on
+    `sample`, in train mode, in order, each after one warm-up run (allocators, kernels). The
+    update is measured too: a part holding most of the parameters (resnet18's layer4) spends
+    tens of ms in it per iteration. Several measurements, not one, because a block's time on a
+    shared machine varies by a few percent from run to run: their spread says which differences
+    between splits are real (frzoo.split.balance)."""
+    if repeats < 1:
+        raise FrzooError(f"repeats={repeats}: a unit needs at least one measurement.")
     modules = [[model.get_submodule(n) for n in unit] for unit in units]
     sync = _synchronizer(sample.device)
     was_training = model.training
     model.train()
-    out: List[Tuple[float, float]] = []
+    out: List[List[Tuple[float, float]]] = []
     h = sample
     try:
         for unit in modules:
@@ -93,15 +106,52 @@ def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torc
                 fwd.append(mid - start)
                 bwd.append(end - mid)
             params = [p for m in unit for p in m.parameters() if p.grad is not None]
-            step = statistics.median(_optimizer_seconds(params)) if params else 0.0
             # the update runs once per iteration in every part, like the backward: count it there
-            out.append((statistics.median(fwd[1:]), statistics.median(bwd[1:]) + step))
+            steps = _optimizer_seconds(params, repeats) if params else [0.0] * repeats
+            out.append([(f, b + s) for f, b, s in zip(fwd[1:], bwd[1:], steps)])
             with torch.no_grad():
                 for m in unit:
                     h = m(h)
         model.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
+    return out
+
+
+def median_and_spread(rows: Sequence[Tuple[float, float]]) -> Tuple[Tuple[float, float],
+                                                                      Tuple[float, float]]:
+    """(median forward, median backward) of a unit's measurements, and their spread, the
+    interquartile range: a difference smaller than the spread may be noise. Not the full range,
+    because one measurement in a few on a shared machine is an outlier (a block's backward now
+    and then takes five times its usual time), and the median ignores it too."""
+    def spread(values: List[float]) -> float:
+        if len(values) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return q3 - q1
+
+    fwd = [f for f, _ in rows]
+    bwd = [b for _, b in rows]
+    return (statistics.median(fwd), statistics.median(bwd)), (spread(fwd), spread(bwd))
+
+
+def module_flops(model: nn.Module, sample: torch.Tensor) -> Dict[str, float]:
+    """Forward FLOPs per sample inside each module of `model` (by its name in the model; the
+    root is ""), counted on one run of the whole model in eval mode: what a part's modules cost,
+    whichever way the part was cut (chain or trace), without running the parts."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False,
+                                              custom_mapping=_MISSING_FORMULAS) as counter:
+            model(sample)
+    finally:
+        model.train(was_training)
+    root = type(model).__name__
+    out: Dict[str, float] = {}
+    for key, counts in counter.get_flop_counts().items():
+        if key == root or key.startswith(root + "."):
+            out[key[len(root) + 1:]] = sum(counts.values()) / sample.shape[0]
     return out
 
 
