@@ -8,10 +8,15 @@ The backward / forward ratio varies a lot between blocks (about 1.4 for CIFAR Re
 at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and backward
 separately, per block. The best contiguous split for a cost is found exactly by dynamic
 programming.
+
+The blocks. `flops` balances over the candidates of the traced forward (frzoo.split.fx: a block
+from each valid cut to the next, inside residual blocks too), so a part boundary may fall inside
+a block and the parts come out within a few percent of each other; `params` does too where the
+forward chain has fewer than K units. `time` and `memory` run units of the forward chain.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Protocol, Sequence, Tuple
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +24,7 @@ from torch import nn
 from ..errors import FrzooError
 from .chain import block_list
 from .costs import measure_units, unit_flops, unit_memory
+from .fx import Block, profile_blocks
 
 
 class AlgorithmCosts(Protocol):
@@ -88,11 +94,16 @@ def best_cuts(n: int, k: int, cost: Callable[[int, int, int], float]) -> List[in
 
 
 def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
-                    sample: torch.Tensor) -> Tuple[List[str], List[float]]:
+                    sample: torch.Tensor, within_blocks: bool = True) -> Tuple[List[str], List[float]]:
     """Split points for K parts balanced by `by` (time, flops, params or memory) under
     `algorithm` (its class, e.g. ``ALGORITHMS.get("fr")``), and each part's cost in that measure
-    (seconds, FLOPs per sample, parameters, bytes)."""
+    (seconds, FLOPs per sample, parameters, bytes). `within_blocks=False` keeps `flops` on the
+    units of the forward chain (cuts between blocks, one tensor each: the zoo's presets)."""
     units = units_of(model)
+    if (by == "flops" and (within_blocks or len(units) < k)) or (by == "params" and len(units) < k):
+        blocks = _traced_blocks(model, sample[:1])
+        if blocks is not None:
+            return _balance_blocks(blocks, k, by, algorithm)
     if by in ("time", "flops"):
         if by == "time":
             costs = measure_units(model, units, sample)
@@ -113,7 +124,40 @@ def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCo
         def cost(a: int, b: int, index: int) -> float:
             return memory_cost(rows[a:b], index, k, algorithm)
 
+    if len(units) < k and by in ("time", "memory"):
+        raise FrzooError(f"split.auto={by} measures units of the forward chain, and "
+                         f"{type(model).__name__} has {len(units)} (fewer than K={k}); use "
+                         f"split.auto=flops or params, which balance over the traced forward.")
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
     shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     return [units[c][0] for c in cuts], shares
+
+
+def _traced_blocks(model: nn.Module, sample: torch.Tensor) -> Optional[List[Block]]:
+    """The candidates of the traced forward measured on one sample; None where it cannot be
+    traced (the chain's units are then all there is)."""
+    try:
+        return profile_blocks(model, sample)
+    except FrzooError:
+        return None
+
+
+def _balance_blocks(blocks: Sequence[Block], k: int, by: str,
+                    algorithm: AlgorithmCosts) -> Tuple[List[str], List[float]]:
+    """best_cuts over the traced candidates: FLOPs per sample (a backward costs about two
+    forwards) under `algorithm`'s cost model, or parameters."""
+    if by == "flops":
+        costs = [(float(b.flops), 2.0 * b.flops) for b in blocks]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return part_cost(costs[a:b], index, k, algorithm)
+    else:
+        counts = [float(b.params) for b in blocks]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return sum(counts[a:b])
+    cuts = best_cuts(len(blocks), k, cost)
+    bounds = [0, *cuts, len(blocks)]
+    shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [blocks[c].point for c in cuts], shares

@@ -599,21 +599,8 @@ def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
              and all(n in shapes for n in mg.crossing(i))]  # only tensors cross
     starts = [0] + [i for i, _ in valid]
     params = [0] * len(starts)
-    seen: Set[int] = set()
-    for i, node in enumerate(mg.nodes):
-        if node.op == "call_module":
-            tensors = list(model.get_submodule(str(node.target)).parameters())
-        elif node.op == "get_attr" and node.users:
-            value = _attr(model, str(node.target))
-            tensors = [value] if isinstance(value, nn.Parameter) else []
-            i = min((mg.index[u] for u in node.users if u.op != "output"), default=i)
-        else:
-            tensors = []
-        block = bisect.bisect_right(starts, i) - 1
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                params[block] += t.numel()
+    for i, t in _first_uses(model, mg):
+        params[bisect.bisect_right(starts, i) - 1] += t.numel()
     flops_per_block = [0] * len(starts)
     for i, node in enumerate(mg.nodes):
         flops_per_block[bisect.bisect_right(starts, i) - 1] += flops.get(node, 0)
@@ -624,6 +611,44 @@ def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
         blocks.append(Block(names[0], names[1:], params[j], flops_per_block[j],
                             [shape for shape, _ in crossing], sum(size for _, size in crossing)))
     return blocks
+
+
+def _first_uses(model: nn.Module, mg: ModeGraph) -> List[Tuple[int, nn.Parameter]]:
+    """Every parameter with the index of the node that first uses it."""
+    out: List[Tuple[int, nn.Parameter]] = []
+    seen: Set[int] = set()
+    for i, node in enumerate(mg.nodes):
+        if node.op == "call_module":
+            tensors = list(model.get_submodule(str(node.target)).parameters())
+        elif node.op == "get_attr" and node.users:
+            value = _attr(model, str(node.target))
+            tensors = [value] if isinstance(value, nn.Parameter) else []
+            i = min((mg.index[u] for u in node.users if u.op != "output"), default=i)
+        else:
+            tensors = []
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append((i, t))
+    return out
+
+
+def graph_blocks(model: nn.Module) -> List[str]:
+    """The model's blocks as the trace sees them, for the authors' rule (`split.k`) where the
+    forward chain has too few: the cuts crossed by ONE tensor (between residual blocks, not
+    inside them) that start a stretch holding a weight matrix or kernel (a parameter of 2 or more
+    dims), so a stretch of norms and activations joins the block before it. The stretch from the
+    input (the stem) and the one that ends at the output (the head) are not blocks: they join
+    the first and the last, as in the authors' rule."""
+    trace = trace_model(model)
+    mg = trace.eval
+    singles = [(i, names[0]) for i, names in mg.valid_points
+               if len(mg.crossing(i)) == 1 and _valid_in_train(trace, names[0])]
+    weighted = sorted(i for i, t in _first_uses(model, mg) if t.dim() >= 2)
+    ends = [i for i, _ in singles[1:]] + [len(mg.nodes)]
+    blocks = [name for (start, name), end in zip(singles, ends)
+              if bisect.bisect_left(weighted, start) < bisect.bisect_left(weighted, end)]
+    return blocks[:-1]
 
 
 def _valid_in_train(trace: Trace, point: str) -> bool:
