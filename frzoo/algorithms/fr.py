@@ -24,6 +24,7 @@ from ..activation import Activation, Deltas, as_activation
 from ..registry import register_algorithm
 from .base import (DelayedPart, Delta, ForwardResult, Input, PartAlgorithm, arrived,
                    frozen_bn_stats)
+from .input_check import check_unchanged, versions
 
 
 @register_algorithm("fr")
@@ -52,6 +53,8 @@ class FeaturesReplay(DelayedPart):
         self.replay_bn = self.options.replay_bn
         # (iteration, input), oldest first; the input is a tuple of tensors (frzoo.activation)
         self.history: Deque[Tuple[int, Activation]] = deque()
+        # the inputs' version counters at the play, by sample: checked before the replay
+        self.versions: Dict[int, Tuple[int, ...]] = {}
 
     @classmethod
     def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
@@ -75,6 +78,7 @@ class FeaturesReplay(DelayedPart):
         # objects (same storage), even where the previous part passes its own input through.
         h_in = activation.detached(as_activation(h_in))
         self.history.append((step, h_in))
+        self.versions[step] = versions(h_in)  # before the forward, which must not write into it
         with torch.no_grad(), self.timed("forward"):
             return ForwardResult(output=self._run(h_in, step))
 
@@ -90,6 +94,9 @@ class FeaturesReplay(DelayedPart):
 
         sample_step, h_stale = self.history.popleft()
         assert sample_step == stale_step, (sample_step, stale_step)  # history is in step order
+        recorded = self.versions.pop(sample_step, versions(h_stale))
+        check_unchanged(self.part, self.index, h_stale, recorded, sample_step,
+                        lambda: self._run(h_stale, sample_step))  # the search runs on errors only
         activation.make_leaves(h_stale, not self.is_first)  # its play ran without a graph
         bn_policy = frozen_bn_stats(self.part) if self.replay_bn == "once" else nullcontext()
         with bn_policy, self.timed("replay"):
@@ -114,3 +121,4 @@ class FeaturesReplay(DelayedPart):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.history = deque((int(s), activation.from_saved(h, self.device))
                              for s, h in zip(state["history_steps"], state["history"]))
+        self.versions = {s: versions(h) for s, h in self.history}
