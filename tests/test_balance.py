@@ -113,6 +113,9 @@ def test_flops_balance_runs_over_traced_candidates_for_any_traceable_model():
     _, between = balanced_points(model, 2, by="flops", algorithm=FeaturesReplay, sample=sample,
                                  within_blocks=False)
     assert max(costs) / min(costs) < 1.04 and max(costs) <= max(between)
+    # equally balanced cuts across blocks that cost nothing: the one sending the fewest bytes
+    # (one tensor between blocks, not the skip and the branch before layer2.0.downsample.1)
+    assert points == ["layer2.1"]
     assert resolve(model, points=points, sample=sample).report.exact
     regnet = timm.create_model("regnetx_002", num_classes=10)
     for found in (balanced_points(regnet, 3, by="flops", algorithm=FeaturesReplay,
