@@ -102,7 +102,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         names = row["modules"]
         label = ("<whole model>" if names == [""] else
                  names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})")
-        shape = "x".join(map(str, row["output_shape"] or [])) or "?"
+        shape = _shape_text(row["output_shape"]) or "?"
         print(f"{row['part']:>4}  {label:<44} {row['params']:>11,}  {shape:<18} "
               f"{row['device']:<8} {row['history']:>7} {100 * cost / (max(costs) or 1):>9.0f}% "
               f"{100 * cost / (sum(costs) or 1):>5.0f}%")
@@ -122,6 +122,13 @@ def _predicted_costs(cfg: Any, info: Any, pipeline: Any) -> List[float]:
     model = build_model(cfg.model, info, cfg.train.seed)
     sample = torch.randn(1, info.channels, info.image_size, info.image_size)
     return flops_shares(model, pipeline.partition.to_list(), sample, pipeline.algorithm_cls)
+
+
+def _shape_text(shape: Any) -> str:
+    """`64x8x8`; a multi-tensor cut's shapes joined by ` + ` (frzoo.activation)."""
+    if shape and isinstance(shape[0], (list, tuple)):
+        return " + ".join(_shape_text(s) for s in shape)
+    return "x".join(map(str, shape or []))
 
 
 def _si(value: float) -> str:
@@ -148,7 +155,8 @@ def _print_candidates(cfg: Any, info: Any) -> None:
     print(f"# split candidates of {cfg.model.name} at {info.channels}x{info.image_size}x"
           f"{info.image_size}: cut BEFORE the point; params and FLOPs (2 per multiply-add of "
           f"conv, linear and matrix products, per sample) of the block from this point to the "
-          f"next; activation = the tensor sent across the cut (per sample; bytes per batch of "
+          f"next; activation = the tensors sent across the cut, ` + ` between them where several "
+          f"cross (per sample; bytes per batch of "
           f"{batch})")
     header = (f"{'point':<40} {'params':>9} {'FLOPs':>9}  {'activation':<16} {'elements':>9} "
               f"{'bytes/batch':>11}")
@@ -156,11 +164,11 @@ def _print_candidates(cfg: Any, info: Any) -> None:
     print("-" * len(header))
     total_params = total_flops = 0
     for block in blocks:
-        shape = "x".join(map(str, block.input_shape[1:]))
+        shape = _shape_text([s[1:] for s in block.input_shapes])
         label = block.point or "(input)"
         if block.aliases:
             label += f" (= {block.aliases[0]}{', ...' if len(block.aliases) > 1 else ''})"
-        numel = int(torch.Size(block.input_shape[1:]).numel())
+        numel = sum(int(torch.Size(s[1:]).numel()) for s in block.input_shapes)
         print(f"{label[:40]:<40} {_si(block.params):>9} {_si(block.flops):>9}  {shape:<16} "
               f"{_si(numel):>9} {_si(block.input_bytes * batch):>11}")
         total_params += block.params

@@ -47,11 +47,16 @@ class Pipeline:
             "part": k + 1,
             "modules": part.names,
             "params": sum(p.numel() for p in part.parameters()),
-            "output_shape": list(self.report.shapes[k]) if k < len(self.report.shapes) else None,
+            "output_shape": _listed(self.report.shapes[k]) if k < len(self.report.shapes) else None,
             "device": str(self.devices[k]),
             "history": self.algorithm_cls.history_of(k, k_parts),
             "staleness": self.algorithm_cls.staleness_of(k, k_parts),
         } for k, part in enumerate(self.parts)]
+
+
+def _listed(shape: Any) -> List[Any]:
+    """A shape as a list; a multi-tensor cut's shapes as a list of lists (partition.json)."""
+    return [_listed(s) if isinstance(s, tuple) else s for s in shape]
 
 
 def load_plugins(names: Sequence[str]) -> None:

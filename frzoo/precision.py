@@ -40,11 +40,12 @@ def prepare_part(part: nn.Module, device: torch.device, *, precision: str, memor
     if dtype is not None or channels_last:
         inner = part.forward
 
-        def forward(x: Tensor) -> Any:
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+        def forward(*xs: Tensor) -> Any:  # one tensor per tensor crossing the cut
+            if channels_last:
+                xs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                           for x in xs)
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-                out = inner(x)
+                out = inner(*xs)
             return out.float() if is_last and dtype is not None else out
 
         part.forward = forward  # type: ignore[method-assign]

@@ -16,12 +16,13 @@ seeded for sample s, so the probe changes nothing in training.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activation import as_activation, to_device
 from .algorithms.base import PartAlgorithm, frozen_bn_stats, seeded, step_seed
 
 
@@ -75,10 +76,10 @@ class SigmaProbe:
     def _true_gradients(self, parts: List[int], sample: int, x: Tensor,
                         y: Tensor) -> Dict[int, List[Tensor]]:
         saved = [{n: p.grad for n, p in a.part.named_parameters()} for a in self.algorithms]
-        h = x
-        for algo in self.algorithms:
+        h: Any = (x,)
+        for algo in self.algorithms:  # activations are tuples, the last part's logits a tensor
             with frozen_bn_stats(algo.part), seeded(step_seed(algo.seed, sample, algo.index), algo.device):
-                h = algo.part(h.to(algo.device))
+                h = algo.part(*to_device(as_activation(h), algo.device))
         weights = [list(probed_weights(self.algorithms[k].part).values()) for k in parts]
         grads = torch.autograd.grad(F.cross_entropy(h, y.to(h.device)), [w for ws in weights for w in ws])
         for algo, grads_before in zip(self.algorithms, saved):  # leave .grad as it was

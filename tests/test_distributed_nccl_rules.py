@@ -95,3 +95,28 @@ def test_distributed_under_nccl_rules_equals_local_bit_for_bit(tmp_path, algo):
         assert summary["executor"] == "distributed" and len(summary["part_time_share"]) == k
         assert "wait" in summary["part_time_share"][0]
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("algo", ["fr", "ddg"])
+def test_a_multi_tensor_cut_travels_in_one_message_and_equals_local_bit_for_bit(tmp_path, algo):
+    """Cut inside layer2's block (its input and its branch cross) and between blocks: each
+    step's activation is one packed message of two tensors, its delta one message of two."""
+    # DropBlock branches on its input's values, which torch.fx cannot trace; drop-path stays on
+    split = ["split.points=[layer2.0.conv2,layer4]", "model.kwargs.drop_block_rate=0.0"]
+    local, dist = tmp_path / "local", tmp_path / "dist"
+    run(local, *split, f"algorithm.name={algo}", "executor=local")
+    summary = run(dist, *split, f"algorithm.name={algo}", "executor=distributed")
+    partition = json.loads((local / "partition.json").read_text())
+    shapes = [p["output_shape"] for p in (partition["parts"] if isinstance(partition, dict)
+                                          else partition)]
+    assert len(shapes[0]) == 2 and isinstance(shapes[0][0], list)  # two tensors cross cut 1
+    assert_same_tree(torch.load(local / "final.pt", weights_only=True),
+                     torch.load(dist / "final.pt", weights_only=True), "final.pt")
+    a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("parts", "executor"):  # weights, optimizer state, tuple histories, mailboxes
+        assert_same_tree(a[key], b[key], f"checkpoint {key}")
+    assert [type(d) for box in b["executor"]["mailboxes"] for d in box] == [list, torch.Tensor]
+    reference = json.loads((local / "summary.json").read_text())
+    assert summary["final_test_acc1"] == reference["final_test_acc1"]
+    assert not multiprocessing.active_children()

@@ -252,12 +252,27 @@ def test_a_part_never_writes_into_its_input():
 
 
 # ---------------------------------------------------------------- refused cuts
-def test_cut_inside_a_vit_block_is_refused_naming_valid_points_near_it():
+def test_cut_inside_a_vit_block_sends_the_residual_stream_and_the_branch():
+    # (refused before multi-tensor cuts: "2 values would cross"; tests/test_multi_cuts.py
+    # checks such cuts in depth)
     model = model_of("test_vit")
-    with pytest.raises(FrzooError, match=r"cannot cut at 'blocks.1.attn': it lies inside "
-                                         r"'blocks.1' \(Block\).*2 values would cross.*"
-                                         r"near it: .*blocks.1, blocks.1.norm2"):
-        resolve(model, points=["blocks.1.attn"])
+    split = resolve(model, points=["blocks.1.attn"], sample=sample("test_vit"))
+    assert split.report.exact and split.partition.method == "fx"
+    assert len(split.report.shapes[0]) == 2  # two tensors cross
+
+
+def test_a_value_that_is_not_a_tensor_cannot_cross_a_cut():
+    class Shapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            n = x.shape[0]
+            return self.b(self.a(x)).reshape(n, -1)
+
+    with pytest.raises(FrzooError, match=r"cannot cut at 'b'.*is not a tensor"):
+        fx_partition(Shapes(), ["b"])  # on the trace (the chain a, b would take it otherwise)
 
 
 def test_cut_between_the_cls_token_and_the_patches_is_refused():
@@ -353,7 +368,10 @@ def test_candidates_cover_the_model_and_measure_the_cut():
     assert blocks[0].point == "" and blocks[0].input_shape == (1, 3, 32, 32)
     assert sum(b.params for b in blocks) == sum(p.numel() for p in model.parameters())
     by_point = {b.point: b for b in blocks}
-    assert "layer3.1.conv2" not in by_point and "layer3.1" in by_point
+    assert "layer3.1" in by_point  # between blocks, and inside them: skip and branch cross
+    inside = by_point["layer3.1.conv2"]
+    assert inside.input_shapes == [(1, 256, 2, 2), (1, 256, 2, 2)]
+    assert inside.input_bytes == 2 * 256 * 4 * 4
     layer3 = by_point["layer3"]
     assert layer3.input_shape == (1, 128, 4, 4) and layer3.input_bytes == 128 * 16 * 4
     # fc: 512 -> 5 is 2 * 512 * 5 FLOPs
@@ -368,11 +386,14 @@ def test_candidates_count_attention_and_root_tensors_of_a_vit():
     blocks = profile_blocks(model, torch.randn(1, 3, 32, 32))
     assert sum(b.params for b in blocks) == sum(p.numel() for p in model.parameters())
     names = [b.point for b in blocks]
-    assert "blocks.1" in names and "blocks.1.attn" not in names
+    assert "blocks.1" in names and "blocks.1.attn" in names  # inside: stream and branch cross
+    assert len(next(b for b in blocks if b.point == "blocks.1.attn").input_shapes) == 2
     block = next(b for b in blocks if b.point == "blocks.1")
     assert block.input_shape == (1, 5, 64)  # 4 patches + the cls token
     tokens, dim = 5, 64  # qkv, attention (q @ k and attn @ v) and proj
-    assert block.flops == 2 * tokens * dim * 3 * dim + 4 * tokens * tokens * dim + 2 * tokens * dim * dim
+    attention = names.index("blocks.1"), names.index("blocks.1.norm2")  # now several blocks
+    assert sum(b.flops for b in blocks[attention[0]:attention[1]]) == \
+        2 * tokens * dim * 3 * dim + 4 * tokens * tokens * dim + 2 * tokens * dim * dim
     assert trace_model(model) is trace_model(model)  # traced once per model
 
 

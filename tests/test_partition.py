@@ -66,10 +66,12 @@ def test_unknown_point_suggests_close_names_and_lists_valid_ones():
         resolve(model, points=["layer5"])
 
 
-def test_cut_inside_a_residual_block_is_refused_with_nearby_points():
+def test_cut_inside_a_residual_block_is_cut_on_the_trace():
+    # the chain cannot reach it; the trace can, and sends the skip and the branch (before
+    # multi-tensor cuts this was refused)
     model = timm.create_model("resnet18", num_classes=3)
-    with pytest.raises(FrzooError, match=r"inside 'layer3.1' \(BasicBlock\).*near it: .*layer3.1"):
-        resolve(model, points=["layer3.1.conv2"])
+    split = resolve(model, points=["layer3.1.conv2"], sample=torch.randn(2, 3, 32, 32))
+    assert split.partition.method == "fx" and split.report.exact
 
 
 def test_points_out_of_order_or_first_module_are_refused():

@@ -44,7 +44,9 @@ def compute(arch: str, ks=(2, 3, 4)) -> Dict[int, List[str]]:
     model = timm.create_model(arch, num_classes=10)
     sample = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     fr = ALGORITHMS.get("fr")
-    return {k: balanced_points(model, k, by="flops", algorithm=fr, sample=sample)[0] for k in ks}
+    # between blocks: a preset names blocks, and one tensor crosses each of its cuts
+    return {k: balanced_points(model, k, by="flops", algorithm=fr, sample=sample,
+                               within_blocks=False)[0] for k in ks}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ calls in this order for each part:
     out = algo.forward(h_in, target, t)   # the play: h_in from part k-1, out goes to part k+1
     delta_out = algo.backward(delta_in, t) # update; delta_out goes to part k-1
 
+Activations and deltas are tuples, one entry per tensor crossing the cut (frzoo.activation); a
+part's forward also accepts a single tensor (the data, or a caller that cuts where one crosses).
+
 ``delta_in`` may be a function that returns the delta (see :data:`Delta`): the distributed
 executor hands it over while the delta is still in flight, and the algorithm calls
 :func:`arrived` only where it needs the tensor, so a replay runs during the transfer.
@@ -32,25 +35,30 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..activation import Activation, Deltas, as_activation, input_deltas, leaves
 from ..memory import MemoryMeter, static_bytes
 from .options import parse_options
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-#: What backward() receives from the next part: the delta, none, or a function returning it
-#: (waiting for it if it is still in flight).
-Delta = Union[Tensor, Callable[[], Tensor], None]
+#: What a part's forward takes: its input activation (a single tensor is a 1-tuple).
+Input = Union[Tensor, Activation]
+#: What backward() receives from the next part: the deltas (one per tensor of this part's
+#: output, see frzoo.activation), none, or a function returning them (waiting for them if they
+#: are still in flight). A single tensor is taken as a 1-tuple.
+Delta = Union[Deltas, Tensor, Callable[[], Union[Deltas, Tensor]], None]
 
 
-def arrived(delta: Delta) -> Optional[Tensor]:
-    """The delta itself; where it is still in flight, wait for it now."""
-    return delta() if callable(delta) else delta
+def arrived(delta: Delta) -> Optional[Deltas]:
+    """The deltas themselves, as a tuple; where they are still in flight, wait for them now."""
+    value = delta() if callable(delta) else delta
+    return None if value is None else as_activation(value)  # type: ignore[arg-type]
 
 
 @dataclass
 class ForwardResult:
     """What a part's forward returns: the activation for the next part, or (last part) the loss
     value, the logits and the targets, detached, for metrics."""
-    output: Optional[Tensor] = None
+    output: Optional[Activation] = None
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     target: Optional[Tensor] = None
@@ -195,10 +203,10 @@ class PartAlgorithm:
         return self.timer(phase)
 
     # -- the iteration API (see module docstring)
-    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+    def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:
         raise NotImplementedError
 
-    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Deltas]:
         raise NotImplementedError
 
     def expects_delta(self, step: int) -> bool:
@@ -227,8 +235,8 @@ class PartAlgorithm:
     def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
                     input_bytes: float) -> float:
         """Bytes part `index` keeps alive, given its parameter and optimizer bytes (`weights`),
-        what autograd saves for one backward (`saved`) and the bytes of one input: here one
-        graph at a time."""
+        what autograd saves for one backward (`saved`) and the bytes of one input (the sum over
+        the tensors crossing its cut): here one graph at a time."""
         return weights + saved
 
     @property
@@ -240,24 +248,26 @@ class PartAlgorithm:
         return self.history_of(self.index, self.num_parts)
 
     # -- helpers for subclasses
-    def _run(self, h_in: Tensor, sample_step: int) -> Tensor:
-        """The part's forward on `h_in` with the RNG of sample `sample_step`."""
+    def _run(self, h_in: Activation, sample_step: int) -> Any:
+        """The part's forward on `h_in` with the RNG of sample `sample_step`: an activation, or
+        (last part) the logits."""
         with seeded(step_seed(self.seed, sample_step, self.index), self.device), self._recording():
-            return self.part(h_in)
+            out = self.part(*h_in)
+        return out if self.is_last else as_activation(out)
 
-    def _last_part_forward(self, h_in: Tensor, target: Tensor, step: int) -> ForwardResult:
+    def _last_part_forward(self, h_in: Input, target: Tensor, step: int) -> ForwardResult:
         """The last part computes the loss with a graph and keeps it for backward()."""
-        self._input = h_in.detach().requires_grad_(not self.is_first)
+        self._input = leaves(as_activation(h_in), not self.is_first)
         with self.timed("forward"):
             logits = self._run(self._input, step)
             self._loss = self.loss_fn(logits, target)
         return ForwardResult(loss=self._loss.detach(), logits=logits.detach(), target=target)
 
-    def _last_part_backward(self) -> Optional[Tensor]:
+    def _last_part_backward(self) -> Optional[Deltas]:
         """Staleness 0: plain backprop of the loss computed in forward(), then the update."""
         with self.timed("backward"):
             self._loss.backward()
-        grad_in = None if self.is_first else self._input.grad
+        grad_in = None if self.is_first else input_deltas(self._input)
         self._apply_update()
         del self._input, self._loss
         return grad_in

@@ -5,8 +5,10 @@ from typing import Optional
 
 from torch import Tensor
 
+from .. import activation
+from ..activation import Deltas, as_activation
 from ..registry import register_algorithm
-from .base import Delta, ForwardResult, PartAlgorithm, arrived
+from .base import Delta, ForwardResult, Input, PartAlgorithm, arrived
 
 
 @register_algorithm("bp")
@@ -19,23 +21,24 @@ class Backprop(PartAlgorithm):
 
     synchronous = True
 
-    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+    def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None
             return self._last_part_forward(h_in, target, step)
-        self._input = h_in.detach().requires_grad_(not self.is_first)
+        self._input = activation.leaves(as_activation(h_in), not self.is_first)
         with self.timed("forward"):
             self._output = self._run(self._input, step)
-        return ForwardResult(output=self._output.detach())
+        return ForwardResult(output=activation.detached(self._output))
 
-    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
-        delta = arrived(delta)
+    def backward(self, delta: Delta, step: int) -> Optional[Deltas]:
+        deltas = arrived(delta)
         with self.timed("backward"):
             if self.is_last:
                 self._loss.backward()
             else:
-                self._output.backward(delta)
-        grad_in = None if self.is_first else self._input.grad
+                assert deltas is not None
+                activation.backward(self._output, deltas)
+        grad_in = None if self.is_first else activation.input_deltas(self._input)
         self._apply_update()
         del self._input  # drop the graph now, not at the next forward
         self.__dict__.pop("_output", None)

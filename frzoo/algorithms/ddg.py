@@ -20,11 +20,14 @@ from typing import Any, Deque, Dict, List, Literal, Optional, Tuple
 from torch import Tensor
 from torch.func import functional_call
 
+from .. import activation
+from ..activation import Activation, Deltas, as_activation
 from ..registry import register_algorithm
-from .base import (DelayedPart, Delta, ForwardResult, PartAlgorithm, arrived, frozen_bn_stats,
-                   seeded, step_seed)
+from .base import (DelayedPart, Delta, ForwardResult, Input, PartAlgorithm, arrived,
+                   frozen_bn_stats, seeded, step_seed)
 
-Graph = Tuple[int, Tensor, Tensor, Dict[str, Tensor]]  # step, input leaf, output, weight copies
+# step, input leaves, outputs, weight copies (activations are tuples: frzoo.activation)
+Graph = Tuple[int, Activation, Activation, Dict[str, Tensor]]
 
 
 @register_algorithm("ddg")
@@ -47,23 +50,23 @@ class DecoupledBackprop(DelayedPart):
         extra = cls.staleness_of(index, num_parts)
         return weights + saved * (extra + 1) + extra * input_bytes
 
-    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+    def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None
             return self._last_part_forward(h_in, target, step)
-        x = h_in.detach().requires_grad_(not self.is_first)
+        x = activation.leaves(as_activation(h_in), not self.is_first)
         weights = {n: p.detach().clone().requires_grad_(True)
                    for n, p in self.part.named_parameters()}
         with self.timed("forward"):
             out = self._run_with(weights, x, step)
         self.graphs.append((step, x, out, weights))
-        return ForwardResult(output=out.detach())
+        return ForwardResult(output=activation.detached(out))
 
-    def _run_with(self, weights: Dict[str, Tensor], x: Tensor, step: int) -> Tensor:
+    def _run_with(self, weights: Dict[str, Tensor], x: Activation, step: int) -> Activation:
         with seeded(step_seed(self.seed, step, self.index), self.device), self._recording():
-            return functional_call(self.part, weights, (x,), strict=False)
+            return as_activation(functional_call(self.part, weights, x, strict=False))
 
-    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Deltas]:
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
             return self._last_part_backward()
         stale_step = step - self.delay
@@ -72,29 +75,31 @@ class DecoupledBackprop(DelayedPart):
             return None
         sample_step, x, out, weights = self.graphs.popleft()
         assert sample_step == stale_step, (sample_step, stale_step)
-        delta = arrived(delta)
+        deltas = arrived(delta)
+        assert deltas is not None
         with self.timed("backward"):
-            out.backward(delta)  # through the graph of iteration t-(K-k), at its own weights
+            # through the graph of iteration t-(K-k), at its own weights
+            activation.backward(out, deltas)
         for name, p in self.part.named_parameters():
             p.grad = weights[name].grad  # the stale gradient, applied to the current weights
-        grad_in = None if self.is_first else x.grad
+        grad_in = None if self.is_first else activation.input_deltas(x)
         self._apply_update()
         return grad_in
 
     def held_tensors(self) -> List[Tensor]:
         # the stored inputs and weight copies; the graphs' saved activations are counted as saved
-        return [t for _, x, _, ws in self.graphs for t in (x, *ws.values())]
+        return [t for _, x, _, ws in self.graphs for t in (*x, *ws.values())]
 
     def state_dict(self) -> Dict[str, Any]:
         # A live graph cannot be saved; its input and weight copies can, and rebuild it exactly.
         return {"steps": [s for s, _, _, _ in self.graphs],
-                "inputs": [x.detach().cpu() for _, x, _, _ in self.graphs],
+                "inputs": [activation.to_saved(x) for _, x, _, _ in self.graphs],
                 "weights": [{n: w.detach().cpu() for n, w in ws.items()} for _, _, _, ws in self.graphs]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.graphs = deque()
         for step, x, ws in zip(state["steps"], state["inputs"], state["weights"]):
-            x = x.to(self.device).requires_grad_(not self.is_first)
+            x = activation.leaves(activation.from_saved(x, self.device), not self.is_first)
             weights = {n: w.to(self.device).requires_grad_(True) for n, w in ws.items()}
             with frozen_bn_stats(self.part):  # the first forward already updated the statistics
                 out = self._run_with(weights, x, int(step))

@@ -19,9 +19,12 @@ from typing import Any, Deque, Dict, List, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import activation
+from ..activation import Activation, Deltas, as_activation
 from ..registry import register_algorithm
-from .base import (DelayedPart, Delta, ForwardResult, PartAlgorithm, arrived,
+from .base import (DelayedPart, Delta, ForwardResult, Input, PartAlgorithm, arrived,
                    frozen_bn_stats)
+from .input_check import check_unchanged, versions
 
 
 @register_algorithm("fr")
@@ -48,7 +51,10 @@ class FeaturesReplay(DelayedPart):
         super().__init__(*args, **kwargs)
         self.warmup = self.options.warmup
         self.replay_bn = self.options.replay_bn
-        self.history: Deque[Tuple[int, Tensor]] = deque()  # (iteration, input), oldest first
+        # (iteration, input), oldest first; the input is a tuple of tensors (frzoo.activation)
+        self.history: Deque[Tuple[int, Activation]] = deque()
+        # the inputs' version counters at the play, by sample: checked before the replay
+        self.versions: Dict[int, Tuple[int, ...]] = {}
 
     @classmethod
     def part_cost(cls, index: int, num_parts: int, forward: float, backward: float) -> float:
@@ -60,18 +66,23 @@ class FeaturesReplay(DelayedPart):
     @classmethod
     def memory_cost(cls, index: int, num_parts: int, *, weights: float, saved: float,
                     input_bytes: float) -> float:
-        """One graph (the replay's) and K - k more inputs (the history)."""
+        """One graph (the replay's) and K - k more inputs (the history; an input's bytes are the
+        sum over the tensors crossing the cut)."""
         return weights + saved + cls.staleness_of(index, num_parts) * input_bytes
 
-    def forward(self, h_in: Tensor, target: Optional[Tensor], step: int) -> ForwardResult:
+    def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:
         if self.is_last:
             assert target is not None
             return self._last_part_forward(h_in, target, step)
-        self.history.append((step, h_in))  # the only thing the play keeps
+        # The only thing the play keeps. Detached: the history's tensors are this part's own
+        # objects (same storage), even where the previous part passes its own input through.
+        h_in = activation.detached(as_activation(h_in))
+        self.history.append((step, h_in))
+        self.versions[step] = versions(h_in)  # before the forward, which must not write into it
         with torch.no_grad(), self.timed("forward"):
             return ForwardResult(output=self._run(h_in, step))
 
-    def backward(self, delta: Delta, step: int) -> Optional[Tensor]:
+    def backward(self, delta: Delta, step: int) -> Optional[Deltas]:
         """The Features Replay step of this part at iteration `step`."""
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
             return self._last_part_backward()
@@ -83,24 +94,31 @@ class FeaturesReplay(DelayedPart):
 
         sample_step, h_stale = self.history.popleft()
         assert sample_step == stale_step, (sample_step, stale_step)  # history is in step order
-        h_stale.requires_grad_(not self.is_first)  # its play ran without a graph: a fresh leaf
+        recorded = self.versions.pop(sample_step, versions(h_stale))
+        check_unchanged(self.part, self.index, h_stale, recorded, sample_step,
+                        lambda: self._run(h_stale, sample_step))  # the search runs on errors only
+        activation.make_leaves(h_stale, not self.is_first)  # its play ran without a graph
         bn_policy = frozen_bn_stats(self.part) if self.replay_bn == "once" else nullcontext()
         with bn_policy, self.timed("replay"):
             replayed = self._run(h_stale, sample_step)  # current weights, the play's RNG masks
         delta = arrived(delta)  # may have been in flight during the replay: wait only now
         with self.timed("backward"):
-            replayed.backward(delta)  # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1
-        grad_in = None if self.is_first else h_stale.grad  # taken at w^t, before the update
+            # delta = dLoss/dh^{stale}_k, sent by part k+1 at t-1: one per output tensor
+            activation.backward(replayed, delta)  # type: ignore[arg-type]
+        # taken at w^t, before the update
+        grad_in = None if self.is_first else activation.input_deltas(h_stale)
         self._apply_update()
         return grad_in
 
     def held_tensors(self) -> List[Tensor]:
-        return [h for _, h in self.history]
+        return [t for _, h in self.history for t in h]
 
     def state_dict(self) -> Dict[str, Any]:
+        # a one-tensor input is saved as its tensor, as before multi-tensor cuts (frzoo.activation)
         return {"history_steps": [s for s, _ in self.history],
-                "history": [h.detach().cpu() for _, h in self.history]}
+                "history": [activation.to_saved(h) for _, h in self.history]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.history = deque((int(s), h.to(self.device))
+        self.history = deque((int(s), activation.from_saved(h, self.device))
                              for s, h in zip(state["history_steps"], state["history"]))
+        self.versions = {s: versions(h) for s, h in self.history}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..activation import as_activation, to_device
 from ..algorithms.base import ForwardResult, PartAlgorithm, PhaseTimer
 from ..metrics import PEAK_ALLOCATED, PHASES
 
@@ -147,11 +148,14 @@ class EvalTotals:
 
 
 @torch.no_grad()
-def eval_forward(algo: PartAlgorithm, h: Tensor) -> Tensor:
-    """One part's forward in eval mode: no history, no RNG seeding, no state change."""
+def eval_forward(algo: PartAlgorithm, h: Any) -> Any:
+    """One part's forward in eval mode: no history, no RNG seeding, no state change. `h` is the
+    data or an activation (frzoo.activation); the result an activation, or the last part's
+    logits."""
     mode = algo.part.training
     algo.part.eval()
     try:
-        return algo.part(h.to(algo.device))
+        out = algo.part(*to_device(as_activation(h), algo.device))
+        return out if algo.is_last else as_activation(out)
     finally:
         algo.part.train(mode)

@@ -1,7 +1,8 @@
 """All parts in one process, each on its own device: the reference every other executor matches.
 
 The executor is the transport: it moves activations up and deltas down between parts and keeps a
-FIFO mailbox of deltas per part. It knows nothing of what the algorithm does with them.
+FIFO mailbox of deltas per part. It knows nothing of what the algorithm does with them. Both are
+tuples, one entry per tensor crossing the cut (frzoo.activation).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import activation
+from ..activation import Deltas
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
@@ -30,7 +33,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, algorithms: Sequence[PartAlgorithm]) -> None:
         self.algorithms = list(algorithms)
-        self.mailboxes: List[Deque[Tensor]] = [deque() for _ in self.algorithms]
+        self.mailboxes: List[Deque[Deltas]] = [deque() for _ in self.algorithms]
         self.clocks = [PhaseClock() for _ in self.algorithms]
 
     @property
@@ -54,11 +57,11 @@ class LocalExecutor(Executor):
     def _train_step(self, batch: Optional[Batch], step: int) -> ForwardResult:
         assert batch is not None
         x, y = batch
-        h = x
+        h = activation.as_activation(x)
         result = ForwardResult()
         for algo in self.algorithms:
             target = y.to(algo.device) if algo.is_last else None
-            result = algo.forward(h.to(algo.device), target, step)
+            result = algo.forward(activation.to_device(h, algo.device), target, step)
             h = result.output  # type: ignore[assignment]
         for k in reversed(range(self.num_parts)):
             algo = self.algorithms[k]
@@ -66,7 +69,8 @@ class LocalExecutor(Executor):
             grad_in = algo.backward(delta, step)
             if algo.sends_delta(step):
                 assert grad_in is not None, f"part {k + 1} promised a delta at step {step}"
-                self.mailboxes[k - 1].append(grad_in.to(self.algorithms[k - 1].device))
+                self.mailboxes[k - 1].append(
+                    activation.to_device(grad_in, self.algorithms[k - 1].device))
         for clock in self.clocks:
             clock.steps += 1
         return result
@@ -74,7 +78,7 @@ class LocalExecutor(Executor):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """The chained forward in eval mode."""
-        h = x
+        h: Any = x
         for algo in self.algorithms:
             h = eval_forward(algo, h)
         return h
@@ -91,7 +95,7 @@ class LocalExecutor(Executor):
     # -- checkpointing: the parts, and what is in flight between them
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         return ([part_state(a) for a in self.algorithms],
-                {"mailboxes": [[d.detach().cpu() for d in box] for box in self.mailboxes]})
+                {"mailboxes": [[activation.to_saved(d) for d in box] for box in self.mailboxes]})
 
     def gather_export(self) -> List[Dict[str, Tensor]]:
         return [a.part.original_state_dict() for a in self.algorithms]
@@ -106,5 +110,5 @@ class LocalExecutor(Executor):
         return self.gather_checkpoint()[1]
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.mailboxes = [deque(d.to(a.device) for d in box)
+        self.mailboxes = [deque(activation.from_saved(d, a.device) for d in box)
                           for box, a in zip(state["mailboxes"], self.algorithms)]

@@ -57,9 +57,13 @@ had posted the send of delta(t) before the receive of activation t+1: two sends,
 
 Shapes. A receive is posted before its message exists, so its shape is predicted: the batch
 size of the step (or test batch) it belongs to, known to every rank from the data, times the
-trailing shape and dtype of that kind of message, which a small header carries once per kind
+trailing shapes and dtypes of that kind of message, which a small header carries once per kind
 (the first message of each kind in this process). A message whose shape differs from the
-prediction is an error on the sending side. CUDA parts on gloo cross through pinned host
+prediction is an error on the sending side. Where several tensors cross a cut (a skip and a
+branch), a step's activation is still ONE message: the tensors packed into one byte buffer, each
+at an aligned offset, their shapes and dtypes in the one header; the delta likewise, with a slot
+marked empty for a tensor that has no delta (frzoo.activation). A message of one tensor is that
+tensor, as it always was. CUDA parts on gloo cross through pinned host
 buffers; with NCCL tensors stay on the GPU and waits only order the CUDA streams.
 """
 from __future__ import annotations
@@ -67,25 +71,52 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..activation import Deltas, detached, from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..errors import FrzooError
 from ..metrics import PHASES
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
 
-# Kinds of message: each has its own trailing shape and dtype, sent once in a header.
+# Kinds of message: each has its own trailing shapes and dtypes, sent once in a header.
 ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL = range(5)
 KIND_NAMES = ("activation", "delta", "labels", "evaluation activation", "evaluation labels")
 MEMORY_KEYS = ("params_bytes", "optimizer_bytes", "peak_activation_bytes", "peak_allocated_bytes")
-HEADER_LEN = 10  # dtype, number of trailing dims, up to 8 trailing dims
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
-Spec = Tuple[torch.dtype, Tuple[int, ...]]  # dtype and the shape after the batch dimension
+SLOT_LEN = 10  # per tensor: dtype (-1: no tensor, a None delta), number of trailing dims, 8 dims
+MAX_TENSORS = 8  # tensors one message may carry (the tensors crossing one cut)
+HEADER_LEN = 1 + MAX_TENSORS * SLOT_LEN  # the number of tensors, then one slot each
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+          torch.int16, torch.int8, torch.uint8, torch.bool]
+ALIGN = 16  # each tensor of a packed message starts at a multiple of this many bytes
+#: Per tensor of a message: its dtype and the shape after the batch dimension, or None (no
+#: tensor: a delta that is None, see frzoo.activation).
+Spec = Tuple[Optional[Tuple[torch.dtype, Tuple[int, ...]]], ...]
+
+
+def _spec(values: Sequence[Optional[Tensor]]) -> Spec:
+    return tuple(None if t is None else (t.dtype, tuple(t.shape[1:])) for t in values)
+
+
+def _layout(spec: Spec, rows: int) -> Tuple[List[int], int]:
+    """Byte offset of each tensor of a packed message of `rows` rows, and its total bytes."""
+    offsets, end = [], 0
+    for slot in spec:
+        offsets.append(end)
+        if slot is not None:
+            nbytes = rows * math.prod(slot[1]) * torch.empty((), dtype=slot[0]).element_size()
+            end += -(-nbytes // ALIGN) * ALIGN
+    return offsets, max(end, 1)  # never an empty message
+
+
+def _packed(spec: Spec) -> bool:
+    """A message of one tensor travels as that tensor; several (or a None) in one byte buffer."""
+    return len(spec) != 1 or spec[0] is None
 
 
 class PeerStalled(FrzooError):
@@ -103,19 +134,20 @@ def _is_timeout(exc: BaseException) -> bool:
 
 
 class _Incoming:
-    """A posted receive. `take()` waits for it (the part's `wait` time) and returns the tensor
-    on the part's device; later calls return the same tensor."""
+    """A posted receive. `take()` waits for it (the part's `wait` time) and returns its tensors
+    (a tuple: frzoo.activation) on the part's device; later calls return the same tuple."""
 
     def __init__(self, executor: "DistributedExecutor", work: Any, buffer: Tensor, peer: int,
-                 what: str) -> None:
+                 what: str, spec: Spec = (), rows: int = 0) -> None:
         self.executor, self.work, self.buffer, self.peer, self.what = executor, work, buffer, peer, what
-        self.tensor: Optional[Tensor] = None
+        self.spec, self.rows = spec, rows
+        self.tensors: Optional[Tuple[Any, ...]] = None
 
-    def take(self) -> Tensor:
-        if self.tensor is None:
+    def take(self) -> Tuple[Any, ...]:
+        if self.tensors is None:
             self.wait()
-            self.tensor = self.executor._from_wire(self.buffer)
-        return self.tensor
+            self.tensors = self.executor._unpack(self.buffer, self.spec, self.rows)
+        return self.tensors
 
     def wait(self) -> None:
         with self.executor.clock.timed("wait"), self.executor._waiting(self.peer, self.what):
@@ -144,7 +176,7 @@ class DistributedExecutor(Executor):
         self.recv_specs: Dict[int, Spec] = {}
         # Deltas made for the previous part that it has not used yet, as (step it uses it at,
         # delta), oldest first: sent or still to send; a checkpoint stores them as its mailbox.
-        self.outbox: Deque[Tuple[int, Tensor]] = deque()
+        self.outbox: Deque[Tuple[int, Deltas]] = deque()
         self.last_sent = -1  # the step whose delta was sent last
         self.inbox: Dict[Tuple[int, int], _Incoming] = {}  # posted receives by (kind, step)
         self.sends: List[Tuple[int, int, Any, Tensor]] = []  # (tick, peer, work, tensor)
@@ -184,31 +216,69 @@ class DistributedExecutor(Executor):
             return buffer
         return buffer.to(self.device, non_blocking=True)  # from pinned memory: asynchronous
 
-    def _send(self, kind: int, peer: int, tensor: Tensor, rows: int) -> None:
-        """Post the send of a message of `kind` whose receiver expects `rows` rows; the first of
-        its kind goes after a header with its trailing shape and dtype."""
-        spec: Spec = (tensor.dtype, tuple(tensor.shape[1:]))
+    def _pack(self, values: Sequence[Optional[Tensor]], spec: Spec, rows: int) -> Tensor:
+        """Several tensors in one byte buffer on the wire, each at its offset (:func:`_layout`)."""
+        offsets, total = _layout(spec, rows)
+        buffer = torch.empty(total, dtype=torch.uint8, device=self.wire, pin_memory=self.pinned)
+        for t, offset, slot in zip(values, offsets, spec):
+            if t is not None and slot is not None:
+                _view(buffer, offset, slot, rows).copy_(t.detach(), non_blocking=True)
+        if self.pinned:
+            for t in values:
+                if t is not None and t.device.type == "cuda":
+                    torch.cuda.current_stream(t.device).synchronize()  # gloo reads it now
+        return buffer
+
+    def _unpack(self, buffer: Tensor, spec: Spec, rows: int) -> Tuple[Any, ...]:
+        if not _packed(spec):
+            return (self._from_wire(buffer),)
+        offsets, _ = _layout(spec, rows)
+        return tuple(None if slot is None else self._from_wire(_view(buffer, offset, slot, rows))
+                     for offset, slot in zip(offsets, spec))
+
+    def _send(self, kind: int, peer: int, values: Sequence[Optional[Tensor]], rows: int) -> None:
+        """Post the send of a message of `kind` (its tensors: one per tensor crossing the cut,
+        or the labels alone) whose receiver expects `rows` rows; the first of its kind goes after
+        a header with every tensor's trailing shape and dtype."""
+        spec = _spec(values)
         expected = self.sent_specs.get(kind, spec)
-        if spec != expected or tensor.shape[0] != rows:
+        if spec != expected or any(t is not None and t.shape[0] != rows for t in values):
             raise FrzooError(
-                f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of shape {tuple(tensor.shape)} "
-                f"({tensor.dtype}) but part {peer + 1} expects {(rows, *expected[1])} "
-                f"({expected[0]}): a receive is posted before its message exists, so a message's "
-                f"shape must be the batch size times the shape and dtype of the first message "
-                f"of its kind. Make the part's output shape depend on the batch size only, or "
-                f"use executor=local.")
+                f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of shapes "
+                f"{_describe([None if t is None else (t.dtype, tuple(t.shape)) for t in values])} "
+                f"but part {peer + 1} expects "
+                f"{_describe([None if e is None else (e[0], (rows, *e[1])) for e in expected])}: "
+                f"a receive is posted before its message exists, so a message's shapes must be "
+                f"the batch size times the shapes and dtypes of the first message of its kind. "
+                f"Make the part's output shapes depend on the batch size only, or use "
+                f"executor=local.")
         if kind not in self.sent_specs:
-            if tensor.dtype not in DTYPES or tensor.dim() - 1 > HEADER_LEN - 2:
-                raise FrzooError(f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of dtype "
-                                 f"{tensor.dtype} with {tensor.dim()} dims; the distributed "
-                                 f"executor moves {', '.join(map(str, DTYPES))} tensors of at "
-                                 f"most {HEADER_LEN - 1} dims. Use executor=local.")
-            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-            header[0], header[1] = DTYPES.index(tensor.dtype), tensor.dim() - 1
-            header[2:1 + tensor.dim()] = torch.tensor(tensor.shape[1:], dtype=torch.int64)
-            self._post_send(peer, header.to(self.wire))
+            self._post_send(peer, self._header(kind, spec).to(self.wire))
             self.sent_specs[kind] = spec
-        self._post_send(peer, self._to_wire(tensor))
+        if _packed(spec):
+            self._post_send(peer, self._pack(values, spec, rows))
+        else:
+            self._post_send(peer, self._to_wire(values[0]))  # type: ignore[arg-type]
+
+    def _header(self, kind: int, spec: Spec) -> Tensor:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0] = len(spec)
+        for i, slot in enumerate(spec):
+            if i >= MAX_TENSORS or (slot is not None and (slot[0] not in DTYPES
+                                                          or len(slot[1]) > SLOT_LEN - 2)):
+                raise FrzooError(
+                    f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of {len(spec)} tensors "
+                    f"({_describe(list(spec))}); the distributed executor moves at most "
+                    f"{MAX_TENSORS} tensors per message, each of dtype "
+                    f"{', '.join(map(str, DTYPES))} with at most {SLOT_LEN - 1} dims. Cut where "
+                    f"fewer tensors cross, or use executor=local.")
+            base = 1 + i * SLOT_LEN
+            if slot is None:
+                header[base] = -1
+                continue
+            header[base], header[base + 1] = DTYPES.index(slot[0]), len(slot[1])
+            header[base + 2:base + 2 + len(slot[1])] = torch.tensor(slot[1], dtype=torch.int64)
+        return header
 
     def _post_send(self, peer: int, tensor: Tensor) -> None:
         self.sends.append((self.tick, peer, dist.isend(tensor, peer), tensor))
@@ -221,11 +291,18 @@ class DistributedExecutor(Executor):
             header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.wire)
             _Incoming(self, dist.irecv(header, peer), header, peer, what).wait()
             values = header.tolist()
-            self.recv_specs[kind] = (DTYPES[values[0]], tuple(values[2:2 + values[1]]))
-        dtype, trailing = self.recv_specs[kind]
-        buffer = torch.empty((rows, *trailing), dtype=dtype, device=self.wire,
-                             pin_memory=self.pinned)
-        return _Incoming(self, dist.irecv(buffer, peer), buffer, peer, what)
+            slots = [values[1 + i * SLOT_LEN:1 + (i + 1) * SLOT_LEN] for i in range(values[0])]
+            self.recv_specs[kind] = tuple(
+                None if v[0] < 0 else (DTYPES[v[0]], tuple(v[2:2 + v[1]])) for v in slots)
+        spec = self.recv_specs[kind]
+        if _packed(spec):
+            buffer = torch.empty(_layout(spec, rows)[1], dtype=torch.uint8, device=self.wire,
+                                 pin_memory=self.pinned)
+        else:
+            dtype, trailing = spec[0]  # type: ignore[misc]
+            buffer = torch.empty((rows, *trailing), dtype=dtype, device=self.wire,
+                                 pin_memory=self.pinned)
+        return _Incoming(self, dist.irecv(buffer, peer), buffer, peer, what, spec, rows)
 
     def _retire(self, upto: float) -> None:
         """Wait for the sends posted at ticks <= `upto` and drop them. Within a run the
@@ -282,7 +359,7 @@ class DistributedExecutor(Executor):
                 if self.last_sent < slot < self.posted:
                     rows = self._rows(slot - type(self.algo).staleness_of(self.algo.index - 1,
                                                                           self.world))
-                    self._send(DELTA, self.rank - 1, delta, rows)
+                    self._send(DELTA, self.rank - 1, delta, rows)  # every tensor's delta
                     self.last_sent = slot
             t = self.posted
             made = t - 1 - self.lag  # the step that makes the delta sent just before step t's receives
@@ -303,11 +380,13 @@ class DistributedExecutor(Executor):
             assert batch is not None
             h, target = batch
             if self.world > 1:
-                self._send(LABEL, self.world - 1, target, self._rows(step))
+                self._send(LABEL, self.world - 1, (target,), self._rows(step))
+            h: Any = (h,)
         else:
             h = self.inbox.pop((ACT, step)).take()
-            target = self.inbox.pop((LABEL, step)).take() if self.is_leader else None
-        result = algo.forward(h.to(algo.device), None if target is None else target.to(algo.device), step)
+            target = self.inbox.pop((LABEL, step)).take()[0] if self.is_leader else None
+        result = algo.forward(to_device(h, algo.device),
+                              None if target is None else target.to(algo.device), step)
         if not self.is_leader:
             self._send(ACT, self.rank + 1, result.output, self._rows(step))  # type: ignore[arg-type]
         incoming = None
@@ -318,7 +397,7 @@ class DistributedExecutor(Executor):
             incoming.take()  # taken even by an algorithm that did not ask for it
         if algo.sends_delta(step):
             assert grad_in is not None, f"part {self.rank + 1} promised a delta at step {step}"
-            self.outbox.append((step + self.lag, grad_in.detach()))
+            self.outbox.append((step + self.lag, detached(grad_in)))
         self.finished, self.next_step = step, step + 1
         self._post_ahead()
         while self.outbox and self.outbox[0][0] <= min(self.last_sent, step):
@@ -343,7 +422,7 @@ class DistributedExecutor(Executor):
         if self.is_first:
             for x, y in data.test_batches():
                 if self.world > 1:
-                    self._send(EVAL_LABEL, self.world - 1, y, len(y))
+                    self._send(EVAL_LABEL, self.world - 1, (y,), len(y))
                 h = eval_forward(self.algo, x)
                 if self.is_leader:
                     totals.add(h, y)
@@ -361,7 +440,7 @@ class DistributedExecutor(Executor):
                     posted += 1
                 out = eval_forward(self.algo, self.inbox.pop((EVAL_ACT, b)).take())
                 if self.is_leader:
-                    totals.add(out, self.inbox.pop((EVAL_LABEL, b)).take())
+                    totals.add(out, self.inbox.pop((EVAL_LABEL, b)).take()[0])
                 else:
                     self._send(EVAL_ACT, self.rank + 1, out, sizes[b])
                 self.tick += 1
@@ -384,7 +463,7 @@ class DistributedExecutor(Executor):
     def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
         # The deltas this part made that the previous part has not used are the previous part's
         # mailbox: sent or not, they are the state its next steps depend on.
-        unused = [d.cpu() for slot, d in self.outbox if slot >= self.next_step]
+        unused = [to_saved(d) for slot, d in self.outbox if slot >= self.next_step]
         gathered = self._gather((_to_cpu(part_state(self.algo)), unused))
         if gathered is None:
             return None
@@ -399,10 +478,24 @@ class DistributedExecutor(Executor):
         self.next_step = int(state["progress"]["step"])
         # The previous part's mailbox, to send again: it uses them at its next steps.
         mailbox = state["executor"]["mailboxes"][self.rank - 1] if self.rank > 0 else []
-        self.outbox = deque((self.next_step + i, d.to(self.device)) for i, d in enumerate(mailbox))
+        self.outbox = deque((self.next_step + i, from_saved(d, self.device))
+                            for i, d in enumerate(mailbox))
 
     def close(self) -> None:
         self._retire(math.inf)
+
+
+def _view(buffer: Tensor, offset: int, slot: Tuple[torch.dtype, Tuple[int, ...]],
+          rows: int) -> Tensor:
+    """The tensor of `slot` inside a packed byte buffer, at `offset` (a view: no copy)."""
+    dtype, trailing = slot
+    shape = (rows, *trailing)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def _describe(slots: Sequence[Any]) -> str:
+    return ", ".join("none" if s is None else f"{tuple(s[1])} ({s[0]})" for s in slots)
 
 
 class _Waiting:

@@ -9,6 +9,11 @@ at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and 
 separately, per block. The best contiguous split for a cost is found exactly by dynamic
 programming.
 
+The blocks. `flops` balances over the candidates of the traced forward (frzoo.split.fx: a block
+from each valid cut to the next, inside residual blocks too), so a part boundary may fall inside
+a block and the parts come out within a few percent of each other; `params` does too where the
+forward chain has fewer than K units. `time` and `memory` run units of the forward chain.
+
 Measured time is noisy: on a shared CPU a block's time moves by a few percent between runs, and
 resnet18's best K=2 cuts (before `layer2.0` or `layer2.1`) differ by less than that. So `time`
 measures each block several times (median, and the spread = interquartile range), and every
@@ -20,7 +25,7 @@ a split that is better by more than the noise still wins (:func:`steady_cuts`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,6 +33,7 @@ from torch import nn
 from ..errors import FrzooError
 from .chain import block_list
 from .costs import median_and_spread, module_flops, sample_units, unit_flops, unit_memory
+from .fx import Block, profile_blocks
 
 REPEATS = 5  # measurements per block for split.auto=time, after a warm-up run
 
@@ -163,19 +169,30 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
 
 
 def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
-                    sample: torch.Tensor) -> Tuple[List[str], List[float]]:
+                    sample: torch.Tensor, within_blocks: bool = True) -> Tuple[List[str], List[float]]:
     """Split points for K parts balanced by `by` (time, flops, params or memory) under
     `algorithm` (its class, e.g. ``ALGORITHMS.get("fr")``), and each part's cost in that measure
     (seconds, FLOPs per sample, parameters, bytes); :func:`balance` says more."""
-    chosen = balance(model, k, by=by, algorithm=algorithm, sample=sample)
+    chosen = balance(model, k, by=by, algorithm=algorithm, sample=sample,
+                     within_blocks=within_blocks)
     return chosen.points, chosen.costs
 
 
 def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
-            sample: torch.Tensor) -> Balance:
+            sample: torch.Tensor, within_blocks: bool = True) -> Balance:
     """Split points for K parts balanced by `by` under `algorithm`, with each part's predicted
-    cost (and for `time` its measured spread), see :class:`Balance`."""
+    cost (and for `time` its measured spread), see :class:`Balance`. `within_blocks=False` keeps
+    `flops` on the units of the forward chain (cuts between blocks, one tensor each: the zoo's
+    presets)."""
     units = units_of(model)
+    if (by == "flops" and (within_blocks or len(units) < k)) or (by == "params" and len(units) < k):
+        blocks = _traced_blocks(model, sample[:1])
+        if blocks is not None:
+            return _balance_blocks(blocks, k, by, algorithm)
+    if len(units) < k and by in ("time", "memory"):
+        raise FrzooError(f"split.auto={by} measures units of the forward chain, and "
+                         f"{type(model).__name__} has {len(units)} (fewer than K={k}); use "
+                         f"split.auto=flops or params, which balance over the traced forward.")
     if by == "time":
         medians, spreads = zip(*(median_and_spread(rows)
                                  for rows in sample_units(model, units, sample, REPEATS)))
@@ -201,6 +218,10 @@ def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
         def cost(a: int, b: int, index: int) -> float:
             return memory_cost(rows[a:b], index, k, algorithm)
 
+    if len(units) < k and by in ("time", "memory"):
+        raise FrzooError(f"split.auto={by} measures units of the forward chain, and "
+                         f"{type(model).__name__} has {len(units)} (fewer than K={k}); use "
+                         f"split.auto=flops or params, which balance over the traced forward.")
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
     shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
@@ -219,3 +240,55 @@ def flops_shares(model: nn.Module, names: Sequence[Sequence[str]], sample: torch
     if forward:
         forward[-1] += max(0.0, per_module.get("", 0.0) - sum(forward))
     return [algorithm.part_cost(i, len(forward), f, 2 * f) for i, f in enumerate(forward)]
+
+
+def _traced_blocks(model: nn.Module, sample: torch.Tensor) -> Optional[List[Block]]:
+    """The candidates of the traced forward measured on one sample; None where it cannot be
+    traced (the chain's units are then all there is)."""
+    try:
+        return profile_blocks(model, sample)
+    except FrzooError:
+        return None
+
+
+def _lightest(cuts: Sequence[int], blocks: Sequence[Block], weights: Sequence[float]) -> List[int]:
+    """Each cut moved, across blocks that cost nothing (norms, activations), to where the fewest
+    bytes cross: the same part costs, less to send and to keep (resnet18 at K=2 by FLOPs:
+    `layer2.1`, one tensor, rather than the equally balanced `layer2.0.downsample.1`, two)."""
+    out: List[int] = []
+    for n, cut in enumerate(cuts):
+        low = out[-1] + 1 if out else 1
+        high = cuts[n + 1] - 1 if n + 1 < len(cuts) else len(blocks) - 1
+        options = [cut]
+        j = cut - 1
+        while j >= low and weights[j] == 0:  # block j would join the next part
+            options.append(j)
+            j -= 1
+        j = cut
+        while j + 1 <= high and weights[j] == 0:  # block j would join the previous part
+            options.append(j + 1)
+            j += 1
+        # fewest bytes, then the most readable name (the shallowest module), then the earliest
+        out.append(min(options, key=lambda i: (blocks[i].input_bytes,
+                                               blocks[i].point.count("."), i)))
+    return out
+
+
+def _balance_blocks(blocks: Sequence[Block], k: int, by: str,
+                    algorithm: AlgorithmCosts) -> Balance:
+    """best_cuts over the traced candidates: FLOPs per sample (a backward costs about two
+    forwards) under `algorithm`'s cost model, or parameters."""
+    weights = [float(b.flops if by == "flops" else b.params) for b in blocks]
+    if by == "flops":
+        costs = [(f, 2.0 * f) for f in weights]
+
+        def cost(a: int, b: int, index: int) -> float:
+            return part_cost(costs[a:b], index, k, algorithm)
+    else:
+        def cost(a: int, b: int, index: int) -> float:
+            return sum(weights[a:b])
+    cuts = _lightest(best_cuts(len(blocks), k, cost), blocks, weights)
+    bounds = [0, *cuts, len(blocks)]
+    shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return Balance([blocks[c].point for c in cuts], shares, [0.0] * len(shares),
+                   "FLOPs" if by == "flops" else "params")

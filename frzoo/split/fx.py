@@ -6,15 +6,17 @@ embedding that the root owns, a Mixer averages tokens between its last norm and 
 or ConvNeXt stage is not an ``nn.Sequential``. Here the forward is traced into a graph of
 operations (timm's own leaf modules and functions stay opaque, as in timm's fx feature
 extraction), and a cut BEFORE module M puts every node before M's first node in one part and the
-rest in the next. A cut is valid when exactly ONE value computed before it is used after it; that
-tensor is what the part sends. Inside a residual block the input and the branch cross; inside a
-ViT's token path the class token might: such cuts are refused, naming valid ones near them.
+rest in the next. Every value computed before the cut and used after it crosses it: the part
+sends them all, as a tuple (frzoo.activation). Inside a residual block the block's input (the
+skip) and the branch cross; inside a ViT block the residual stream and the branch. A cut is
+refused where a module or a weight would run on both sides, where nothing runs before it, or
+where more than MAX_CROSSING values cross.
 
 Why not ``torch.fx.passes.split_module``: it hands every parameter or buffer read with
 ``get_attr`` (a ViT's ``cls_token``/``pos_embed``, a LayerScale gamma, a Swin relative-position
 table) to the sub-graphs as extra INPUTS fetched by the top-level module, and it renames module
-paths (``blocks.0.attn`` -> ``blocks_0_attn``). A part must take one tensor and hold its own
-weights under their original names, so the per-part graphs are built here directly: each part's
+paths (``blocks.0.attn`` -> ``blocks_0_attn``). A part must take the crossing tensors and hold
+its own weights under their original names, so the per-part graphs are built here directly: each part's
 graph copies its nodes, re-reads the tensors it uses with its own ``get_attr``, and runs against a
 holder module that contains the model's OWN module objects at their original paths (and the
 root-owned tensors it uses, as the same Parameter objects). Export by original names, BatchNorm
@@ -44,6 +46,7 @@ from .costs import counting_flops
 from .plan import Partition, SplitPart, check_disjoint, list_valid
 
 _MODES = (True, False)  # training, eval: the model is traced in both
+MAX_CROSSING = 8  # tensors one cut may send (one message carries them: frzoo.executors.p2p)
 
 
 # ---------------------------------------------------------------- tracing
@@ -111,13 +114,18 @@ class ModeGraph:
 
     def cut_problem(self, i: int, point: str) -> Optional[str]:
         """Why a cut before node i (the first node of module `point`) is invalid, or None."""
-        crossing = self.crossing(i)
-        if len(crossing) != 1:
-            return (f"{len(crossing)} values would cross the cut "
-                    f"({', '.join(_describe(n) for n in crossing[:4])}"
-                    f"{', ...' if len(crossing) > 4 else ''}), and a part sends exactly one tensor")
-        if crossing[0] is self.input:
+        if not any(n.op not in ("placeholder", "output") and not self.is_free(n)
+                   for n in self.nodes[:i]):
             return "nothing runs before it, so the first part would be empty"
+        crossing = self.crossing(i)
+        if len(crossing) > MAX_CROSSING:
+            return (f"{len(crossing)} values would cross the cut "
+                    f"({', '.join(_describe(n) for n in crossing[:4])}, ...), and a cut sends "
+                    f"at most {MAX_CROSSING} tensors")
+        scalars = [n for n in crossing if _not_a_tensor(n)]
+        if scalars:
+            return (f"{_describe(scalars[0])} crosses the cut and is not a tensor (a shape or "
+                    f"a number), and a part sends tensors only")
         enclosing = _ancestors(point)
         for path, start in self.first.items():
             if start < i <= self.last[path] and path not in enclosing:
@@ -141,6 +149,21 @@ class ModeGraph:
             if self.cut_problem(i, names[0]) is None:
                 out.append((i, names))
         return out
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "tolist", "item"}
+
+
+def _not_a_tensor(node: fx.Node) -> bool:
+    """Values fx can tell are not tensors without running: shapes, sizes and their items."""
+    if node.op == "call_method":
+        return str(node.target) in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            return _not_a_tensor(node.args[0])
+    return False
 
 
 def _describe(node: fx.Node) -> str:
@@ -354,7 +377,8 @@ def _same_part(model: nn.Module, path: str, entry: str, k: int, entry_part: Dict
 
 # ---------------------------------------------------------------- building parts
 class FxPart(SplitPart):
-    """A part cut out of the traced forward: one tensor in, one tensor out.
+    """A part cut out of the traced forward: the tensors crossing the cut before it in (as
+    arguments), those crossing the cut after it out (one tensor, or a tuple of them).
 
     ``self.fx`` holds the model's own module objects (and root-owned tensors) at their original
     paths, so ``state_dict()`` keys are ``fx.`` + the model's own names. The part runs the graph
@@ -365,18 +389,20 @@ class FxPart(SplitPart):
     KEY_PREFIX = "fx."  # the holder's attribute name, so every state_dict key starts with it
 
     def __init__(self, names: Sequence[str], holder: nn.Module,
-                 graphs: Dict[bool, fx.Graph]) -> None:
+                 graphs: Dict[bool, fx.Graph], sends: Optional[Dict[bool, List[str]]] = None) -> None:
         super().__init__()
         self.names = list(names)
         self.fx = holder
         self.graphs = graphs  # plain attribute: one fx.Graph per mode, for inspection
+        # per mode, the traced model's nodes whose values this part returns (for the check)
+        self.sends = sends or {}
         self._forwards = {mode: _compile(holder, graph) for mode, graph in graphs.items()}
         # The part's mode is that of its first module (one of the model's own, not registered
         # twice here: object.__setattr__ keeps it out of the module tree).
         object.__setattr__(self, "_mode_of", holder.get_submodule(self.names[0]))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forwards[self._mode_of.training](self.fx, x)
+    def forward(self, *xs: Tensor) -> Any:
+        return self._forwards[self._mode_of.training](self.fx, *xs)
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
@@ -398,7 +424,7 @@ class FxPart(SplitPart):
         return f"names={names[0] if len(names) == 1 else f'{names[0]} .. {names[-1]}'}"
 
 
-def _compile(holder: nn.Module, graph: fx.Graph) -> Callable[[nn.Module, Tensor], Tensor]:
+def _compile(holder: nn.Module, graph: fx.Graph) -> Callable[..., Any]:
     """The generated forward of `graph`, to be called with `holder` as self. The throwaway
     GraphModule checks that every module and tensor the graph names exists in the holder."""
     return type(fx.GraphModule(holder, graph)).forward
@@ -414,6 +440,7 @@ def build_fx_parts(model: nn.Module, partition: Partition) -> List[FxPart]:
                          f"{type(model).__name__}: for split points {points} the parts are "
                          f"{expected.to_list()}.")
     graphs: List[Dict[bool, fx.Graph]] = [{} for _ in partition.parts]
+    sends: List[Dict[bool, List[str]]] = [{} for _ in partition.parts]
     loose: Dict[str, int] = {}
     for training, mg in trace.graphs.items():
         cuts = [mg.first[p] for p in points]
@@ -422,10 +449,11 @@ def build_fx_parts(model: nn.Module, partition: Partition) -> List[FxPart]:
                 raise FrzooError(f"tensor '{target}' is used by part {loose[target] + 1} in one "
                                  f"mode and by part {k + 1} in the other; move the cut.")
         bounds = [0, *cuts, len(mg.nodes)]
-        sent = [mg.crossing(c)[0] for c in cuts]  # the one tensor crossing each cut
-        ins, outs = [mg.input, *sent], [*sent, mg.output]
+        sent = [mg.crossing(c) for c in cuts]  # the tensors crossing each cut, in node order
+        ins, outs = [[mg.input], *sent], [*sent, [mg.output]]
         for k in range(len(partition.parts)):
             graphs[k][training] = _part_graph(mg, bounds[k], bounds[k + 1], ins[k], outs[k])
+            sends[k][training] = [n.name for n in outs[k]]
     covered = dict.fromkeys((n for names in partition.parts for n in names), 0)
     unused = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]
               if _covering(n, covered) is None and n not in loose]
@@ -435,16 +463,19 @@ def build_fx_parts(model: nn.Module, partition: Partition) -> List[FxPart]:
         own = [t for t, owner in loose.items() if owner == k] + (unused if k == last else [])
         holder = _holder(model, names, own)
         parts.append(FxPart(names, holder, {m: _protect_input(g, holder)
-                                            for m, g in graphs[k].items()}))
+                                            for m, g in graphs[k].items()}, sends[k]))
     check_disjoint(parts)
     return parts
 
 
-def _part_graph(mg: ModeGraph, a: int, b: int, source: fx.Node, result: fx.Node) -> fx.Graph:
-    """Nodes [a, b) of the traced forward as a graph of one input (`source`) and one output."""
+def _part_graph(mg: ModeGraph, a: int, b: int, sources: Sequence[fx.Node],
+                results: Sequence[fx.Node]) -> fx.Graph:
+    """Nodes [a, b) of the traced forward as a graph taking the tensors `sources` and returning
+    `results` (one tensor where one crosses, else a tuple)."""
     graph = fx.Graph()
     env: Dict[fx.Node, Any] = dict(mg.constants)
-    env[source] = graph.placeholder("x")
+    for j, source in enumerate(sources):
+        env[source] = graph.placeholder("x" if len(sources) == 1 else f"x{j}")
 
     def value(node: fx.Node) -> Any:
         if node not in env:  # a tensor the part reads itself: its own get_attr, just in time
@@ -456,7 +487,8 @@ def _part_graph(mg: ModeGraph, a: int, b: int, source: fx.Node, result: fx.Node)
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         env[node] = graph.node_copy(node, value)
-    graph.output(value(result))
+    out = [value(r) for r in results]
+    graph.output(out[0] if len(out) == 1 else tuple(out))
     graph.lint()
     return graph
 
@@ -480,15 +512,35 @@ def _mutates(node: fx.Node, holder: nn.Module) -> bool:
 
 
 def _protect_input(graph: fx.Graph, holder: nn.Module) -> fx.Graph:
-    """Clone the part's input first when the part would write into it: Features Replay keeps
-    the input for the replay, so the part must not change it (the whole model does not care)."""
-    source = next(n for n in graph.nodes if n.op == "placeholder")
-    if any(_mutates(user, holder) and user.args and user.args[0] is source
-           for user in source.users):
-        with graph.inserting_after(source):
-            copy = graph.call_method("clone", (source,))
-        source.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    """Clone an input first when the part would write into it: Features Replay keeps the inputs
+    for the replay, so the part must not change them (the whole model does not care)."""
+    sources = [n for n in graph.nodes if n.op == "placeholder"]
+    for source in sources:
+        if any(_mutates(user, holder) and user.args and user.args[0] is source
+               for user in source.users):
+            with graph.inserting_after(sources[-1]):
+                copy = graph.call_method("clone", (source,))
+            source.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
     return graph
+
+
+@torch.no_grad()
+def traced_values(model: nn.Module, names: Set[str], sample: Tensor) -> Dict[str, Tensor]:
+    """The values of the nodes `names` of the model's eval-mode trace on `sample` (copies, taken
+    when computed: a later in-place operation does not change them). The model must be in eval
+    mode; frzoo.split.check compares each FxPart's outputs with these."""
+    mg = trace_model(model).eval
+    values: Dict[str, Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            out = super().run_node(node)
+            if node.name in names:
+                values[node.name] = out.clone() if isinstance(out, Tensor) else out
+            return out
+
+    Recorder(fx.GraphModule(model, mg.graph)).run(sample, *mg.constants.values())
+    return values
 
 
 def _holder(model: nn.Module, entries: Sequence[str], tensors: Sequence[str]) -> nn.Module:
@@ -528,8 +580,13 @@ class Block:
     aliases: List[str]  # other modules starting at the same place
     params: int  # parameters first used in this block
     flops: int  # 2 per multiply-add of convolutions, linear layers and matrix products
-    input_shape: Tuple[int, ...]  # the tensor that crosses the cut before the block
-    input_bytes: int
+    input_shapes: List[Tuple[int, ...]]  # the tensors that cross the cut before the block
+    input_bytes: int  # of all of them
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        """The shape of the one tensor crossing the cut (the first, where several cross)."""
+        return self.input_shapes[0]
 
 
 def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
@@ -537,10 +594,28 @@ def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
     that starts there, measured on `sample` in eval mode."""
     trace = trace_model(model)
     mg = trace.eval
-    valid = [(i, names) for i, names in mg.valid_points if _valid_in_train(trace, names[0])]
-    starts = [0] + [i for i, _ in valid]
     flops, shapes = _run_profile(model, mg, sample)
+    valid = [(i, names) for i, names in mg.valid_points if _valid_in_train(trace, names[0])
+             and all(n in shapes for n in mg.crossing(i))]  # only tensors cross
+    starts = [0] + [i for i, _ in valid]
     params = [0] * len(starts)
+    for i, t in _first_uses(model, mg):
+        params[bisect.bisect_right(starts, i) - 1] += t.numel()
+    flops_per_block = [0] * len(starts)
+    for i, node in enumerate(mg.nodes):
+        flops_per_block[bisect.bisect_right(starts, i) - 1] += flops.get(node, 0)
+    blocks = [Block("", [], params[0], flops_per_block[0], [tuple(sample.shape)],
+                    sample.numel() * sample.element_size())]
+    for j, (i, names) in enumerate(valid, start=1):
+        crossing = [shapes[n] for n in mg.crossing(i)]
+        blocks.append(Block(names[0], names[1:], params[j], flops_per_block[j],
+                            [shape for shape, _ in crossing], sum(size for _, size in crossing)))
+    return blocks
+
+
+def _first_uses(model: nn.Module, mg: ModeGraph) -> List[Tuple[int, nn.Parameter]]:
+    """Every parameter with the index of the node that first uses it."""
+    out: List[Tuple[int, nn.Parameter]] = []
     seen: Set[int] = set()
     for i, node in enumerate(mg.nodes):
         if node.op == "call_module":
@@ -551,20 +626,29 @@ def profile_blocks(model: nn.Module, sample: Tensor) -> List[Block]:
             i = min((mg.index[u] for u in node.users if u.op != "output"), default=i)
         else:
             tensors = []
-        block = bisect.bisect_right(starts, i) - 1
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
-                params[block] += t.numel()
-    flops_per_block = [0] * len(starts)
-    for i, node in enumerate(mg.nodes):
-        flops_per_block[bisect.bisect_right(starts, i) - 1] += flops.get(node, 0)
-    blocks = [Block("", [], params[0], flops_per_block[0], tuple(sample.shape),
-                    sample.numel() * sample.element_size())]
-    for j, (i, names) in enumerate(valid, start=1):
-        shape, size = shapes[mg.crossing(i)[0]]
-        blocks.append(Block(names[0], names[1:], params[j], flops_per_block[j], shape, size))
-    return blocks
+                out.append((i, t))
+    return out
+
+
+def graph_blocks(model: nn.Module) -> List[str]:
+    """The model's blocks as the trace sees them, for the authors' rule (`split.k`) where the
+    forward chain has too few: the cuts crossed by ONE tensor (between residual blocks, not
+    inside them) that start a stretch holding a weight matrix or kernel (a parameter of 2 or more
+    dims), so a stretch of norms and activations joins the block before it. The stretch from the
+    input (the stem) and the one that ends at the output (the head) are not blocks: they join
+    the first and the last, as in the authors' rule."""
+    trace = trace_model(model)
+    mg = trace.eval
+    singles = [(i, names[0]) for i, names in mg.valid_points
+               if len(mg.crossing(i)) == 1 and _valid_in_train(trace, names[0])]
+    weighted = sorted(i for i, t in _first_uses(model, mg) if t.dim() >= 2)
+    ends = [i for i, _ in singles[1:]] + [len(mg.nodes)]
+    blocks = [name for (start, name), end in zip(singles, ends)
+              if bisect.bisect_left(weighted, start) < bisect.bisect_left(weighted, end)]
+    return blocks[:-1]
 
 
 def _valid_in_train(trace: Trace, point: str) -> bool:
