@@ -130,8 +130,8 @@ def test_without_restarts_left_the_job_fails_clearly_and_keeps_its_checkpoint(
 
 
 # ---------------------------------------------------------------- the decision, in one process
-def member(agent: str = "node0:100:5", restarts: int = 1, out: str = "/r") -> elastic._Member:
-    return elastic._Member(agent, restarts, out)
+def member(agent: str = "node0:100:5", restarts: int = 1) -> elastic._Member:
+    return elastic._Member(agent, restarts)
 
 
 def folder_with_checkpoint(out: Path, agents: List[str]) -> Path:
@@ -145,24 +145,19 @@ def folder_with_checkpoint(out: Path, agents: List[str]) -> Path:
 def test_a_restart_of_the_same_job_resumes(tmp_path):
     out = folder_with_checkpoint(tmp_path / "r", ["node0:100:5", "node1:200:7"])
     said: List[str] = []
-    members = [member(restarts=0, out=str(out)), member("node1:200:7", 1, str(out))]
+    members = [member(restarts=0), member("node1:200:7", 1)]
     assert elastic._decide(out, False, members, said.append) is True
     assert said == [f"torchrun restart 1: resuming from {rundir.checkpoint_path(out)} (step 12)"]
 
 
 def test_a_first_start_or_another_jobs_folder_is_refused_as_without_torchrun(tmp_path):
     out = folder_with_checkpoint(tmp_path / "r", ["node0:100:5"])
-    for members in ([member(restarts=0, out=str(out))],           # no restart: a fresh start
-                    [member("node0:999:5", 1, str(out))]):         # a restart of another job
+    for members in ([member(restarts=0)],             # no restart: a fresh start
+                    [member("node0:999:5", 1)]):      # a restart of another job
         with pytest.raises(FrzooError, match="already holds a run"):
             elastic._decide(out, False, members, print)
     # a restart before the first checkpoint starts afresh
     assert elastic._decide(tmp_path / "new", False, [member()], print) is False
-
-
-def test_the_ranks_must_agree_on_the_run_folder(tmp_path):
-    with pytest.raises(FrzooError, match="different run folders.*Set run.out_dir"):
-        elastic._decide(tmp_path / "a", False, [member(out="/a"), member(out="/b")], print)
 
 
 @pytest.fixture
@@ -180,8 +175,8 @@ def test_the_run_folder_lock_holds_under_torchrun(tmp_path, one_rank_group):
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
             with elastic.join_run_folder(out, False, leader=0, echo=print):
                 pass
-    with elastic.join_run_folder(out, False, leader=0, echo=print) as resume:
-        assert resume is False
+    with elastic.join_run_folder(out, False, leader=0, echo=print) as (resume, where):
+        assert resume is False and where == out
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
             with rundir.lock(out):
                 pass

@@ -34,7 +34,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,9 +100,8 @@ def agent_id() -> str:
 
 @dataclass
 class _Member:
-    agent: str
-    restarts: int
-    out_dir: str
+    agent: str  # agent_id()
+    restarts: int  # restart_count()
 
 
 def _object_group() -> Any:
@@ -130,11 +129,6 @@ def _write_record(out_dir: Path, agents: List[str]) -> None:
 
 def _decide(out_dir: Path, resume: bool, members: List[_Member], echo: Echo) -> bool:
     """The leader's decision: resume or not (see the module docstring), the folder checked."""
-    dirs = sorted({m.out_dir for m in members})
-    if len(dirs) > 1:
-        raise FrzooError(f"the ranks of this torchrun job write into different run folders "
-                         f"({', '.join(dirs)}): each node chose its own default. Set "
-                         f"run.out_dir to one folder on a file system every node shares.")
     restarts = max(m.restarts for m in members)
     checkpoint = rundir.checkpoint_path(out_dir)
     agents = [m.agent for m in members]
@@ -147,12 +141,15 @@ def _decide(out_dir: Path, resume: bool, members: List[_Member], echo: Echo) -> 
 
 
 @contextlib.contextmanager
-def join_run_folder(out_dir: Path, resume: bool, *, leader: int, echo: Echo) -> Iterator[bool]:
+def join_run_folder(out_dir: Path, resume: bool, *, leader: int,
+                    echo: Echo) -> Iterator[Tuple[bool, Path]]:
     """Collective (every rank calls it, the process group up): check the run folder, hold its
-    lock on the leader while the block runs, and yield whether this start resumes."""
+    lock on the leader while the block runs, and yield whether this start resumes and the run
+    folder, the leader's for every rank (without run.out_dir each process names its own
+    `runs/<recipe>-<time>`, and their clocks may fall in different seconds)."""
     group = _object_group()
     members: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(members, _Member(agent_id(), restart_count(), str(out_dir)), group=group)
+    dist.all_gather_object(members, _Member(agent_id(), restart_count()), group=group)
     decision: List[Dict[str, Any]] = [{}]
     with contextlib.ExitStack() as stack:
         if dist.get_rank() == leader:
@@ -163,13 +160,13 @@ def join_run_folder(out_dir: Path, resume: bool, *, leader: int, echo: Echo) -> 
                 resume = _decide(out_dir, resume, members, echo)
                 stack.enter_context(rundir.lock(out_dir))
                 _write_record(out_dir, [m.agent for m in members])
-                decision = [{"resume": resume}]
+                decision = [{"resume": resume, "out_dir": str(out_dir)}]
             except FrzooError as exc:
                 decision = [{"error": str(exc)}]
         dist.broadcast_object_list(decision, src=leader, group=group)
         if "error" in decision[0]:
             raise FrzooError(decision[0]["error"])
-        yield bool(decision[0]["resume"])
+        yield bool(decision[0]["resume"]), Path(decision[0]["out_dir"])
 
 
 def restart_hint() -> str:

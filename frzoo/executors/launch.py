@@ -244,7 +244,8 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
     try:
         # the leader (last rank) checks the folder and holds its lock; a restart resumes
         echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
-        with elastic.join_run_folder(out_dir, resume, leader=world - 1, echo=echo) as resume:
+        with elastic.join_run_folder(out_dir, resume, leader=world - 1,
+                                     echo=echo) as (resume, out_dir):
             try:
                 worker(cfg, out_dir, resume, rank, world)
             except Exception as exc:  # noqa: BLE001 - a lost peer becomes one clear line
