@@ -6,6 +6,7 @@ distributed run) finds its files through these helpers, so the layout is written
     RUN_DIR/recipe.yaml  partition.json  metrics.jsonl  summary.json  final.pt
     RUN_DIR/checkpoints/last.pt
     RUN_DIR/.lock        (held while a run writes into the folder)
+    RUN_DIR/.torchrun-job  (under torchrun: the job writing the folder, for its restarts)
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / "checkpoints" / "last.pt"
+
+
+def job_record_path(out_dir: Path) -> Path:
+    """Which torchrun job writes the folder: a restart of that job resumes by itself
+    (frzoo.executors.elastic)."""
+    return out_dir / ".torchrun-job"
 
 
 def lock(out_dir: Path) -> Any:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import rundir
 from ..errors import FrzooError
+from . import elastic
 from .p2p import PeerStalled, _is_timeout
 
 # worker(cfg, out_dir, resume, rank, world_size): one process's whole job
@@ -236,14 +237,35 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
                          f"{num_parts} parts; start one process per part "
                          f"(e.g. --nproc-per-node {num_parts} on one node).")
     torch.set_num_threads(_threads(cfg, world))
-    _init_group(cfg, rank, world)
     try:
-        if rank == world - 1:
-            rundir.prepare(out_dir, resume)
-        dist.barrier()
-        worker(cfg, out_dir, resume, rank, world)
-        dist.barrier()
+        _init_group(cfg, rank, world)
+    except Exception as exc:  # noqa: BLE001 - a restart that cannot connect says why
+        raise elastic.explain_init_failure(exc) from exc
+    try:
+        # the leader (last rank) checks the folder and holds its lock; a restart resumes
+        echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
+        with elastic.join_run_folder(out_dir, resume, leader=world - 1,
+                                     echo=echo) as (resume, out_dir):
+            try:
+                worker(cfg, out_dir, resume, rank, world)
+            except Exception as exc:  # noqa: BLE001 - a lost peer becomes one clear line
+                raise _torchrun_failure(exc, rank, out_dir) from exc
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     summary = out_dir / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def _torchrun_failure(exc: BaseException, rank: int, out_dir: Path) -> BaseException:
+    """Under torchrun no frzoo launcher explains a failure: a part that lost its neighbour (a
+    worker killed, a node gone) says so in one line, with the checkpoint that survives and what
+    torchrun does next. Any other error is kept as it is."""
+    if isinstance(exc, FrzooError) and not isinstance(exc, PeerStalled):
+        return exc
+    if not (isinstance(exc, PeerStalled) or _is_timeout(exc) or _peer_loss(str(exc))):
+        return exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FrzooError(f"part {rank + 1} (rank {rank}, host {socket.gethostname()}) lost a "
+                      f"neighbour: another process of this job stopped ({first[:200]}). "
+                      f"{rundir.last_good_checkpoint(out_dir)}.{elastic.restart_hint()}")
