@@ -108,7 +108,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{100 * cost / (sum(costs) or 1):>5.0f}%")
     diffs = ", ".join(f"{d:g}" for d in pipeline.report.max_abs_diff)
     print(f"\nsplit check: the chained parts equal the whole model exactly "
-          f"(max |diff| per part: {diffs}; eval mode, random input)")
+          f"(max |diff| per part: {diffs}; eval mode, random input; the output "
+          f"also in train mode from one seed)")
     return 0
 
 

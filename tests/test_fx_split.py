@@ -410,3 +410,22 @@ def test_plan_lists_the_candidates(capsys):
     # 16 patches + the cls token, 64 wide: 1088 elements, 4 bytes each, batch of 4
     assert row.split()[-3:] == ["17x64", "1.09k", "17.41k"]
     assert "partition: K=2 parts" in out and "equal the whole model exactly" in out
+
+
+def test_code_that_acts_only_in_training_sends_a_chain_split_to_the_trace():
+    """timm's resnet applies its drop_rate dropout functionally before the head: the chain of
+    children skips it, which eval mode cannot see. The train-mode comparison does, the split is
+    redone on the traced forward (which keeps the dropout), and the check leaves BatchNorm's
+    running statistics as they were."""
+    from frzoo.split import resolve
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, drop_rate=0.5)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    sample = torch.randn(2, 3, 32, 32)
+    split = resolve(model, points=["layer3"], build=True, sample=sample)
+    assert split.partition.method == "fx" and split.report.exact
+    assert split.report.train_diff == 0.0
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    plain = timm.create_model("resnet18", num_classes=10, drop_path_rate=0.2)
+    split = resolve(plain, points=["layer3"], build=True, sample=sample)  # drop-path is inside
+    assert split.partition.method == "chain" and split.report.exact  # blocks: the chain holds

@@ -27,10 +27,13 @@ class EquivalenceReport:
     shapes: List[Any] = field(default_factory=list)
     problem: Optional[str] = None
     fallback_error: Optional[str] = None  # why the fx split could not replace a failed chain
+    # the largest |difference| of the final output in train mode (None: not compared)
+    train_diff: Optional[float] = None
 
     @property
     def exact(self) -> bool:
-        return self.problem is None and all(d == 0.0 for d in self.max_abs_diff)
+        return (self.problem is None and all(d == 0.0 for d in self.max_abs_diff)
+                and self.train_diff in (None, 0.0))
 
     def first_bad_part(self) -> Optional[int]:
         return next((k for k, d in enumerate(self.max_abs_diff) if d != 0.0), None)
@@ -45,7 +48,8 @@ def check_equivalence(model: nn.Module, parts: Sequence[SplitPart], sample: Tens
     """Run the whole model and the chained parts on `sample` in eval mode and compare each
     part's output with the tensor the whole model feeds to the next part's first module (for a
     part cut out of the trace: with the values of the traced nodes it returns, every tensor of
-    a multi-tensor cut; the last part's logits always with the model's own output)."""
+    a multi-tensor cut; the last part's logits always with the model's own output). Where eval
+    mode agrees, the final outputs are also compared in train mode (:func:`_train_mode_diff`)."""
     was_training = model.training
     model.eval()
     report = EquivalenceReport()
@@ -85,9 +89,40 @@ def check_equivalence(model: nn.Module, parts: Sequence[SplitPart], sample: Tens
                                  else tuple(tuple(t.shape) for t in got))
             report.max_abs_diff.append(_max_diff(got, want))
             h = got
+        if report.problem is None and all(d == 0.0 for d in report.max_abs_diff):
+            report.train_diff = _train_mode_diff(model, parts, sample)
+            if report.train_diff != 0.0:
+                report.problem = (
+                    f"in train mode the parts' output differs from the model's (max |diff| "
+                    f"{report.train_diff:g}) although eval mode agrees: the model runs code "
+                    f"between its children only while training (e.g. timm's drop_rate dropout "
+                    f"before the head)")
     finally:
         model.train(was_training)
     return report
+
+
+def _train_mode_diff(model: nn.Module, parts: Sequence[SplitPart], sample: Tensor) -> float:
+    """The largest |difference| between the whole model's output and the chained parts' in train
+    mode, each run from the same RNG seed: where the parts run the model's operations in the
+    model's order, dropout and drop-path draw the same masks and the outputs are equal. Eval mode
+    cannot see code that acts only in training (a functional dropout between children). BatchNorm
+    running statistics are restored afterwards, so the check leaves the model as it found it."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    cuda = [sample.device.index or 0] if sample.device.type == "cuda" else []
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            whole = as_activation(model(sample))
+            torch.manual_seed(0)
+            h: Any = (sample,)
+            for part in parts:
+                h = as_activation(part(*h))
+    finally:
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return _max_diff(h, whole)
 
 
 def _max_diff(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
