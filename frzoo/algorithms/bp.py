@@ -32,7 +32,7 @@ class Backprop(PartAlgorithm):
         delta = arrived(delta)
         with self.timed("backward"):
             if self.is_last:
-                self._loss.backward()
+                self._scaled_loss().backward()
             else:
                 self._output.backward(delta)
         grad_in = None if self.is_first else self._input.grad
