@@ -13,9 +13,10 @@ loss, evaluation and the sigma probe all call the same forward.
   earlier per link, possibly under another scale: so the scale travels with each delta, each
   part unscales its own gradients with it and skips its step on overflow
   (frzoo.loss_scale.LossScaler, one per part, attached by :func:`loss_scaler`; the rule is in
-  docs/algorithm.md, "fp16 loss scaling"). On the CPU, PyTorch's fp16 autocast runs the
-  convolutions, linear layers and BatchNorm of the zoo's ResNets (checked with torch 2.14);
-  it is slower than bf16 there (no native fp16 arithmetic), so fp16 is for GPUs.
+  docs/algorithm.md, "fp16 loss scaling"). On the CPU, PyTorch 2.14's fp16 autocast runs
+  every op of timm's resnet18, the zoo's CIFAR ResNet-56 and -101 and `test_resnet` (the tests
+  use it), but 10-25x slower than fp32 (one thread, 32x32 images, 2026-12-03; no fast fp16
+  kernels there): fp16 is for GPUs, bf16 is the CPU's half precision.
 - channels_last: the part's weights and its input use the NHWC layout (faster convolutions on
   tensor cores and on CPUs with oneDNN). Values are the same; the layout is not sent between
   processes (each part converts its own input).
