@@ -121,7 +121,7 @@ def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
     taken = recipe.get("algorithm") or {}
     diff = {k: v for k, v in recipe_diff(state["recipe"], recipe).items()
             if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
-            and not _untaken_option(k, taken)}
+            and not _untaken_option(k, taken) and not _unused_loss_scale(k, recipe)}
     if state["partition"] != partition:
         diff["partition"] = (state["partition"], partition)
     if diff:
@@ -141,6 +141,12 @@ def _untaken_option(key: str, taken: Dict[str, Any]) -> bool:
     nothing and must not block the resume."""
     section, _, option = key.partition(".")
     return section == "algorithm" and option not in taken
+
+
+def _unused_loss_scale(key: str, recipe: Dict[str, Any]) -> bool:
+    """A `train.loss_scale` key of a run that is not fp16: it changes nothing (and checkpoints
+    from before the key existed lack it)."""
+    return key.startswith("train.loss_scale") and recipe["train"].get("precision") != "fp16"
 
 
 def export_state_dict(parts_states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,14 @@ class DataConfig:
 
 
 @dataclass
+class LossScaleConfig:
+    """fp16 loss scaling (frzoo/loss_scale.py): the first scale and how many steps in a row
+    without overflow double it (an overflow halves it), GradScaler's defaults."""
+    init: float = 65536.0
+    growth_interval: int = 2000
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many steps in all (overrides epochs)
@@ -115,6 +124,7 @@ class TrainConfig:
     # How each part computes (frzoo/precision.py): autocast dtype (parameters stay fp32), the
     # layout of weights and activations, and torch.compile per part with this backend.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)  # fp16 only
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     compile: bool = False
     compile_backend: str = "inductor"
@@ -321,11 +331,11 @@ def validate(cfg: DictConfig) -> None:
     positive("distributed.master_port", allow_zero=True)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
-    if cfg.train.precision == "fp16":
-        raise RecipeError("train.precision=fp16 is not supported: its loss scale would have to "
-                          "follow each delta through Features Replay's staleness, which frzoo "
-                          "does not implement yet. Use train.precision=bf16 (no loss scaling "
-                          "needed) or fp32.")
+    positive("train.loss_scale.init")
+    positive("train.loss_scale.growth_interval")
+    if not math.isfinite(cfg.train.loss_scale.init):
+        raise RecipeError(f"train.loss_scale.init={cfg.train.loss_scale.init} must be finite "
+                          f"(fp16's largest value is 65504; the default is 65536).")
     if cfg.optimizer.nesterov and cfg.optimizer.momentum <= 0:
         raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
     if len(cfg.optimizer.betas) != 2:

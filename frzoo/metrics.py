@@ -27,6 +27,10 @@ WAIT = "wait"  # waiting for another part's message (one process per part)
 STEP = "step"  # the whole step; what no phase covers is "other"
 BREAKDOWN = (*PHASES, WAIT, "other")  # the shares of a part's step time, in display order
 SIGMA = "sigma"  # a ratio over the window (train.sigma_every), not seconds
+# fp16 (frzoo/loss_scale.py): optimizer steps a part skipped in the window (a count), and the last
+# part's loss scale at the window's end, logged as train/loss_scale.
+SKIPPED, LOSS_SCALE = "skipped", "loss_scale"
+NOT_SECONDS = (SIGMA, SKIPPED, LOSS_SCALE)  # per-part values that are not phase times
 PEAK_ALLOCATED = "peak_allocated_bytes"  # the part's CUDA device peak in the window
 MIB = 2 ** 20
 
@@ -34,6 +38,7 @@ EPOCH = "epoch"  # in every record: one x-axis for train and eval
 TRAIN_LOSS, TRAIN_ACC, TRAIN_LR = "train/loss", "train/acc", "train/lr"
 IMAGES_PER_S = "train/images_per_s"
 TEST_LOSS, TEST_ACC1, TEST_ACC5 = "test/loss", "test/acc1", "test/acc5"
+TRAIN_LOSS_SCALE = "train/loss_scale"  # fp16 only
 TRAIN_S = "time/train_s"  # training seconds so far (no evaluation or checkpoints), as train_seconds
 # Seconds since the run started (all sessions of a resumed run summed); in train records only: an
 # eval record at the same step would give the name a second value there (W&B keeps one per step).
@@ -41,10 +46,11 @@ WALL_S = "time/wall_s"
 # What evaluation returns (frzoo.executors.base.EvalTotals; summary.json's final_* keys) -> names.
 EVAL_NAMES = {"test_loss": TEST_LOSS, "test_acc1": TEST_ACC1, "test_acc5": TEST_ACC5}
 
-# The names every run's records have (partK/* come per part), and what each part may carry.
+# The names every run's records have (partK/* come per part; train/loss_scale in fp16 runs
+# only), and what each part may carry.
 HISTORY_METRICS = (TRAIN_LOSS, TRAIN_ACC, IMAGES_PER_S, TRAIN_LR, *EVAL_NAMES.values(),
-                   EPOCH, TRAIN_S, WALL_S)
-PART_METRICS = ("lr", *(f"{phase}_s" for phase in (*PHASES, WAIT, STEP)), SIGMA,
+                   EPOCH, TRAIN_S, WALL_S, TRAIN_LOSS_SCALE)
+PART_METRICS = ("lr", *(f"{phase}_s" for phase in (*PHASES, WAIT, STEP)), SIGMA, SKIPPED,
                 "params_bytes", "optimizer_bytes", "peak_activation_bytes", PEAK_ALLOCATED,
                 "max_memory_allocated_mb")
 # summary.json keys a sweep may rank by.
@@ -63,10 +69,13 @@ def values(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _part_window(k: int, timings: Dict[str, float]) -> Dict[str, float]:
-    """Part k's window as metrics: seconds get `_s`; bytes and sigma keep their names. The CUDA
-    peak is also given in MiB under the name W&B dashboards know (`max_memory_allocated_mb`)."""
-    out = {part(k, key if key.endswith("_bytes") or key == SIGMA else f"{key}_s"): value
-           for key, value in timings.items()}
+    """Part k's window as metrics: seconds get `_s`; bytes, sigma and skipped keep their names;
+    the loss scale is the run's (`train/loss_scale`). The CUDA peak is also given in MiB under
+    the name W&B dashboards know (`max_memory_allocated_mb`)."""
+    out = {part(k, key if key.endswith("_bytes") or key in NOT_SECONDS else f"{key}_s"): value
+           for key, value in timings.items() if key != LOSS_SCALE}
+    if LOSS_SCALE in timings:
+        out[TRAIN_LOSS_SCALE] = timings[LOSS_SCALE]
     if PEAK_ALLOCATED in timings:
         out[part(k, "max_memory_allocated_mb")] = timings[PEAK_ALLOCATED] / MIB
     return out
@@ -151,7 +160,7 @@ def accumulate(progress: Dict[str, Any], timings: Optional[List[Dict[str, float]
         if len(totals) <= k:
             totals.append({})
         for phase, value in phases.items():
-            if phase == SIGMA:  # a ratio over the window: logged, not summed
+            if phase in NOT_SECONDS:  # a ratio, a count, a scale: logged, not summed
                 continue
             if phase.endswith("_bytes"):  # memory: the run's peak, not a sum
                 totals[k][phase] = max(totals[k].get(phase, 0.0), value)

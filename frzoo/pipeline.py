@@ -21,7 +21,7 @@ from .data import DataInfo
 from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
-from .precision import prepare_part
+from .precision import loss_scaler, prepare_part
 from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
 from .split import EquivalenceReport, Partition, SplitPart, balance, resolve
 
@@ -190,6 +190,8 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
         optimizer = build_optimizer(part.parameters(), cfg.optimizer)
         algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
                                      device, cfg.train.seed, options))
+        algos[-1].scaler = loss_scaler(cfg.train.precision, cfg.train.loss_scale,
+                                       is_last=index == partition.num_parts - 1)
         if cfg.train.measure_memory:
             algos[-1].measure_memory()
     return Pipeline(model, partition, parts, devices, report, algos, algo_cls, scales)

@@ -8,8 +8,15 @@ loss, evaluation and the sigma probe all call the same forward.
 - bf16: the forward runs under `torch.autocast` on the part's device; parameters, gradients and
   optimizer state stay fp32. Activations and deltas therefore cross between parts in bf16 (half
   the bytes). The last part returns fp32 logits, so the loss is computed in fp32.
-- fp16 is refused: its loss scaling must stay correct when a part backpropagates a delta made
-  under an older scale (Features Replay's staleness), which frzoo does not implement yet.
+- fp16: the same autocast in float16, so activations and deltas cross in fp16. fp16's small
+  range needs loss scaling, and under Features Replay a part uses a delta made one iteration
+  earlier per link, possibly under another scale: so the scale travels with each delta, each
+  part unscales its own gradients with it and skips its step on overflow
+  (frzoo.loss_scale.LossScaler, one per part, attached by :func:`loss_scaler`; the rule is in
+  docs/algorithm.md, "fp16 loss scaling"). On the CPU, PyTorch 2.14's fp16 autocast runs
+  every op of timm's resnet18, the zoo's CIFAR ResNet-56 and -101 and `test_resnet` (the tests
+  use it), but 10-25x slower than fp32 (one thread, 32x32 images, 2026-12-03; no fast fp16
+  kernels there): fp16 is for GPUs, bf16 is the CPU's half precision.
 - channels_last: the part's weights and its input use the NHWC layout (faster convolutions on
   tensor cores and on CPUs with oneDNN). Values are the same; the layout is not sent between
   processes (each part converts its own input).
@@ -22,12 +29,23 @@ loss, evaluation and the sigma probe all call the same forward.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+from .loss_scale import LossScaler
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_scaler(precision: str, loss_scale: Any, *, is_last: bool) -> Optional[LossScaler]:
+    """The part's share of loss scaling: fp16 only (`loss_scale` is the recipe's
+    train.loss_scale section)."""
+    if precision != "fp16":
+        return None
+    return LossScaler(is_last=is_last, init_scale=loss_scale.init,
+                      growth_interval=loss_scale.growth_interval)
 
 
 def prepare_part(part: nn.Module, device: torch.device, *, precision: str, memory_format: str,

@@ -33,7 +33,7 @@ def finite_weights(out: Path) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"], ["train.compile=true"],
+@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"], ["train.precision=fp16"], ["train.compile=true"],
                                    ["train.memory_format=channels_last", "train.precision=bf16"]])
 def test_two_parts_on_one_gpu_in_one_process(tmp_path, extra):
     summary = run(tmp_path / "r", "devices=[cuda:0,cuda:0]", *extra)

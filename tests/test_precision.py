@@ -1,4 +1,5 @@
-"""How a part computes (frzoo/precision.py): bf16 autocast, channels_last, torch.compile.
+"""How a part computes (frzoo/precision.py): bf16 autocast, channels_last, torch.compile (fp16
+and its loss scaling: tests/test_fp16.py).
 
 Exactness as everywhere: K=1 Features Replay equals backprop bit for bit in bf16 too, and the
 distributed executor equals the local one in bf16 (activations and deltas cross in bf16).
@@ -8,13 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
 from frzoo.config import load_recipe
-from frzoo.errors import RecipeError
 from frzoo.run import train
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
@@ -83,8 +82,3 @@ def test_compiled_parts_equal_eager_parts_and_compile_a_fixed_set_of_graphs(tmp_
     assert counters["stats"]["unique_graphs"] == short  # 5 steps compile no more than 3 did
     assert short == 5
 
-
-def test_fp16_is_refused_with_the_reason_and_the_fix():
-    with pytest.raises(RecipeError, match=r"train.precision=fp16 is not supported.*"
-                                          r"train.precision=bf16"):
-        load_recipe(None, ["model.name=resnet18", "train.precision=fp16"])

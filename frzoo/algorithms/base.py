@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activation import Activation, Deltas, as_activation, input_deltas, leaves
+from ..loss_scale import LossScaler
 from ..memory import MemoryMeter, static_bytes
 from .options import parse_options
 
@@ -177,6 +178,9 @@ class PartAlgorithm:
         self.timer = PhaseTimer(device)
         self.memory: Optional[MemoryMeter] = None  # see measure_memory()
         self.before_update: Optional[Callable[["PartAlgorithm"], None]] = None
+        # fp16 only (frzoo.loss_scale): scales the last part's loss, unscales this part's
+        # gradients with the scale of the delta that made them and skips the step on overflow.
+        self.scaler: Optional[LossScaler] = None
 
     def measure_memory(self) -> None:
         """Count, from now on, the bytes this part keeps alive for backward (frzoo.memory)."""
@@ -266,11 +270,15 @@ class PartAlgorithm:
     def _last_part_backward(self) -> Optional[Deltas]:
         """Staleness 0: plain backprop of the loss computed in forward(), then the update."""
         with self.timed("backward"):
-            self._loss.backward()
+            self._scaled_loss().backward()
         grad_in = None if self.is_first else input_deltas(self._input)
         self._apply_update()
         del self._input, self._loss
         return grad_in
+
+    def _scaled_loss(self) -> Tensor:
+        """The loss forward() computed, times the loss scale in fp16."""
+        return self._loss if self.scaler is None else self.scaler.scale_loss(self._loss)
 
     def _warmup_update(self, warmup: str) -> None:
         """An iteration with no stale sample yet: 'skip' makes no update (authors' code);
@@ -282,6 +290,12 @@ class PartAlgorithm:
             self._apply_update()
 
     def _apply_update(self) -> None:
+        if self.scaler is not None:
+            with self.timed("optimizer"):
+                finite = self.scaler.unscale(self.part.parameters())
+            if not finite:  # fp16 overflow: no step at all, as GradScaler skips it
+                self.optimizer.zero_grad(set_to_none=True)
+                return
         if self.before_update is not None:  # e.g. the sigma probe reads the gradient used here
             self.before_update(self)
         with self.timed("optimizer"):

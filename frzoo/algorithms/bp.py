@@ -34,7 +34,7 @@ class Backprop(PartAlgorithm):
         deltas = arrived(delta)
         with self.timed("backward"):
             if self.is_last:
-                self._loss.backward()
+                self._scaled_loss().backward()
             else:
                 assert deltas is not None
                 activation.backward(self._output, deltas)

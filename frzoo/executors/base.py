@@ -60,15 +60,20 @@ class Executor:
 
 
 def part_state(algo: PartAlgorithm) -> Dict[str, Any]:
-    """What a checkpoint stores of one part (CPU tensors)."""
-    return {"model": algo.part.state_dict(), "optimizer": algo.optimizer.state_dict(),
-            "algorithm": algo.state_dict()}
+    """What a checkpoint stores of one part (CPU tensors; fp16: its loss scaler too)."""
+    state = {"model": algo.part.state_dict(), "optimizer": algo.optimizer.state_dict(),
+             "algorithm": algo.state_dict()}
+    if algo.scaler is not None:
+        state["loss_scale"] = algo.scaler.state_dict()
+    return state
 
 
 def load_part_state(algo: PartAlgorithm, state: Dict[str, Any]) -> None:
     algo.part.load_state_dict(state["model"])
     algo.optimizer.load_state_dict(state["optimizer"])
     algo.load_state_dict(state["algorithm"])
+    if algo.scaler is not None:
+        algo.scaler.load_state_dict(state["loss_scale"])
 
 
 class PhaseClock:
@@ -94,6 +99,8 @@ class PhaseClock:
         out.update({phase: value / steps for phase, value in self.timer.read().items()})
         if algo.memory is not None or algo.device.type == "cuda":
             out.update({k: float(v) for k, v in algo.memory_report().items()})
+        if algo.scaler is not None:  # fp16: skipped steps (a count), the last part's scale
+            out.update(algo.scaler.read())
         self.steps = 0
         return out
 

@@ -2,7 +2,9 @@
 
 The executor is the transport: it moves activations up and deltas down between parts and keeps a
 FIFO mailbox of deltas per part. It knows nothing of what the algorithm does with them. Both are
-tuples, one entry per tensor crossing the cut (frzoo.activation).
+tuples, one entry per tensor crossing the cut (frzoo.activation). In fp16 each delta's loss scale
+waits beside it, and each activation carries the overflow report of the part that made it
+(frzoo.loss_scale), as in the distributed executor.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import Tensor
 from .. import activation
 from ..activation import Deltas
 from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..loss_scale import NO_OVERFLOW
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
 
@@ -34,6 +37,9 @@ class LocalExecutor(Executor):
     def __init__(self, algorithms: Sequence[PartAlgorithm]) -> None:
         self.algorithms = list(algorithms)
         self.mailboxes: List[Deque[Deltas]] = [deque() for _ in self.algorithms]
+        # fp16: the loss scale of each delta in the mailboxes, in the same order
+        self.delta_scales: List[Deque[float]] = [deque() for _ in self.algorithms]
+        self.scaled = any(a.scaler is not None for a in self.algorithms)
         self.clocks = [PhaseClock() for _ in self.algorithms]
 
     @property
@@ -59,18 +65,25 @@ class LocalExecutor(Executor):
         x, y = batch
         h = activation.as_activation(x)
         result = ForwardResult()
+        report = NO_OVERFLOW  # fp16: the overflow report riding up with the activation
         for algo in self.algorithms:
+            if algo.scaler is not None:
+                report = algo.scaler.pass_up(report, step)
             target = y.to(algo.device) if algo.is_last else None
             result = algo.forward(activation.to_device(h, algo.device), target, step)
             h = result.output  # type: ignore[assignment]
         for k in reversed(range(self.num_parts)):
             algo = self.algorithms[k]
             delta = self.mailboxes[k].popleft() if algo.expects_delta(step) else None
+            if algo.scaler is not None and delta is not None:
+                algo.scaler.receive(delta, self.delta_scales[k].popleft())
             grad_in = algo.backward(delta, step)
             if algo.sends_delta(step):
                 assert grad_in is not None, f"part {k + 1} promised a delta at step {step}"
                 self.mailboxes[k - 1].append(
                     activation.to_device(grad_in, self.algorithms[k - 1].device))
+                if algo.scaler is not None:  # the scale of the delta it used goes down with it
+                    self.delta_scales[k - 1].append(algo.scaler.delta_scale)  # type: ignore[arg-type]
         for clock in self.clocks:
             clock.steps += 1
         return result
@@ -94,8 +107,11 @@ class LocalExecutor(Executor):
 
     # -- checkpointing: the parts, and what is in flight between them
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-        return ([part_state(a) for a in self.algorithms],
-                {"mailboxes": [[activation.to_saved(d) for d in box] for box in self.mailboxes]})
+        state: Dict[str, Any] = {"mailboxes": [[activation.to_saved(d) for d in box]
+                                               for box in self.mailboxes]}
+        if self.scaled:
+            state["delta_scales"] = [list(box) for box in self.delta_scales]
+        return [part_state(a) for a in self.algorithms], state
 
     def gather_export(self) -> List[Dict[str, Tensor]]:
         return [a.part.original_state_dict() for a in self.algorithms]
@@ -112,3 +128,5 @@ class LocalExecutor(Executor):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.mailboxes = [deque(activation.from_saved(d, a.device) for d in box)
                           for box, a in zip(state["mailboxes"], self.algorithms)]
+        if self.scaled:
+            self.delta_scales = [deque(box) for box in state["delta_scales"]]

@@ -65,6 +65,11 @@ at an aligned offset, their shapes and dtypes in the one header; the delta likew
 marked empty for a tensor that has no delta (frzoo.activation). A message of one tensor is that
 tensor, as it always was. CUDA parts on gloo cross through pinned host
 buffers; with NCCL tensors stay on the GPU and waits only order the CUDA streams.
+
+fp16 (frzoo.loss_scale). Every activation and every delta is followed, on the same pair, by one
+float64 number: an activation by the overflow report of the parts up to its sender, a delta by
+the loss scale that produced it. Both sides post it right after the payload it belongs to, so
+the schedule above keeps its order; other precisions send nothing more.
 """
 from __future__ import annotations
 
@@ -80,7 +85,8 @@ from torch import Tensor
 from ..activation import Deltas, detached, from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..errors import FrzooError
-from ..metrics import PHASES
+from ..loss_scale import NO_OVERFLOW
+from ..metrics import LOSS_SCALE, PHASES, SKIPPED
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
 
@@ -135,12 +141,15 @@ def _is_timeout(exc: BaseException) -> bool:
 
 class _Incoming:
     """A posted receive. `take()` waits for it (the part's `wait` time) and returns its tensors
-    (a tuple: frzoo.activation) on the part's device; later calls return the same tuple."""
+    (a tuple: frzoo.activation) on the part's device; later calls return the same tuple. In fp16
+    the number that follows an activation or a delta is received with it (`side`, read by
+    `side_value()`)."""
 
     def __init__(self, executor: "DistributedExecutor", work: Any, buffer: Tensor, peer: int,
-                 what: str, spec: Spec = (), rows: int = 0) -> None:
+                 what: str, spec: Spec = (), rows: int = 0,
+                 side: Optional[Tuple[Any, Tensor]] = None) -> None:
         self.executor, self.work, self.buffer, self.peer, self.what = executor, work, buffer, peer, what
-        self.spec, self.rows = spec, rows
+        self.spec, self.rows, self.side = spec, rows, side
         self.tensors: Optional[Tuple[Any, ...]] = None
 
     def take(self) -> Tuple[Any, ...]:
@@ -149,9 +158,15 @@ class _Incoming:
             self.tensors = self.executor._unpack(self.buffer, self.spec, self.rows)
         return self.tensors
 
+    def side_value(self) -> float:
+        assert self.side is not None and self.tensors is not None, "take() it first"
+        return float(self.side[1].item())
+
     def wait(self) -> None:
         with self.executor.clock.timed("wait"), self.executor._waiting(self.peer, self.what):
             self.work.wait()
+            if self.side is not None:
+                self.side[0].wait()
 
 
 class DistributedExecutor(Executor):
@@ -177,6 +192,8 @@ class DistributedExecutor(Executor):
         # Deltas made for the previous part that it has not used yet, as (step it uses it at,
         # delta), oldest first: sent or still to send; a checkpoint stores them as its mailbox.
         self.outbox: Deque[Tuple[int, Deltas]] = deque()
+        self.scaled = algorithm.scaler is not None  # fp16: a number follows each act./delta
+        self.outbox_scales: Dict[int, float] = {}  # fp16: the loss scale of each outbox delta
         self.last_sent = -1  # the step whose delta was sent last
         self.inbox: Dict[Tuple[int, int], _Incoming] = {}  # posted receives by (kind, step)
         self.sends: List[Tuple[int, int, Any, Tensor]] = []  # (tick, peer, work, tensor)
@@ -236,10 +253,12 @@ class DistributedExecutor(Executor):
         return tuple(None if slot is None else self._from_wire(_view(buffer, offset, slot, rows))
                      for offset, slot in zip(offsets, spec))
 
-    def _send(self, kind: int, peer: int, values: Sequence[Optional[Tensor]], rows: int) -> None:
+    def _send(self, kind: int, peer: int, values: Sequence[Optional[Tensor]], rows: int,
+              side: Optional[float] = None) -> None:
         """Post the send of a message of `kind` (its tensors: one per tensor crossing the cut,
         or the labels alone) whose receiver expects `rows` rows; the first of its kind goes after
-        a header with every tensor's trailing shape and dtype."""
+        a header with every tensor's trailing shape and dtype; `side` (fp16), one number, right
+        after it."""
         spec = _spec(values)
         expected = self.sent_specs.get(kind, spec)
         if spec != expected or any(t is not None and t.shape[0] != rows for t in values):
@@ -259,6 +278,8 @@ class DistributedExecutor(Executor):
             self._post_send(peer, self._pack(values, spec, rows))
         else:
             self._post_send(peer, self._to_wire(values[0]))  # type: ignore[arg-type]
+        if side is not None:
+            self._post_send(peer, torch.tensor([side], dtype=torch.float64, device=self.wire))
 
     def _header(self, kind: int, spec: Spec) -> Tensor:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -283,9 +304,10 @@ class DistributedExecutor(Executor):
     def _post_send(self, peer: int, tensor: Tensor) -> None:
         self.sends.append((self.tick, peer, dist.isend(tensor, peer), tensor))
 
-    def _expect(self, kind: int, peer: int, rows: int) -> _Incoming:
-        """Post the receive of the next message of `kind` from `peer`, of `rows` rows. The first
-        of its kind waits for its header here (once per process)."""
+    def _expect(self, kind: int, peer: int, rows: int, side: bool = False) -> _Incoming:
+        """Post the receive of the next message of `kind` from `peer`, of `rows` rows (and, with
+        `side`, of the number that follows it). The first of its kind waits for its header
+        here (once per process)."""
         what = f"a {KIND_NAMES[kind]}"
         if kind not in self.recv_specs:
             header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.wire)
@@ -302,7 +324,12 @@ class DistributedExecutor(Executor):
             dtype, trailing = spec[0]  # type: ignore[misc]
             buffer = torch.empty((rows, *trailing), dtype=dtype, device=self.wire,
                                  pin_memory=self.pinned)
-        return _Incoming(self, dist.irecv(buffer, peer), buffer, peer, what, spec, rows)
+        work = dist.irecv(buffer, peer)
+        number = None
+        if side:
+            value = torch.empty(1, dtype=torch.float64, device=self.wire)
+            number = (dist.irecv(value, peer), value)
+        return _Incoming(self, work, buffer, peer, what, spec, rows, number)
 
     def _retire(self, upto: float) -> None:
         """Wait for the sends posted at ticks <= `upto` and drop them. Within a run the
@@ -359,7 +386,8 @@ class DistributedExecutor(Executor):
                 if self.last_sent < slot < self.posted:
                     rows = self._rows(slot - type(self.algo).staleness_of(self.algo.index - 1,
                                                                           self.world))
-                    self._send(DELTA, self.rank - 1, delta, rows)  # every tensor's delta
+                    self._send(DELTA, self.rank - 1, delta, rows,  # every tensor's delta
+                               self.outbox_scales.get(slot))
                     self.last_sent = slot
             t = self.posted
             made = t - 1 - self.lag  # the step that makes the delta sent just before step t's receives
@@ -371,43 +399,66 @@ class DistributedExecutor(Executor):
             if self.is_leader and not self.is_first:
                 self.inbox[(LABEL, t)] = self._expect(LABEL, 0, rows)
             if not self.is_first:
-                self.inbox[(ACT, t)] = self._expect(ACT, self.rank - 1, rows)
+                self.inbox[(ACT, t)] = self._expect(ACT, self.rank - 1, rows, self.scaled)
             self.posted = t + 1
 
     def _train_step(self, batch: Optional[Batch], step: int) -> Optional[ForwardResult]:
         algo = self.algo
+        report: Optional[float] = None  # fp16: the overflow report riding up (frzoo.loss_scale)
         if self.is_first:
             assert batch is not None
             h, target = batch
             if self.world > 1:
                 self._send(LABEL, self.world - 1, (target,), self._rows(step))
             h: Any = (h,)
+            report = NO_OVERFLOW
         else:
-            h = self.inbox.pop((ACT, step)).take()
+            incoming = self.inbox.pop((ACT, step))
+            h = incoming.take()
+            report = incoming.side_value() if self.scaled else None
             target = self.inbox.pop((LABEL, step)).take()[0] if self.is_leader else None
+        if algo.scaler is not None:
+            report = algo.scaler.pass_up(report, step)  # type: ignore[arg-type]
         result = algo.forward(to_device(h, algo.device),
                               None if target is None else target.to(algo.device), step)
         if not self.is_leader:
-            self._send(ACT, self.rank + 1, result.output, self._rows(step))  # type: ignore[arg-type]
+            self._send(ACT, self.rank + 1, result.output, self._rows(step),  # type: ignore[arg-type]
+                       report if self.scaled else None)
         incoming = None
         if algo.expects_delta(step):  # posted now: it travels while the part replays
-            incoming = self._expect(DELTA, self.rank + 1, self._rows(step - algo.staleness))
-        grad_in = algo.backward(None if incoming is None else incoming.take, step)
-        if incoming is not None:
-            incoming.take()  # taken even by an algorithm that did not ask for it
+            incoming = self._expect(DELTA, self.rank + 1, self._rows(step - algo.staleness),
+                                    self.scaled)
+        take = None if incoming is None else self._delta_taker(incoming)
+        grad_in = algo.backward(take, step)
+        if take is not None:
+            take()  # taken even by an algorithm that did not ask for it
         if algo.sends_delta(step):
             assert grad_in is not None, f"part {self.rank + 1} promised a delta at step {step}"
             self.outbox.append((step + self.lag, detached(grad_in)))
+            if algo.scaler is not None:  # the scale of the delta it used goes down with it
+                self.outbox_scales[step + self.lag] = algo.scaler.delta_scale  # type: ignore[assignment]
         self.finished, self.next_step = step, step + 1
         self._post_ahead()
         while self.outbox and self.outbox[0][0] <= min(self.last_sent, step):
-            self.outbox.popleft()  # sent, and used by the previous part at a step done now
+            slot, _ = self.outbox.popleft()  # sent, and used by the previous part at a step done now
+            self.outbox_scales.pop(slot, None)
         self.clock.steps += 1
         self.tick += 1
         self._retire(self.tick - self.world - 1)
         if step + 1 >= self.run_end:  # type: ignore[operator]
             self._end_run()
         return result if self.is_leader else None
+
+    def _delta_taker(self, incoming: _Incoming) -> Any:
+        """What the algorithm calls for its delta: waits for it and, in fp16, hands the part's
+        loss scaler the delta and the scale that came with it (once)."""
+        def take() -> Tuple[Any, ...]:
+            first = incoming.tensors is None
+            delta = incoming.take()
+            if first and self.algo.scaler is not None:
+                self.algo.scaler.receive(delta, incoming.side_value())
+            return delta
+        return take
 
     def _end_run(self) -> None:
         self._retire(math.inf)
@@ -451,7 +502,7 @@ class DistributedExecutor(Executor):
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         mine = read_windows([self.clock], [self.algo])[0]
-        keys = [*PHASES, "wait", "step", *MEMORY_KEYS]
+        keys = [*PHASES, "wait", "step", *MEMORY_KEYS, SKIPPED, LOSS_SCALE]
         return self._gather({k: mine[k] for k in keys if k in mine})
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
@@ -464,11 +515,15 @@ class DistributedExecutor(Executor):
         # The deltas this part made that the previous part has not used are the previous part's
         # mailbox: sent or not, they are the state its next steps depend on.
         unused = [to_saved(d) for slot, d in self.outbox if slot >= self.next_step]
-        gathered = self._gather((_to_cpu(part_state(self.algo)), unused))
+        scales = [self.outbox_scales[slot] for slot, _ in self.outbox if slot >= self.next_step] \
+            if self.scaled else []
+        gathered = self._gather((_to_cpu(part_state(self.algo)), unused, scales))
         if gathered is None:
             return None
-        return ([p for p, _ in gathered],
-                {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]})
+        state = {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]}
+        if self.scaled:  # as the local executor stores them: per mailbox, each delta's scale
+            state["delta_scales"] = [gathered[k + 1][2] for k in range(self.world - 1)] + [[]]
+        return [p for p, _, _ in gathered], state
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         return self._gather(_to_cpu(self.algo.part.original_state_dict()))
@@ -480,6 +535,9 @@ class DistributedExecutor(Executor):
         mailbox = state["executor"]["mailboxes"][self.rank - 1] if self.rank > 0 else []
         self.outbox = deque((self.next_step + i, from_saved(d, self.device))
                             for i, d in enumerate(mailbox))
+        if self.scaled:
+            scales = state["executor"]["delta_scales"][self.rank - 1] if self.rank > 0 else []
+            self.outbox_scales = {self.next_step + i: s for i, s in enumerate(scales)}
 
     def close(self) -> None:
         self._retire(math.inf)
