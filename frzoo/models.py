@@ -105,21 +105,26 @@ def check_fits_data(model: nn.Module, *, num_classes: int, channels: int, image_
     """Refuse, before anything trains, a model whose input channels or classes differ from the
     data's: otherwise the first step dies deep inside a convolution or cross_entropy.
 
-    The channels are read off the first convolution or linear layer (the stem, in every
-    architecture frzoo knows); the classes off one eval-mode forward of a two-image batch.
+    One eval-mode forward of a two-image batch of the data's shape decides: where it fails, the
+    first convolution's input channels (the stem's, in most architectures) say whether the
+    channels are the cause; where it runs, its output gives the classes. The first convolution
+    alone is not enough: some stems rearrange the image before it (TResNet's space-to-depth
+    gives its first convolution 48 channels for an RGB image).
     """
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))),
                  None)
     wanted = first.in_channels if isinstance(first, nn.Conv2d) else None
-    if wanted is not None and wanted != channels:
-        raise FrzooError(f"the model takes {wanted}-channel images but data '{data_name}' has "
-                         f"{channels} channel(s); set model.kwargs.in_chans={channels} (or "
-                         f"remove model.kwargs.in_chans: it defaults to the data's).")
     sample = torch.zeros(2, channels, image_size, image_size)
     was_training = model.training
     try:
         with torch.no_grad():
             out = model.eval()(sample)
+    except RuntimeError as exc:
+        if wanted is not None and wanted != channels:
+            raise FrzooError(f"the model takes {wanted}-channel images but data '{data_name}' has "
+                             f"{channels} channel(s); set model.kwargs.in_chans={channels} (or "
+                             f"remove model.kwargs.in_chans: it defaults to the data's).") from exc
+        raise
     finally:
         model.train(was_training)
     classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None

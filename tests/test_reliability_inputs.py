@@ -266,3 +266,16 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path,
     line = one_line_error(capsys, "run", *TINY, "optimizer.lr=1e30", "train.max_steps=12",
                           "train.checkpoint_every=0", f"run.out_dir={tmp_path / 'r'}")
     assert "No checkpoint was written yet" in line and "last.pt" not in line
+
+
+def test_a_stem_that_rearranges_the_image_is_not_refused_for_its_channels():
+    """A space-to-depth stem (TResNet's) gives its first convolution 4x the image's channels:
+    the forward on the data's shape decides, not that convolution's in_channels."""
+    from torch import nn
+    from frzoo.errors import FrzooError
+    from frzoo.models import check_fits_data
+    model = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    check_fits_data(model, num_classes=10, channels=3, image_size=8, data_name="synthetic")
+    with pytest.raises(FrzooError, match="takes 12-channel images but data 'synthetic' has 1"):
+        check_fits_data(model, num_classes=10, channels=1, image_size=8, data_name="synthetic")
