@@ -24,7 +24,10 @@ FORMAT_VERSION = 1
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "train.threads", "train.progress", "run.",
                      "logging.", "devices", "data.root", "data.download", "data.num_workers",
-                     "data.eval_batch_size", "data.limit_test", "plugins", "executor")
+                     "data.eval_batch_size", "data.limit_test", "plugins", "executor",
+                     # a checkpoint holds one pipeline's state whatever R wrote it: the global
+                     # batch stays data.batch_size, only float summation order changes
+                     "distributed.replicas")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

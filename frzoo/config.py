@@ -158,6 +158,13 @@ class DistributedConfig:
     master_port: int = 0  # 0: pick a free port (single node); torchrun sets its own
     # A part that waits longer than this for a neighbour fails the job (a stalled or dead peer).
     timeout_s: float = 120.0
+    # Data-parallel copies of the K-part pipeline: R x K processes, rank = replica * K + part;
+    # each replica takes data.batch_size / R rows of every batch and the R copies of each part
+    # sum their (share-weighted) gradients before the step (docs/distributed.md).
+    replicas: int = 1
+    # Normalise BatchNorm with the statistics of the whole global batch: the R copies of a part
+    # all-reduce them (play and replay alike). Off: each replica normalises with its own rows.
+    sync_bn: bool = False
 
 
 @dataclass
@@ -329,6 +336,7 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError("train.sigma_every needs the whole model in one process: use "
                           "executor=local (or auto) for sigma measurements.")
     positive("distributed.master_port", allow_zero=True)
+    _validate_replicas(cfg)
     positive("optimizer.weight_decay", allow_zero=True)
     positive("optimizer.momentum", allow_zero=True)
     positive("train.loss_scale.init")
@@ -355,6 +363,35 @@ def validate(cfg: DictConfig) -> None:
             raise RecipeError("split.auto needs the number of parts: set split.k or devices.")
     if split.parts is not None and any(len(p) == 0 for p in split.parts):
         raise RecipeError("split.parts: every part needs at least one module name.")
+
+
+def _validate_replicas(cfg: DictConfig) -> None:
+    """distributed.replicas: what the schema's types cannot say (the devices' count is checked
+    with the split, when K is known: frzoo.pipeline.replica_devices)."""
+    replicas = cfg.distributed.replicas
+    if replicas < 1:
+        raise RecipeError(f"distributed.replicas={replicas} must be at least 1 (1: one copy of "
+                          f"the pipeline, no data parallelism).")
+    if replicas == 1:
+        return
+    if cfg.data.batch_size % replicas:
+        raise RecipeError(f"data.batch_size={cfg.data.batch_size} is the global batch and must "
+                          f"divide into distributed.replicas={replicas} equal shares; choose a "
+                          f"batch size that is a multiple of {replicas}.")
+    if cfg.executor == "local":
+        raise RecipeError(f"distributed.replicas={replicas} runs {replicas} copies of the "
+                          f"pipeline, one process per part each: use executor=distributed (or "
+                          f"auto), not executor=local.")
+    if cfg.train.precision == "fp16":
+        raise RecipeError(f"train.precision=fp16 cannot run with distributed.replicas={replicas} "
+                          f"yet: each replica's loss scale skips steps on its own overflows, and "
+                          f"the copies of a part must all step or all skip to sum their "
+                          f"gradients. Use train.precision=bf16 (no loss scale) or "
+                          f"distributed.replicas=1.")
+    if cfg.train.sigma_every:
+        raise RecipeError(f"train.sigma_every needs the whole model in one process; it cannot "
+                          f"run with distributed.replicas={replicas}. Set train.sigma_every=0 or "
+                          f"distributed.replicas=1.")
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

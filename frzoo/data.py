@@ -118,25 +118,35 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def shard_rows(rows: int, replica: int, replicas: int) -> Tuple[int, int]:
+    """The rows [lo, hi) of a global batch of `rows` that replica `replica` of `replicas` takes:
+    contiguous, in replica order (so the shards concatenated are the global batch), as equal as
+    the row count allows (only an epoch's last, smaller batch can be uneven)."""
+    return rows * replica // replicas, rows * (replica + 1) // replicas
+
+
 def augment_batch(x: Tensor, mode: str, generator: torch.Generator,
-                  padding: int = CROP_PADDING) -> Tensor:
+                  padding: int = CROP_PADDING, rows: Optional[Tuple[int, int]] = None) -> Tensor:
     """Per-sample random crop (zero padding) and, for `standard`, horizontal flip (p=0.5).
 
     ``x`` is a float batch (B, C, H, W) in [0, 1] units (before normalization, so padding is
-    black as in torchvision's RandomCrop). Vectorized: one gather for all crops.
+    black as in torchvision's RandomCrop). Vectorized: one gather for all crops. ``rows`` =
+    (first row, global rows): ``x`` is that shard of a global batch (a replica's); the random
+    draws are those of the global batch, so each sample gets the crop and flip it gets there.
     """
     if mode == "none" or x.shape[0] == 0:
         return x
     b, c, h, w = x.shape
+    lo, total = rows if rows is not None else (0, b)
     padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    oy = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[lo:lo + b]
+    ox = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[lo:lo + b]
     rows = oy[:, None] + torch.arange(h)  # (B, H)
     cols = ox[:, None] + torch.arange(w)  # (B, W)
     out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
     if mode == "standard":
-        flip = torch.rand(b, generator=generator) < 0.5
+        flip = torch.rand(total, generator=generator)[lo:lo + b] < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out
 
@@ -259,7 +269,11 @@ class DataModule:
         return torch.randperm(n, generator=_generator("order", self.seed, int(epoch)))
 
     # -------------------------------------------------------- batches
-    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[TensorPair]:
+    def train_batches(self, epoch: int, start_batch: int = 0, replica: int = 0,
+                      replicas: int = 1) -> Iterator[TensorPair]:
+        """Batches `start_batch`, ... of `epoch`; with `replicas` > 1, replica `replica`'s
+        contiguous share of each (:func:`shard_rows`): every replica orders the epoch the same
+        way, so what it sees is a pure function of (seed, epoch, batch, replica)."""
         steps = self.steps_per_epoch()
         if not 0 <= start_batch <= steps:
             raise FrzooError(f"start_batch={start_batch} is outside 0..{steps} (batches per "
@@ -267,16 +281,22 @@ class DataModule:
         order = self.train_order(epoch).tolist()
         bs = self.batch_size
         batches = [order[i * bs:(i + 1) * bs] for i in range(start_batch, steps)]
-        return self._iterate(self.train_set, batches, epoch=int(epoch), first=start_batch,
-                             train=True)
+        shards = [shard_rows(len(b), replica, replicas) for b in batches]
+        return self._iterate(self.train_set, [b[lo:hi] for b, (lo, hi) in zip(batches, shards)],
+                             epoch=int(epoch), first=start_batch, train=True,
+                             rows=[(lo, len(b)) for b, (lo, _) in zip(batches, shards)])
 
-    def test_batches(self) -> Iterator[TensorPair]:
+    def test_batches(self, replica: int = 0, replicas: int = 1) -> Iterator[TensorPair]:
+        """The test set in batches; with `replicas` > 1, replica `replica` takes every
+        `replicas`-th batch from its own index (whole batches: none is split)."""
         n, bs = self.info.num_test, self.eval_batch_size
         batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
-        return self._iterate(self.test_set, batches, epoch=-1, first=0, train=False)
+        return self._iterate(self.test_set, batches[replica::replicas], epoch=-1, first=0,
+                             train=False)
 
     def _iterate(self, dataset: Dataset, batches: List[List[int]], *, epoch: int, first: int,
-                 train: bool) -> Iterator[TensorPair]:
+                 train: bool, rows: Optional[List[Tuple[int, int]]] = None
+                 ) -> Iterator[TensorPair]:
         if not batches:
             return
         collate = _collate_tensor if isinstance(dataset, TensorDataset) else default_collate
@@ -288,7 +308,8 @@ class DataModule:
         message = None
         try:
             for index, (x, y) in enumerate(batch_iter, start=first):
-                yield self._prepare(x, y, epoch, index, train)
+                yield self._prepare(x, y, epoch, index, train,
+                                    None if rows is None else rows[index - first])
         except FrzooError as exc:  # maybe raised in a worker: keep the user's one-line message
             message = _worker_message(str(exc))
             # The re-raised worker error sits in a reference cycle with DataLoader frames that
@@ -300,13 +321,15 @@ class DataModule:
         if message is not None:
             raise FrzooError(message)
 
-    def _prepare(self, x: Tensor, y: Tensor, epoch: int, index: int, train: bool) -> TensorPair:
+    def _prepare(self, x: Tensor, y: Tensor, epoch: int, index: int, train: bool,
+                 rows: Optional[Tuple[int, int]] = None) -> TensorPair:
         x = _to_unit(x)
         size = self.info.image_size
         if tuple(x.shape[-2:]) != (size, size):
             x = _resize(x, size)
         if train and self.augment != "none":
-            x = augment_batch(x, self.augment, _generator("augment", self.seed, epoch, index))
+            x = augment_batch(x, self.augment, _generator("augment", self.seed, epoch, index),
+                              rows=rows)
         if self.normalize:
             x = (x - self._mean) / self._std
         return x.contiguous(), torch.as_tensor(y).long()
@@ -693,6 +716,6 @@ def imagefolder(cfg: DictConfig) -> DatasetSplits:
     return DatasetSplits(train=train, test=test, num_classes=len(train.classes))
 
 
-__all__ = ["DataInfo", "DataModule", "DatasetSplits", "build_data", "augment_batch",
+__all__ = ["DataInfo", "DataModule", "DatasetSplits", "build_data", "augment_batch", "shard_rows",
            "derive_seed", "AUGMENTS", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
            "CIFAR100_STD"]

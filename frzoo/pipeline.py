@@ -96,6 +96,28 @@ def resolve_devices(devices: Optional[Sequence[str]], num_parts: int) -> List[to
     return out
 
 
+def replica_devices(devices: Optional[Sequence[str]], num_parts: int,
+                    replicas: int) -> List[List[str]]:
+    """The K device names of each of the R replicas (`distributed.replicas`), replica-major.
+
+    `devices` lists either K names, which every replica uses (CPU runs; one GPU per part on
+    each node, where a replica is on one node), or K x R names: replica r's parts on entries
+    r*K .. r*K+K-1. Each replica's list is then checked like a one-replica run's."""
+    if devices is None:
+        return [["cpu"] * num_parts for _ in range(replicas)]
+    devices = [str(d) for d in devices]
+    if replicas > 1 and len(devices) not in (num_parts, num_parts * replicas):
+        raise FrzooError(
+            f"devices lists {len(devices)} devices ({', '.join(devices)}) but the split has "
+            f"{num_parts} parts and distributed.replicas={replicas}: give either {num_parts} "
+            f"devices (every replica uses them, part k on the k-th) or {num_parts * replicas} "
+            f"devices, replica-major (replica r's parts on entries r*{num_parts} .. "
+            f"r*{num_parts}+{num_parts - 1}).")
+    if len(devices) == num_parts or replicas == 1:
+        return [devices] * replicas
+    return [devices[r * num_parts:(r + 1) * num_parts] for r in range(replicas)]
+
+
 def _accepts(fn: Any, key: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -176,7 +198,9 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
             f"code or root-owned parameters between them); cut elsewhere, or train it unsplit."
             + (f" The traced (fx) split was refused too: {report.fallback_error}"
                if report.fallback_error else ""))
-    devices = resolve_devices(cfg.devices, partition.num_parts)
+    # replica 0's (a worker's recipe lists its own replica's: frzoo.run.build)
+    devices = resolve_devices(replica_devices(cfg.devices, partition.num_parts,
+                                              cfg.distributed.replicas)[0], partition.num_parts)
     scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
     algos: List[PartAlgorithm] = []
     for index, (part, device) in enumerate(zip(parts, devices)):
@@ -235,7 +259,7 @@ def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> Di
     from omegaconf import OmegaConf
     k = num_parts_requested(cfg) or 1
     model = build_model(cfg.model, info, cfg.train.seed)
-    device = resolve_devices(cfg.devices, k)[0]
+    device = resolve_devices(replica_devices(cfg.devices, k, cfg.distributed.replicas)[0], k)[0]
     threads = torch.get_num_threads()
     if cfg.executor == "distributed":  # measure at the thread count each worker will have
         torch.set_num_threads(cfg.train.threads or max(1, threads // k))

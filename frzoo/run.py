@@ -26,9 +26,10 @@ from .executors.base import Executor
 from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
+from .executors.replicas import Layout, Replica, part_groups
 from .logging import Logger, build_loggers, close_loggers
 from .pipeline import (Pipeline, build_pipeline, load_plugins, num_parts_requested,
-                       resolve_algorithm, resolve_auto_split, resolve_devices)
+                       replica_devices, resolve_algorithm, resolve_auto_split, resolve_devices)
 from .sigma import SigmaProbe
 from .trainer import run_loop
 
@@ -55,8 +56,13 @@ def choose_executor(cfg: DictConfig) -> Tuple[str, str]:
     """
     k = num_parts_requested(cfg) or 1
     parts = f"{k} part{'s' if k != 1 else ''}"
+    replicas = cfg.distributed.replicas
+    if replicas > 1:
+        parts = f"{replicas} replicas x {parts} = {replicas * k} processes"
     if under_torchrun():
         return "distributed", f"started by torchrun: one process per part ({parts})"
+    if replicas > 1:  # config.validate refuses executor=local with replicas
+        return "distributed", f"distributed.replicas={replicas}: {parts}"
     if cfg.executor != "auto":
         return cfg.executor, f"as the recipe sets ({parts})"
     devices: List[str] = []
@@ -120,19 +126,51 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     process group must be up)."""
     load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
-    pipeline = build_pipeline(cfg, data.info, only_part=rank)
+    k_parts = num_parts_requested(cfg) or 1
+    if rank is not None and cfg.distributed.replicas > 1:  # this replica's K devices
+        cfg = _replica_cfg(cfg, rank, k_parts)
+    pipeline = build_pipeline(cfg, data.info, only_part=None if rank is None else rank % k_parts)
     if rank is None:
         probe = SigmaProbe(pipeline.algorithms, cfg.train.sigma_every) if cfg.train.sigma_every else None
         return Assembly(data, pipeline, LocalExecutor(pipeline.algorithms), probe)
-    if len(pipeline.parts) != world_size:
-        raise FrzooError(f"the recipe splits the model into {len(pipeline.parts)} parts but the job has "
-                         f"{world_size} processes; run one process per part.")
-    device = pipeline.devices[rank]
+    replicas = cfg.distributed.replicas
+    if len(pipeline.parts) * replicas != world_size:
+        raise FrzooError(f"the recipe splits the model into {len(pipeline.parts)} parts with "
+                         f"distributed.replicas={replicas} but the job has {world_size} "
+                         f"processes; run one process per part and replica "
+                         f"({len(pipeline.parts) * replicas}).")
+    layout = Layout(rank, len(pipeline.parts), replicas)
+    device = pipeline.devices[layout.part]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg))
+    replica = None
+    if replicas > 1:
+        _check_shards(data, replicas)
+        replica = Replica.join(pipeline.algorithms[0], layout,
+                               part_groups(layout, cfg.distributed.timeout_s),
+                               sync_bn=cfg.distributed.sync_bn)
+    executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg),
+                                   replica)
     executor.timeout_s = cfg.distributed.timeout_s
     return Assembly(data, pipeline, executor)
+
+
+def _replica_cfg(cfg: DictConfig, rank: int, num_parts: int) -> DictConfig:
+    """The recipe as replica rank // K sees it: `devices` cut to its K entries."""
+    devices = replica_devices(cfg.devices, num_parts, cfg.distributed.replicas)[rank // num_parts]
+    out = OmegaConf.merge(cfg, {"devices": devices})
+    OmegaConf.set_readonly(out, True)
+    return out  # type: ignore[return-value]
+
+
+def _check_shards(data: DataModule, replicas: int) -> None:
+    """Every replica needs rows in every step: the epoch's last, smaller batch too."""
+    last = data.info.num_train % data.batch_size
+    if not data.drop_last and 0 < last < replicas:
+        raise FrzooError(f"the last batch of each epoch has {last} samples ({data.info.num_train} "
+                         f"training samples, data.batch_size={data.batch_size}), fewer than "
+                         f"distributed.replicas={replicas}: every replica needs at least one. "
+                         f"Set data.drop_last=true or change data.batch_size.")
 
 
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
@@ -155,7 +193,8 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     cfg = resolve_split(cfg, out_dir, resume, echo)
     if name == "distributed":
         num_parts = num_parts_requested(cfg) or 1
-        resolve_devices(cfg.devices, num_parts)  # fail before starting anything: count, existence
+        for devices in replica_devices(cfg.devices, num_parts, cfg.distributed.replicas):
+            resolve_devices(devices, num_parts)  # fail before starting anything: count, existence
         return launch(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
     rundir.prepare(out_dir, resume)
     with rundir.lock(out_dir):

@@ -151,6 +151,10 @@ class PartAlgorithm:
 
     #: True when part k needs part k+1's delta of the SAME iteration (plain backprop).
     synchronous: bool = False
+    #: Keys of state_dict() that hold lists of per-sample tensors, batch first (a history of
+    #: inputs): with data-parallel replicas each copy of the part holds its rows of them, and a
+    #: checkpoint stores them concatenated (frzoo.executors.replicas).
+    batch_state_keys: Tuple[str, ...] = ()
 
     @dataclass(frozen=True)
     class Options:

@@ -38,6 +38,8 @@ class DecoupledBackprop(DelayedPart):
     class Options(PartAlgorithm.Options):
         warmup: Literal["skip", "zeros"] = "skip"
 
+    batch_state_keys = ("inputs",)  # per-sample: each replica holds its rows (PartAlgorithm)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.warmup = self.options.warmup

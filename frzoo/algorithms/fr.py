@@ -47,6 +47,8 @@ class FeaturesReplay(DelayedPart):
         warmup: Literal["skip", "zeros"] = "skip"
         replay_bn: Literal["once", "twice"] = "once"
 
+    batch_state_keys = ("history",)  # per-sample: each replica holds its rows (PartAlgorithm)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.warmup = self.options.warmup

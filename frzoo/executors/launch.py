@@ -30,6 +30,7 @@ from .. import rundir
 from ..errors import FrzooError
 from . import elastic
 from .p2p import PeerStalled, _is_timeout
+from .replicas import Layout
 
 # worker(cfg, out_dir, resume, rank, world_size): one process's whole job
 Worker = Callable[[DictConfig, Path, bool, int, int], None]
@@ -113,20 +114,22 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
     if under_torchrun():
         return torchrun_main(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
     rundir.prepare(out_dir, resume)
+    world = num_parts * cfg.distributed.replicas  # replica-major: rank = replica * K + part
     port = free_port(cfg.distributed.master_addr, cfg.distributed.master_port)
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     with rundir.lock(out_dir):
-        procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r + 1}",
-                             args=(worker, r, num_parts, cfg_dict, str(out_dir), resume, port,
+        procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r % num_parts + 1}"
+                             + (f"-replica{r // num_parts}" if world > num_parts else ""),
+                             args=(worker, r, world, cfg_dict, str(out_dir), resume, port,
                                    os.getpid(), errors))
-                 for r in range(num_parts)]
+                 for r in range(world)]
         for proc in procs:
             proc.start()
         previous = signal.signal(signal.SIGINT, lambda *_: _forward_sigint(procs[0]))
         try:
-            failure = _supervise(procs, errors, cfg.distributed.timeout_s)
+            failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
         finally:
             signal.signal(signal.SIGINT, previous)
             _terminate(procs)
@@ -140,7 +143,8 @@ def _forward_sigint(proc: Any) -> None:
         os.kill(proc.pid, signal.SIGINT)
 
 
-def _supervise(procs: List[Any], errors: Any, timeout_s: float) -> Optional[BaseException]:
+def _supervise(procs: List[Any], errors: Any, timeout_s: float,
+               num_parts: int = 0) -> Optional[BaseException]:
     """Wait for every worker; on the first failure stop the others and explain it."""
     while True:
         codes = [p.exitcode for p in procs]
@@ -163,7 +167,7 @@ def _supervise(procs: List[Any], errors: Any, timeout_s: float) -> Optional[Base
                 stuck = [r for r, p in enumerate(procs) if p.is_alive()]
             _terminate(procs)
             reports += _drain(errors)
-            return _explain(procs, failed, reports, stuck, timeout_s)
+            return _explain(procs, failed, reports, stuck, timeout_s, num_parts)
         time.sleep(0.1)
 
 
@@ -176,8 +180,10 @@ def _drain(errors: Any) -> List[Tuple[int, str, bool, str, Optional[int]]]:
 
 def _explain(procs: List[Any], failed: List[int],
              reports: List[Tuple[int, str, bool, str, Optional[int]]],
-             stuck: Sequence[int] = (), timeout_s: float = 0.0) -> BaseException:
+             stuck: Sequence[int] = (), timeout_s: float = 0.0,
+             num_parts: int = 0) -> BaseException:
     """The error to raise: the first worker's own error, naming its part and rank."""
+    who = _namer(num_parts or len(procs), len(procs))
     by_rank = {rank: (host, user, detail) for rank, host, user, detail, _ in reports}
     waited = {rank: peer for rank, _, _, _, peer in reports if peer is not None}
     if waited:
@@ -189,7 +195,7 @@ def _explain(procs: List[Any], failed: List[int],
                                                                 or culprit not in failed):
             rank = min((r for r, peer in waited.items() if peer == culprit), default=min(waited))
             return FrzooError(
-                f"part {culprit + 1} (rank {culprit}) stalled: part {rank + 1} waited more than "
+                f"{who(culprit)} stalled: {who(rank).split(' (')[0]} waited more than "
                 f"{timeout_s:g} s (distributed.timeout_s) for it, so the job was stopped (no "
                 f"process is left running). The last complete checkpoint is "
                 f"kept; resume with `frzoo run --resume`. If the part is only slow, raise "
@@ -201,13 +207,18 @@ def _explain(procs: List[Any], failed: List[int],
                        and r not in waited), failed[0])
     if origin in by_rank:
         host, user, detail = by_rank[origin]
-        message = f"part {origin + 1} (rank {origin}, host {host}) failed: {detail}"
+        message = f"{who(origin)[:-1]}, host {host}) failed: {detail}"
         return FrzooError(message) if user else RuntimeError(message)
     code = procs[origin].exitcode
     how = (f"was killed by signal {signal.Signals(-code).name}" if code and code < 0
            else f"exited with status {code}")
-    return RuntimeError(f"part {origin + 1} (rank {origin}) {how}; the other parts were stopped. "
+    return RuntimeError(f"{who(origin)} {how}; the other parts were stopped. "
                         f"The last complete checkpoint is kept; resume with `frzoo run --resume`.")
+
+
+def _namer(num_parts: int, world: int) -> Callable[[int], str]:
+    """rank -> `part k (rank n)`, or `part k of replica r (rank n)` in a replicated job."""
+    return lambda rank: Layout(rank, num_parts, world // num_parts).name()
 
 
 def _peer_loss(detail: str) -> bool:
@@ -232,19 +243,24 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
                   worker: Worker) -> Dict[str, Any]:
     """Join a job started by torchrun (one or several nodes): RANK/WORLD_SIZE come from it."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != num_parts:
+    replicas = cfg.distributed.replicas
+    if world != num_parts * replicas:
+        having = f"{num_parts} parts" + (f" x {replicas} replicas (distributed.replicas)"
+                                         if replicas > 1 else "")
         raise FrzooError(f"torchrun started {world} processes (WORLD_SIZE) but the recipe has "
-                         f"{num_parts} parts; start one process per part "
-                         f"(e.g. --nproc-per-node {num_parts} on one node).")
+                         f"{having}; start one process per part and replica, "
+                         f"{num_parts * replicas} in all (e.g. --nproc-per-node "
+                         f"{num_parts * replicas} on one node).")
     torch.set_num_threads(_threads(cfg, world))
     try:
         _init_group(cfg, rank, world)
     except Exception as exc:  # noqa: BLE001 - a restart that cannot connect says why
         raise elastic.explain_init_failure(exc) from exc
     try:
-        # the leader (last rank) checks the folder and holds its lock; a restart resumes
+        # the leader (the last part of replica 0) checks the folder and holds its lock; a
+        # restart resumes
         echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
-        with elastic.join_run_folder(out_dir, resume, leader=world - 1,
+        with elastic.join_run_folder(out_dir, resume, leader=num_parts - 1,
                                      echo=echo) as (resume, out_dir):
             try:
                 worker(cfg, out_dir, resume, rank, world)

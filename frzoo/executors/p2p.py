@@ -2,7 +2,10 @@
 
 Rank k runs part k+1 with exactly the per-part step the local executor calls; only the transport
 differs. The last rank (which has the loss) is the leader: it logs and writes files. Processes
-are started and supervised by frzoo.executors.launch; this module only moves tensors.
+are started and supervised by frzoo.executors.launch; this module only moves tensors. With
+data-parallel replicas (`distributed.replicas`, frzoo.executors.replicas) rank r*K + k runs part
+k+1 of replica r: everything below holds inside each replica (ranks r*K .. r*K+K-1), the leader
+is replica 0's last part, and what crosses replicas is left to frzoo.executors.replicas.
 
 The rules the schedule keeps (NCCL's; gloo is more lenient, and tests/nccl_emulation.py
 holds gloo to them in the tests):
@@ -89,6 +92,7 @@ from ..loss_scale import NO_OVERFLOW
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
 from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
+from .replicas import Layout, Replica
 
 # Kinds of message: each has its own trailing shapes and dtypes, sent once in a header.
 ACT, DELTA, LABEL, EVAL_ACT, EVAL_LABEL = range(5)
@@ -172,14 +176,20 @@ class _Incoming:
 class DistributedExecutor(Executor):
     """The transport for one part in its own process (the schedule: see the module docstring)."""
 
-    def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str) -> None:
+    def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str,
+                 replica: Optional[Replica] = None) -> None:
         self.algorithms = [algorithm]
         self.algo = algorithm
+        # With data-parallel replicas (frzoo.executors.replicas) rank = replica * K + part:
+        # rank +- 1 are this replica's neighbours; `world` is K, the depth of one pipeline.
+        self.replica = replica
+        self.layout = replica.layout if replica is not None else Layout(rank, world_size)
         self.rank = rank
-        self.world = world_size
-        self.is_first = rank == 0
-        self.is_leader = rank == world_size - 1
-        self.accepts_stop = self.is_first  # rank 0 feeds the pipeline, so it decides when to stop
+        self.world = self.layout.parts
+        self.is_first = self.layout.part == 0
+        self.is_last = self.layout.part == self.world - 1
+        self.is_leader = rank == self.layout.leader
+        self.accepts_stop = rank == 0  # rank 0 feeds the pipeline, so it decides when to stop
         self.device = algorithm.device
         # gloo moves CPU tensors (a CUDA part's through pinned memory); NCCL the part's own GPU's.
         self.wire = torch.device("cpu") if backend == "gloo" else algorithm.device
@@ -210,6 +220,11 @@ class DistributedExecutor(Executor):
 
     # -- the wire
     def _rows(self, step: int) -> int:
+        """The rows of training step `step` in this replica: its share of the global batch."""
+        rows = self._global_rows(step)
+        return rows if self.replica is None else self.replica.rows(rows)
+
+    def _global_rows(self, step: int) -> int:
         """The batch size of training step `step` (every epoch has the same batches)."""
         data = self.data
         if data.drop_last:
@@ -349,7 +364,8 @@ class DistributedExecutor(Executor):
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
         self.data = data
         if self.is_first:
-            return data.train_batches(epoch, first_batch)
+            return data.train_batches(epoch, first_batch, self.layout.replica,
+                                      self.layout.replicas)
         return iter([None] * (data.steps_per_epoch() - first_batch))
 
     def train_step(self, batch: Optional[Batch], step: int, stop: bool = False,
@@ -368,7 +384,7 @@ class DistributedExecutor(Executor):
     def _agree_stop(self) -> bool:
         """Rank 0's answer to "did Ctrl-C ask to stop?", broadcast at the start of every run."""
         flag = torch.tensor([int(self.stop_requested)], dtype=torch.int64, device=self.wire)
-        if self.world > 1:
+        if self.layout.world > 1:
             with self._waiting(None, "the other parts to start a run of steps"):
                 dist.broadcast(flag, src=0)
         return bool(flag.item())
@@ -396,8 +412,8 @@ class DistributedExecutor(Executor):
                     or (made > self.finished and self.algo.sends_delta(made)):
                 return
             rows = self._rows(t)
-            if self.is_leader and not self.is_first:
-                self.inbox[(LABEL, t)] = self._expect(LABEL, 0, rows)
+            if self.is_last and not self.is_first:
+                self.inbox[(LABEL, t)] = self._expect(LABEL, self.layout.rank_of(0), rows)
             if not self.is_first:
                 self.inbox[(ACT, t)] = self._expect(ACT, self.rank - 1, rows, self.scaled)
             self.posted = t + 1
@@ -409,19 +425,21 @@ class DistributedExecutor(Executor):
             assert batch is not None
             h, target = batch
             if self.world > 1:
-                self._send(LABEL, self.world - 1, (target,), self._rows(step))
+                self._send(LABEL, self.layout.rank_of(self.world - 1), (target,), self._rows(step))
             h: Any = (h,)
             report = NO_OVERFLOW
         else:
             incoming = self.inbox.pop((ACT, step))
             h = incoming.take()
             report = incoming.side_value() if self.scaled else None
-            target = self.inbox.pop((LABEL, step)).take()[0] if self.is_leader else None
+            target = self.inbox.pop((LABEL, step)).take()[0] if self.is_last else None
+        if self.replica is not None:
+            self.replica.before_step(self._rows(step), self._global_rows(step))
         if algo.scaler is not None:
             report = algo.scaler.pass_up(report, step)  # type: ignore[arg-type]
         result = algo.forward(to_device(h, algo.device),
                               None if target is None else target.to(algo.device), step)
-        if not self.is_leader:
+        if not self.is_last:
             self._send(ACT, self.rank + 1, result.output, self._rows(step),  # type: ignore[arg-type]
                        report if self.scaled else None)
         incoming = None
@@ -447,6 +465,8 @@ class DistributedExecutor(Executor):
         self._retire(self.tick - self.world - 1)
         if step + 1 >= self.run_end:  # type: ignore[operator]
             self._end_run()
+        if self.replica is not None and self.is_last:  # the global batch's, on the leader
+            return self.replica.gather_result(result, self._global_rows(step))
         return result if self.is_leader else None
 
     def _delta_taker(self, incoming: _Incoming) -> Any:
@@ -468,14 +488,17 @@ class DistributedExecutor(Executor):
     # -- evaluation through the same pipeline (eval mode, no history), between runs
     def evaluate(self, data: Any) -> Optional[Dict[str, float]]:
         n, size = data.info.num_test, data.eval_batch_size
-        sizes = [min(size, n - i) for i in range(0, n, size)]
+        # each replica evaluates every R-th test batch (data.test_batches), from its own index
+        sizes = [min(size, n - i) for i in range(0, n, size)][self.layout.replica::self.layout.replicas]
         totals = EvalTotals()
+        if self.replica is not None:
+            self.replica.share_buffers()
         if self.is_first:
-            for x, y in data.test_batches():
+            for x, y in data.test_batches(self.layout.replica, self.layout.replicas):
                 if self.world > 1:
-                    self._send(EVAL_LABEL, self.world - 1, (y,), len(y))
+                    self._send(EVAL_LABEL, self.layout.rank_of(self.world - 1), (y,), len(y))
                 h = eval_forward(self.algo, x)
-                if self.is_leader:
+                if self.is_last:
                     totals.add(h, y)
                 else:
                     self._send(EVAL_ACT, self.rank + 1, h, len(y))
@@ -485,58 +508,73 @@ class DistributedExecutor(Executor):
             posted = 0
             for b in range(len(sizes)):
                 while posted < min(b + 2, len(sizes)):  # the next batch's receives, ahead
-                    if self.is_leader:
-                        self.inbox[(EVAL_LABEL, posted)] = self._expect(EVAL_LABEL, 0, sizes[posted])
+                    if self.is_last:
+                        self.inbox[(EVAL_LABEL, posted)] = self._expect(
+                            EVAL_LABEL, self.layout.rank_of(0), sizes[posted])
                     self.inbox[(EVAL_ACT, posted)] = self._expect(EVAL_ACT, self.rank - 1, sizes[posted])
                     posted += 1
                 out = eval_forward(self.algo, self.inbox.pop((EVAL_ACT, b)).take())
-                if self.is_leader:
+                if self.is_last:
                     totals.add(out, self.inbox.pop((EVAL_LABEL, b)).take()[0])
                 else:
                     self._send(EVAL_ACT, self.rank + 1, out, sizes[b])
                 self.tick += 1
                 self._retire(self.tick - self.world - 1)
         self._retire(math.inf)
+        if self.replica is not None and self.is_last:
+            self.replica.reduce_eval(totals)
         return totals.result() if self.is_leader else None
 
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         mine = read_windows([self.clock], [self.algo])[0]
         keys = [*PHASES, "wait", "step", *MEMORY_KEYS, SKIPPED, LOSS_SCALE]
-        return self._gather({k: mine[k] for k in keys if k in mine})
+        gathered = self._gather({k: mine[k] for k in keys if k in mine})
+        return None if gathered is None else gathered[:self.world]  # replica 0's parts
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
-        out: Optional[List[Any]] = [None] * self.world if self.is_leader else None
+        """`obj` of every rank (R x K of them, replica-major) on the leader; None elsewhere."""
+        out: Optional[List[Any]] = [None] * self.layout.world if self.is_leader else None
         with self._waiting(None, "the other parts to gather"):
-            dist.gather_object(obj, out, dst=self.world - 1)
+            dist.gather_object(obj, out, dst=self.layout.leader)
         return out
 
     def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
         # The deltas this part made that the previous part has not used are the previous part's
         # mailbox: sent or not, they are the state its next steps depend on.
+        if self.replica is not None:
+            self.replica.share_buffers()
         unused = [to_saved(d) for slot, d in self.outbox if slot >= self.next_step]
         scales = [self.outbox_scales[slot] for slot, _ in self.outbox if slot >= self.next_step] \
             if self.scaled else []
         gathered = self._gather((_to_cpu(part_state(self.algo)), unused, scales))
         if gathered is None:
             return None
+        if self.replica is not None:  # one pipeline's state: the replicas' rows concatenated
+            return self.replica.merge_checkpoint([(p, u) for p, u, _ in gathered],
+                                                 type(self.algo).batch_state_keys)
         state = {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]}
         if self.scaled:  # as the local executor stores them: per mailbox, each delta's scale
             state["delta_scales"] = [gathered[k + 1][2] for k in range(self.world - 1)] + [[]]
         return [p for p, _, _ in gathered], state
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
-        return self._gather(_to_cpu(self.algo.part.original_state_dict()))
+        mine = self.algo.part.original_state_dict() if self.layout.replica == 0 else None
+        gathered = self._gather(_to_cpu(mine))
+        return None if gathered is None else gathered[:self.world]  # replica 0's parts
 
     def load_checkpoint(self, state: Dict[str, Any]) -> None:
-        load_part_state(self.algo, state["parts"][self.rank])
+        k = self.layout.part
+        if self.replica is not None:  # this replica's rows of the global batch's state
+            state = self.replica.shard_checkpoint(state, type(self.algo).batch_state_keys)
+        load_part_state(self.algo, state["parts"][k])
         self.next_step = int(state["progress"]["step"])
         # The previous part's mailbox, to send again: it uses them at its next steps.
-        mailbox = state["executor"]["mailboxes"][self.rank - 1] if self.rank > 0 else []
+        mailbox = state["executor"]["mailboxes"][k - 1] if k > 0 else []
         self.outbox = deque((self.next_step + i, from_saved(d, self.device))
                             for i, d in enumerate(mailbox))
         if self.scaled:
-            scales = state["executor"]["delta_scales"][self.rank - 1] if self.rank > 0 else []
+            scales = state["executor"]["delta_scales"][k - 1] if k > 0 else []
             self.outbox_scales = {self.next_step + i: s for i, s in enumerate(scales)}
 
     def close(self) -> None:
@@ -570,11 +608,10 @@ class _Waiting:
     def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> bool:
         if exc is None or not _is_timeout(exc):
             return False
-        me = self.executor.rank
+        layout = self.executor.layout
         limit = f"{self.executor.timeout_s:g} s" if self.executor.timeout_s else "the timeout"
-        whom = (f"part {self.peer + 1} (rank {self.peer})" if self.peer is not None
-                else "the other parts")
-        raise PeerStalled(f"part {me + 1} (rank {me}) waited more than {limit} "
+        whom = layout.name(self.peer) if self.peer is not None else "the other parts"
+        raise PeerStalled(f"{layout.name()} waited more than {limit} "
                           f"(distributed.timeout_s) for {self.what} {self.preposition} {whom}",
                           self.peer) from None
 
