@@ -18,13 +18,17 @@ fresh process, each configuration `--repeats` times in alternation (these machin
                ideal hardware; shared machines give less, and it swings from run to run). Both
                halves run back to back inside the one measurement, so c does not mix rounds; a
                configuration's ratio is read against the median c of the same run
+  replicas_r2  frzoo with distributed.replicas=2 at K=1: two one-thread processes, 64 images each,
+               gradients summed by frzoo's bucketed all-reduce (the sanity check against ddp)
   transport_now / transport_before   fr K=2 at the auto cut (given explicitly, so both use the
                same cut) with today's transport and with the code at --before (default: the last
                commit before the NCCL-ordered transport), run from a temporary git worktree
   CONFIG@bf16, @compile, @bf16_compile   the same with bf16 autocast, torch.compile (inductor) or
                both: for bp_1thread a plain loop, for fr_k2_auto frzoo's train.precision=bf16 /
                train.compile=true (compilation happens in the untimed warm-up steps)
-Pipelining stages use the same cut as fr_k2_auto. Warm-up steps are not timed. The frzoo rows
+Pipelining stages use the same cut as fr_k2_auto. Warm-up steps are not timed (frzoo rows: the
+first LOG_EVERY steps, and they log every LOG_EVERY steps, as a real run logs every
+train.log_every, so the pipeline keeps steps in flight between log points). The frzoo rows
 also report each part's seconds per step in forward, replay, backward, optimizer and waiting.
 """
 from __future__ import annotations
@@ -44,9 +48,14 @@ from typing import Any, Dict, Iterator, List
 
 BATCH, SIZE, CLASSES = 128, 32, 10
 WARMUP = 3
+# frzoo rows log (and so end a run of steps: frzoo.executors.p2p) every LOG_EVERY steps; their
+# warm-up is one such window and the timed steps whole windows. Logging every step would end a
+# run of steps after each one and take away the overlap between steps.
+LOG_EVERY = 5
 STEPS = {"resnet18": 10, "cifar_resnet56": 6}
 CONFIGS = ["bp_1thread", "ceiling", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
-           "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8", "transport_now", "transport_before"]
+           "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8", "replicas_r2", "transport_now",
+           "transport_before"]
 #: the last commit whose distributed transport predates the NCCL-ordered one (issue 12)
 BEFORE = "4dbd6d9"
 VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
@@ -210,13 +219,14 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
     """One frzoo run (today's code, or the checkout at `code` on PYTHONPATH)."""
     env = dict(os.environ, PYTHONPATH=code) if code else None
     with tempfile.TemporaryDirectory() as tmp:
-        total = WARMUP + steps
+        steps = -(-steps // LOG_EVERY) * LOG_EVERY  # whole windows
+        total = LOG_EVERY + steps  # the first window is the warm-up
         cmd = [sys.executable, "-m", "frzoo.cli", "run", f"model.name={model_name}",
                "data.name=synthetic", f"data.num_train={total * BATCH}", f"data.num_test={BATCH}",
                f"data.batch_size={BATCH}", f"data.image_size={SIZE}", "data.augment=none",
                f"data.num_classes={CLASSES}", "executor=distributed", "train.threads=1",
                f"algorithm.name={algorithm}", f"train.max_steps={total}", "train.eval_every=0",
-               "train.log_every=1", "train.progress=false", "optimizer.nesterov=true",
+               f"train.log_every={LOG_EVERY}", "train.progress=false", "optimizer.nesterov=true",
                f"run.out_dir={tmp}/run", *split]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code or None)
         if proc.returncode:
@@ -224,8 +234,11 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
         records = [{_new_name(k): v for k, v in json.loads(line).items()}
                    for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
         points = json.loads(Path(tmp, "run", "partition.json").read_text())
-    timed = [r for r in records if r["kind"] == "train" and r["step"] > WARMUP]
-    seconds = sum(BATCH / r["train/images_per_s"] for r in timed)
+    train = [r for r in records if r["kind"] == "train"]
+    timed = [r for r in train if r["step"] > LOG_EVERY]
+    # each record covers the steps since the one before (its images/s is their mean)
+    covered = [r["step"] - p["step"] for p, r in zip(train, train[1:]) if r["step"] > LOG_EVERY]
+    seconds = sum(n * BATCH / r["train/images_per_s"] for n, r in zip(covered, timed))
     parts = {}
     for key in timed[0]:
         if key.startswith("part") and key.endswith("_s"):  # partK/forward_s ...
@@ -233,7 +246,7 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
     # each part's share of its step spent waiting for the other (the busiest part waits least)
     waits = {k.split("/")[0]: parts[k] / parts[k.replace("wait_s", "step_s")]
              for k in parts if k.endswith("/wait_s") and parts.get(k.replace("wait_s", "step_s"))}
-    return {"images_per_s": len(timed) * BATCH / seconds, "part_seconds": parts,
+    return {"images_per_s": sum(covered) * BATCH / seconds, "part_seconds": parts,
             "wait_share": waits, "cut": points[1]["modules"][0] if len(points) > 1 else None}
 
 
@@ -268,6 +281,8 @@ def run_one(model_name: str, config: str, steps: int, point: str) -> Dict[str, A
         return frzoo_run(model_name, "fr", ["split.k=2"], steps)
     if config == "fr_k2_auto":
         return frzoo_run(model_name, "fr", ["split.auto=time", "split.k=2"], steps)
+    if config == "replicas_r2":
+        return frzoo_run(model_name, "bp", ["split.k=1", "distributed.replicas=2"], steps)
     if config == "transport_now":
         return frzoo_run(model_name, "fr", [f"split.points=[{point}]"], steps)
     if config == "transport_before":
