@@ -48,11 +48,10 @@ from typing import Any, Dict, Iterator, List
 
 BATCH, SIZE, CLASSES = 128, 32, 10
 WARMUP = 3
-# frzoo rows log (and so end a run of steps: frzoo.executors.p2p) every LOG_EVERY steps, the
-# recipe default of train.log_every; their warm-up is one such window and the timed steps whole
-# windows. Logging every step would end a run of steps after each one and take away the overlap
-# between steps.
-LOG_EVERY = 10
+# frzoo rows log (and so end a run of steps: frzoo.executors.p2p) every LOG_EVERY steps; their
+# warm-up is one such window and the timed steps whole windows. Logging every step would end a
+# run of steps after each one and take away the overlap between steps.
+LOG_EVERY = 5
 STEPS = {"resnet18": 10, "cifar_resnet56": 6}
 CONFIGS = ["bp_1thread", "ceiling", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
            "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8", "replicas_r2", "transport_now",
