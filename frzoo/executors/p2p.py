@@ -278,9 +278,9 @@ class DistributedExecutor(Executor):
         expected = self.sent_specs.get(kind, spec)
         if spec != expected or any(t is not None and t.shape[0] != rows for t in values):
             raise FrzooError(
-                f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of shapes "
+                f"{self.layout.name()} sends a {KIND_NAMES[kind]} of shapes "
                 f"{_describe([None if t is None else (t.dtype, tuple(t.shape)) for t in values])} "
-                f"but part {peer + 1} expects "
+                f"but {self.layout.name(peer)} expects "
                 f"{_describe([None if e is None else (e[0], (rows, *e[1])) for e in expected])}: "
                 f"a receive is posted before its message exists, so a message's shapes must be "
                 f"the batch size times the shapes and dtypes of the first message of its kind. "
@@ -303,7 +303,7 @@ class DistributedExecutor(Executor):
             if i >= MAX_TENSORS or (slot is not None and (slot[0] not in DTYPES
                                                           or len(slot[1]) > SLOT_LEN - 2)):
                 raise FrzooError(
-                    f"part {self.rank + 1} sends a {KIND_NAMES[kind]} of {len(spec)} tensors "
+                    f"{self.layout.name()} sends a {KIND_NAMES[kind]} of {len(spec)} tensors "
                     f"({_describe(list(spec))}); the distributed executor moves at most "
                     f"{MAX_TENSORS} tensors per message, each of dtype "
                     f"{', '.join(map(str, DTYPES))} with at most {SLOT_LEN - 1} dims. Cut where "
@@ -451,7 +451,7 @@ class DistributedExecutor(Executor):
         if take is not None:
             take()  # taken even by an algorithm that did not ask for it
         if algo.sends_delta(step):
-            assert grad_in is not None, f"part {self.rank + 1} promised a delta at step {step}"
+            assert grad_in is not None, f"{self.layout.name()} promised a delta at step {step}"
             self.outbox.append((step + self.lag, detached(grad_in)))
             if algo.scaler is not None:  # the scale of the delta it used goes down with it
                 self.outbox_scales[step + self.lag] = algo.scaler.delta_scale  # type: ignore[assignment]
