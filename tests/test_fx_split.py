@@ -429,3 +429,23 @@ def test_code_that_acts_only_in_training_sends_a_chain_split_to_the_trace():
     plain = timm.create_model("resnet18", num_classes=10, drop_path_rate=0.2)
     split = resolve(plain, points=["layer3"], build=True, sample=sample)  # drop-path is inside
     assert split.partition.method == "chain" and split.report.exact  # blocks: the chain holds
+
+
+def test_chain_parts_that_raise_in_the_check_fall_back_to_the_trace():
+    """The root flattens between its children: the chain's second part gets a 4-d tensor its
+    Linear cannot take and raises inside the split check. That counts as a difference, and the
+    same point is cut on the trace, which keeps the flatten."""
+    from frzoo.split import resolve
+
+    class Flattening(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    torch.manual_seed(0)
+    split = resolve(Flattening(), points=["fc"], build=True, sample=torch.randn(2, 3, 8, 8))
+    assert split.partition.method == "fx" and split.report.exact

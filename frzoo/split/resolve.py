@@ -80,7 +80,14 @@ def resolve(model: nn.Module, *, points: Optional[Sequence[str]] = None,
     if sample is None:
         return Split(partition, built)
 
-    report = check_equivalence(model, built, sample)
+    try:
+        report = check_equivalence(model, built, sample)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if partition.method == "fx" or partition.num_parts == 1:
+            raise
+        # chain parts that cannot even run on the model's tensors (the root reshapes between
+        # children) differ from the model like any other: cut the trace instead
+        report = EquivalenceReport(problem=f"the chained parts fail on the model's input: {exc}")
     if report.exact or partition.method == "fx" or partition.num_parts == 1:
         return Split(partition, built, report)
     try:  # the chain parts differ from the model: cut the same points on the trace
