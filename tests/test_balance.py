@@ -81,8 +81,9 @@ def test_flops_and_memory_measures():
     fr_points, fr_bytes = balanced_points(model, 4, by="memory", algorithm=FeaturesReplay,
                                           sample=sample)
     bp_points, _ = balanced_points(model, 4, by="memory", algorithm=Backprop, sample=sample)
-    units = [u[0] for u in units_of(model)]
-    assert units.index(fr_points[0]) <= units.index(bp_points[0])
+    from frzoo.split.balance import _traced_blocks  # memory balances over the traced candidates
+    candidates = [b.point for b in _traced_blocks(model, sample[:1])]
+    assert candidates.index(fr_points[0]) <= candidates.index(bp_points[0])
     assert len(fr_bytes) == 4
 
 
@@ -207,3 +208,30 @@ def test_flops_balance_runs_over_traced_candidates_for_any_traceable_model():
                                   sample=sample)[0], points_for_k(regnet, 3)):
         assert len(found) == 2
         assert resolve(regnet, points=found, sample=sample).report.exact
+
+
+def test_time_and_memory_balance_over_traced_candidates():
+    """split.auto=time and memory measure stretches of the traced forward (cuts inside residual
+    blocks too, several tensors crossing) and so split models whose chain has too few blocks;
+    the points they give build parts that compute what the model computes."""
+    from frzoo.split import balance, resolve
+    from frzoo.split.balance import _traced_blocks
+    sample = torch.randn(4, 3, 32, 32)
+    regnet = timm.create_model("regnetx_002", num_classes=10)
+    for by in ("time", "memory"):
+        chosen = balance(regnet, 3, by=by, algorithm=FeaturesReplay, sample=sample)
+        assert len(chosen.points) == 2 and len(chosen.costs) == 3 and min(chosen.costs) > 0
+        assert resolve(regnet, points=chosen.points, sample=sample).report.exact
+    model = timm.create_model("resnet18", num_classes=10)
+    candidates = [b.point for b in _traced_blocks(model, sample[:1])]
+    chosen = balance(model, 4, by="time", algorithm=FeaturesReplay, sample=sample)
+    assert chosen.unit == "s" and set(chosen.points) <= set(candidates)
+    assert resolve(model, points=chosen.points, sample=sample).report.exact
+
+
+def test_part_spreads_add_in_quadrature():
+    from frzoo.split.balance import split_spreads
+    spreads = [(3.0, 0.0), (4.0, 0.0), (1.0, 1.0)]
+    # bp: F + B per unit; fr's first part 2F + B
+    assert split_spreads(spreads, [2], 2, Backprop) == pytest.approx([5.0, 2.0])
+    assert split_spreads(spreads, [2], 2, FeaturesReplay) == pytest.approx([10.0, 2.0])

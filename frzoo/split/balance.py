@@ -9,10 +9,14 @@ at 32x32, up to 8 for resnet18's layer4 at 1x1), so `time` measures forward and 
 separately, per block. The best contiguous split for a cost is found exactly by dynamic
 programming.
 
-The blocks. `flops` balances over the candidates of the traced forward (frzoo.split.fx: a block
-from each valid cut to the next, inside residual blocks too), so a part boundary may fall inside
-a block and the parts come out within a few percent of each other; `params` does too where the
-forward chain has fewer than K units. `time` and `memory` run units of the forward chain.
+The blocks. `flops`, `time` and `memory` balance over the candidates of the traced forward
+(frzoo.split.fx: a block from each valid cut to the next, inside residual blocks too), so a part
+boundary may fall inside a block and the parts come out within a few percent of each other;
+`params` does too where the forward chain has fewer than K units. `time` and `memory` measure
+stretches of the traced forward, each from a candidate holding FLOPs to the next (a convolution
+with its norm and activation), built as the parts would be and run as they would run. A model
+that cannot be traced (or `within_blocks=False`, the zoo's presets) uses the units of its forward
+chain.
 
 Measured time is noisy: on a shared CPU a block's time moves by a few percent between runs, and
 resnet18's best K=2 cuts (before `layer2.0` or `layer2.1`) differ by less than that. So `time`
@@ -24,6 +28,7 @@ a split that is better by more than the noise still wins (:func:`steady_cuts`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
@@ -32,8 +37,9 @@ from torch import nn
 
 from ..errors import FrzooError
 from .chain import block_list
-from .costs import median_and_spread, module_flops, sample_units, unit_flops, unit_memory
-from .fx import Block, profile_blocks
+from .costs import (median_and_spread, module_flops, sample_stages, sample_units, stage_memory,
+                    unit_flops, unit_memory)
+from .fx import Block, build_fx_parts, fx_partition, profile_blocks
 
 REPEATS = 5  # measurements per block for split.auto=time, after a warm-up run
 
@@ -141,6 +147,17 @@ def split_costs(costs: Sequence[Tuple[float, float]], cuts: Sequence[int], k: in
     return [part_cost(costs[a:b], i, k, algorithm) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
+def split_spreads(spreads: Sequence[Tuple[float, float]], cuts: Sequence[int], k: int,
+                  algorithm: AlgorithmCosts) -> List[float]:
+    """Each part's measured spread for the split at `cuts`: its units' spreads under the cost
+    model, added in quadrature. The units are measured separately, so their errors are
+    independent and partly cancel: adding them up would take a part of twenty units for twenty
+    times as uncertain as one, and make near-ties of splits several percent apart."""
+    bounds = [0, *cuts, len(spreads)]
+    return [math.sqrt(sum(part_cost([u], i, k, algorithm) ** 2 for u in spreads[a:b]))
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[float, float]],
                 flops: Sequence[float], k: int, algorithm: AlgorithmCosts) -> List[int]:
     """The split with the smallest measured bottleneck, where near-ties go to FLOPs.
@@ -148,7 +165,8 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
     `times` and `spreads` are each unit's median (forward, backward) seconds and their spread,
     `flops` its forward FLOPs. A split's bottleneck counts as tied with the best one's when it is
     within the measured spread of the best split's parts (each part's spread under the cost
-    model, the largest of them: the amount by which the best bottleneck itself may be off).
+    model added in quadrature, :func:`split_spreads`; the largest of them: the amount by which
+    the best bottleneck itself may be off).
     Among the ties the one whose FLOPs bottleneck (same cost model, backward = 2 forwards) is
     smallest wins; equal FLOPs go to the first in the search's order. Both are exact
     minimisations by :func:`best_cuts`: the ties are the splits whose every part costs at most
@@ -156,7 +174,7 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
     n = len(times)
     fastest = best_cuts(n, k, lambda a, b, i: part_cost(times[a:b], i, k, algorithm))
     bottleneck = max(split_costs(times, fastest, k, algorithm))
-    tolerance = max(split_costs(spreads, fastest, k, algorithm))
+    tolerance = max(split_spreads(spreads, fastest, k, algorithm))
     if tolerance <= 0:
         return fastest
     by_flops = [(f, 2 * f) for f in flops]
@@ -181,18 +199,24 @@ def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCo
 def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
             sample: torch.Tensor, within_blocks: bool = True) -> Balance:
     """Split points for K parts balanced by `by` under `algorithm`, with each part's predicted
-    cost (and for `time` its measured spread), see :class:`Balance`. `within_blocks=False` keeps
-    `flops` on the units of the forward chain (cuts between blocks, one tensor each: the zoo's
+    cost (and for `time` its measured spread), see :class:`Balance`. Every measure but `params`
+    runs over the traced candidates where the model can be traced (`params` where the chain has
+    fewer than K units: parameters sit in blocks, a finer cut gains nothing). `within_blocks=False`
+    keeps them on the units of the forward chain (cuts between blocks, one tensor each: the zoo's
     presets)."""
     units = units_of(model)
-    if (by == "flops" and (within_blocks or len(units) < k)) or (by == "params" and len(units) < k):
-        blocks = _traced_blocks(model, sample[:1])
-        if blocks is not None:
+    if within_blocks or len(units) < k:
+        blocks = _traced_blocks(model, sample[:1]) if by != "params" or len(units) < k else None
+        if blocks is not None and by in ("flops", "params"):
             return _balance_blocks(blocks, k, by, algorithm)
-    if len(units) < k and by in ("time", "memory"):
-        raise FrzooError(f"split.auto={by} measures units of the forward chain, and "
-                         f"{type(model).__name__} has {len(units)} (fewer than K={k}); use "
-                         f"split.auto=flops or params, which balance over the traced forward.")
+        if blocks is not None:
+            measured = _measure_blocks(model, blocks, k, by, algorithm, sample)
+            if measured is not None:
+                return measured
+    if len(units) < k:
+        raise FrzooError(f"cannot balance {type(model).__name__} into K={k} parts by {by}: its "
+                         f"forward chain has {len(units)} units and no split of its traced "
+                         f"forward could be measured; use K <= {len(units)} or give split.points.")
     if by == "time":
         medians, spreads = zip(*(median_and_spread(rows)
                                  for rows in sample_units(model, units, sample, REPEATS)))
@@ -200,7 +224,7 @@ def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
         cuts = steady_cuts(medians, spreads, flops, k, algorithm)
         fastest = best_cuts(len(units), k, lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
         return Balance([units[c][0] for c in cuts], split_costs(medians, cuts, k, algorithm),
-                       split_costs(spreads, cuts, k, algorithm), "s", cuts != fastest)
+                       split_spreads(spreads, cuts, k, algorithm), "s", cuts != fastest)
     if by == "flops":  # a backward costs about two forwards
         costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
 
@@ -218,10 +242,6 @@ def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
         def cost(a: int, b: int, index: int) -> float:
             return memory_cost(rows[a:b], index, k, algorithm)
 
-    if len(units) < k and by in ("time", "memory"):
-        raise FrzooError(f"split.auto={by} measures units of the forward chain, and "
-                         f"{type(model).__name__} has {len(units)} (fewer than K={k}); use "
-                         f"split.auto=flops or params, which balance over the traced forward.")
     cuts = best_cuts(len(units), k, cost)
     bounds = [0, *cuts, len(units)]
     shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
@@ -251,10 +271,13 @@ def _traced_blocks(model: nn.Module, sample: torch.Tensor) -> Optional[List[Bloc
         return None
 
 
-def _lightest(cuts: Sequence[int], blocks: Sequence[Block], weights: Sequence[float]) -> List[int]:
+def _lightest(cuts: Sequence[int], blocks: Sequence[Block], weights: Sequence[float],
+             stay: bool = False) -> List[int]:
     """Each cut moved, across blocks that cost nothing (norms, activations), to where the fewest
     bytes cross: the same part costs, less to send and to keep (resnet18 at K=2 by FLOPs:
-    `layer2.1`, one tensor, rather than the equally balanced `layer2.0.downsample.1`, two)."""
+    `layer2.1`, one tensor, rather than the equally balanced `layer2.0.downsample.1`, two).
+    With `stay` a cut moves only where strictly fewer bytes cross (measured costs: a norm costs
+    time, though no FLOPs)."""
     out: List[int] = []
     for n, cut in enumerate(cuts):
         low = out[-1] + 1 if out else 1
@@ -269,7 +292,7 @@ def _lightest(cuts: Sequence[int], blocks: Sequence[Block], weights: Sequence[fl
             options.append(j + 1)
             j += 1
         # fewest bytes, then the most readable name (the shallowest module), then the earliest
-        out.append(min(options, key=lambda i: (blocks[i].input_bytes,
+        out.append(min(options, key=lambda i: (blocks[i].input_bytes, stay and i != cut,
                                                blocks[i].point.count("."), i)))
     return out
 
@@ -292,3 +315,46 @@ def _balance_blocks(blocks: Sequence[Block], k: int, by: str,
     shares = [cost(a, b, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     return Balance([blocks[c].point for c in cuts], shares, [0.0] * len(shares),
                    "FLOPs" if by == "flops" else "params")
+
+
+def _measure_blocks(model: nn.Module, blocks: Sequence[Block], k: int, by: str,
+                    algorithm: AlgorithmCosts, sample: torch.Tensor) -> Optional[Balance]:
+    """`time` or `memory` over the traced candidates: each stretch from a candidate holding
+    FLOPs to the next one (a convolution or matrix product with the norms and activations after
+    it) is built as a part of the traced forward and measured on `sample` as the parts would
+    run; cuts then move across stretches without FLOPs only where fewer bytes cross. None where
+    the stretches cannot be built together (the chain's units are then used)."""
+    starts = [0] + [j for j in range(1, len(blocks)) if blocks[j].flops > 0]
+    if len(starts) < k:
+        return None
+    try:
+        stages = build_fx_parts(model, fx_partition(model, [blocks[j].point for j in starts[1:]]))
+    except FrzooError:
+        return None
+    flops = [float(sum(b.flops for b in blocks[a:z]))
+             for a, z in zip(starts, [*starts[1:], len(blocks)])]
+    was_training = model.training
+    try:
+        if by == "time":
+            model.train()
+            medians, spreads = zip(*(median_and_spread(rows)
+                                     for rows in sample_stages(stages, sample, REPEATS)))
+            cuts = steady_cuts(medians, spreads, flops, k, algorithm)
+            fastest = best_cuts(len(stages), k,
+                                lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
+            chosen = Balance([], split_costs(medians, cuts, k, algorithm),
+                             split_spreads(spreads, cuts, k, algorithm), "s", cuts != fastest)
+        else:
+            rows = stage_memory(stages, sample)
+            cuts = best_cuts(len(stages), k,
+                             lambda a, b, i: memory_cost(rows[a:b], i, k, algorithm))
+            bounds = [0, *cuts, len(stages)]
+            chosen = Balance([], [memory_cost(rows[a:b], i, k, algorithm)
+                                  for i, (a, b) in enumerate(zip(bounds, bounds[1:]))],
+                             [0.0] * k, "bytes")
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    moved = _lightest([starts[c] for c in cuts], blocks, [b.flops for b in blocks], stay=True)
+    chosen.points = [blocks[j].point for j in moved]
+    return chosen

@@ -74,48 +74,84 @@ def measure_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torc
 
 def sample_units(model: nn.Module, units: Sequence[Sequence[str]], sample: torch.Tensor,
                  repeats: int = 3) -> List[List[Tuple[float, float]]]:
-    """`repeats` measurements of (forward, backward + optimizer step) seconds of each unit on
-    `sample`, in train mode, in order, each after one warm-up run (allocators, kernels). The
-    update is measured too: a part holding most of the parameters (resnet18's layer4) spends
-    tens of ms in it per iteration. Several measurements, not one, because a block's time on a
-    shared machine varies by a few percent from run to run: their spread says which differences
-    between splits are real (frzoo.split.balance)."""
-    if repeats < 1:
-        raise FrzooError(f"repeats={repeats}: a unit needs at least one measurement.")
-    modules = [[model.get_submodule(n) for n in unit] for unit in units]
-    sync = _synchronizer(sample.device)
+    """`repeats` measurements of (forward, backward + optimizer step) seconds of each unit
+    (module names run in order) on `sample`, in train mode, see :func:`sample_stages`."""
     was_training = model.training
     model.train()
-    out: List[List[Tuple[float, float]]] = []
-    h = sample
     try:
-        for unit in modules:
-            fwd, bwd = [], []
-            for _ in range(repeats + 1):  # the first run warms up allocators and kernels
-                x = h.detach().requires_grad_(True)
-                y = x.clone()  # a non-leaf, so an in-place first module (ReLU) is allowed
-                sync()
-                start = time.perf_counter()
-                for m in unit:
-                    y = m(y)
-                sync()
-                mid = time.perf_counter()
-                y.backward(torch.ones_like(y))
-                sync()
-                end = time.perf_counter()
-                fwd.append(mid - start)
-                bwd.append(end - mid)
-            params = [p for m in unit for p in m.parameters() if p.grad is not None]
-            # the update runs once per iteration in every part, like the backward: count it there
-            steps = _optimizer_seconds(params, repeats) if params else [0.0] * repeats
-            out.append([(f, b + s) for f, b, s in zip(fwd[1:], bwd[1:], steps)])
-            with torch.no_grad():
-                for m in unit:
-                    h = m(h)
-        model.zero_grad(set_to_none=True)
+        return sample_stages(_chained(model, units), sample, repeats)
     finally:
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
+
+
+def sample_stages(stages: Sequence[nn.Module], sample: torch.Tensor,
+                  repeats: int = 3) -> List[List[Tuple[float, float]]]:
+    """`repeats` measurements of (forward, backward + optimizer step) seconds of each stage,
+    each fed what the stage before it returns (the first `sample`), in the mode the stages are
+    in, after one warm-up round (allocators, kernels). The first stage's input needs no
+    gradient, as a first part's data does not. The measurements go round the stages (stage 1,
+    2, ..., then stage 1 again), so a burst of load on a shared machine spoils one measurement
+    of a few stages, which their medians discard, rather than every measurement of one stage.
+
+    A stage takes tensors and returns a tensor or a tuple of them: a chain of modules, or a
+    stretch of the traced forward whose cuts several tensors cross (frzoo.split.fx.FxPart), so
+    cuts inside residual blocks are measured like cuts between them. The update is measured
+    too: a part holding most of the parameters (resnet18's layer4) spends tens of ms in it per
+    iteration. Several measurements, not one, because a block's time on a shared machine varies
+    by a few percent from run to run: their spread says which differences between splits are
+    real (frzoo.split.balance)."""
+    if repeats < 1:
+        raise FrzooError(f"repeats={repeats}: a unit needs at least one measurement.")
+    sync = _synchronizer(sample.device)
+    fwd: List[List[float]] = [[] for _ in stages]
+    bwd: List[List[float]] = [[] for _ in stages]
+    for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+        h: Tuple[Any, ...] = (sample,)
+        for n, stage in enumerate(stages):
+            xs = _fresh_inputs(h, grad=n > 0)
+            sync()
+            start = time.perf_counter()
+            ys = _tensors(stage(*xs))
+            sync()
+            mid = time.perf_counter()
+            grown = [y for y in ys if isinstance(y, torch.Tensor) and y.requires_grad]
+            torch.autograd.backward(grown, [torch.ones_like(y) for y in grown])
+            sync()
+            fwd[n].append(mid - start)
+            bwd[n].append(time.perf_counter() - mid)
+            h = tuple(y.detach() if isinstance(y, torch.Tensor) else y for y in ys)
+    out: List[List[Tuple[float, float]]] = []
+    for n, stage in enumerate(stages):
+        params = [p for p in stage.parameters() if p.grad is not None]
+        # the update runs once per iteration in every part, like the backward: count it there
+        steps = _optimizer_seconds(params, repeats) if params else [0.0] * repeats
+        out.append([(f, b + s) for f, b, s in zip(fwd[n][1:], bwd[n][1:], steps)])
+        stage.zero_grad(set_to_none=True)
     return out
+
+
+def _chained(model: nn.Module, units: Sequence[Sequence[str]]) -> List[nn.Module]:
+    """Each unit's modules as one stage (a Sequential over the model's own module objects)."""
+    return [nn.Sequential(*[model.get_submodule(n) for n in unit]) for unit in units]
+
+
+def _tensors(out: Any) -> Tuple[Any, ...]:
+    """A stage's output as a tuple (a chain returns one tensor, a traced part one or several)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _fresh_inputs(values: Sequence[Any], grad: bool = True) -> Tuple[Any, ...]:
+    """Inputs for one measured run: floating-point tensors as new leaves that need a gradient
+    unless `grad` is off (a part's backward computes its input gradient too, but the first
+    part's), each cloned into a non-leaf so an in-place first operation (ReLU) is allowed; other
+    values as they are."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().requires_grad_(grad).clone()
+        out.append(v)
+    return tuple(out)
 
 
 def median_and_spread(rows: Sequence[Tuple[float, float]]) -> Tuple[Tuple[float, float],
@@ -183,19 +219,23 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
 
 def unit_memory(model: nn.Module, units: Sequence[Sequence[str]],
                 sample: torch.Tensor) -> List[Tuple[float, float, float]]:
-    """Per unit: (bytes autograd saves for its backward, bytes of its input, parameter bytes)."""
+    """Per unit (module names run in order), see :func:`stage_memory`."""
+    return stage_memory(_chained(model, units), sample)
+
+
+def stage_memory(stages: Sequence[nn.Module], sample: torch.Tensor) -> List[Tuple[float, float, float]]:
+    """Per stage (as in :func:`sample_stages`): (bytes autograd saves for its backward, bytes of
+    its floating-point inputs, parameter bytes)."""
     out = []
-    h = sample
-    for unit in units:
-        modules = nn.ModuleList([model.get_submodule(n) for n in unit])
-        meter = MemoryMeter(modules, lambda: [])
-        x = h.detach().requires_grad_(True)
+    h: Tuple[Any, ...] = (sample,)
+    for stage in stages:
+        meter = MemoryMeter(stage, lambda: [])
         with meter.recording():
-            y = x.clone()
-            for m in modules:
-                y = m(y)
-        params = float(sum(p.numel() * p.element_size() for p in modules.parameters()))
-        out.append((float(meter.peak), float(h.numel() * h.element_size()), params))
-        h = y.detach()
-        del y
+            ys = _tensors(stage(*_fresh_inputs(h)))
+        params = float(sum(p.numel() * p.element_size() for p in stage.parameters()))
+        inputs = float(sum(v.numel() * v.element_size() for v in h
+                           if isinstance(v, torch.Tensor) and v.is_floating_point()))
+        out.append((float(meter.peak), inputs, params))
+        h = tuple(y.detach() if isinstance(y, torch.Tensor) else y for y in ys)
+        del ys
     return out
