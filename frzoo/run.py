@@ -150,8 +150,7 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
                                part_groups(layout, cfg.distributed.timeout_s),
                                sync_bn=cfg.distributed.sync_bn)
     executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg),
-                                   replica)
-    executor.timeout_s = cfg.distributed.timeout_s
+                                   replica, timeout_s=cfg.distributed.timeout_s)
     return Assembly(data, pipeline, executor)
 
 

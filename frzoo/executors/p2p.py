@@ -21,10 +21,17 @@ is posted before the message is sent whenever possible (the transfer then overla
 Runs of steps. Training goes in runs: the steps between two points where the trainer does
 anything else with the pipeline (a log point, an epoch's end, the end; the trainer passes the
 run's end as `horizon`). Receives are posted ahead only within a run, so at its end nothing is in
-flight; evaluation, timings and checkpoints see an idle pipeline (checkpoints may also fall inside
-a run: they are collectives, not point-to-point). A run starts with a one-number broadcast from
-rank 0: whether Ctrl-C asked it to stop, so a stop takes effect at the next run's start (at most
+flight; evaluation and checkpoints see an idle pipeline (checkpoints may also fall inside a run:
+they are collectives, not point-to-point). A run starts with a one-number broadcast from rank 0:
+whether Ctrl-C asked it to stop, so a stop takes effect at the next run's start (at most
 `train.log_every` steps later) and no stop message is ever needed on the wire.
+
+The control group. That broadcast and the timings gathered to the leader at each log point go on
+a gloo group of their own (CPU tensors, whatever the parts' backend), asynchronously on the ranks
+that do not need the answer: rank 0 posts the broadcast and goes on, the others post their
+timings and go on, and only the ranks behind them (who are later anyway) wait. On the default
+group, a blocking collective at every run's edge made rank 0 wait for the last part to finish
+the run's last step, a pipeline drain every `train.log_every` steps.
 
 The schedule of step t, per pair (both sides derive it from t, the data's batch sizes and the
 algorithm's expects_delta / sends_delta, so nothing else crosses):
@@ -78,6 +85,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -177,7 +185,7 @@ class DistributedExecutor(Executor):
     """The transport for one part in its own process (the schedule: see the module docstring)."""
 
     def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str,
-                 replica: Optional[Replica] = None) -> None:
+                 replica: Optional[Replica] = None, timeout_s: Optional[float] = None) -> None:
         self.algorithms = [algorithm]
         self.algo = algorithm
         # With data-parallel replicas (frzoo.executors.replicas) rank = replica * K + part:
@@ -213,7 +221,16 @@ class DistributedExecutor(Executor):
         self.finished = -1  # the last step done
         self.next_step = 0
         self.stop_requested = False
-        self.timeout_s: Optional[float] = None  # for the message when a peer stops answering
+        self.timeout_s = timeout_s  # for the message when a peer stops answering
+        # The run-start stop flag and the timings cross on a group of their own (gloo, CPU
+        # tensors, whatever the parts' backend), apart from the activations and deltas, and
+        # asynchronously on the ranks that do not need the answer: so neither drains the
+        # pipeline. Created here, on every rank in the same order (a collective call).
+        self.control: Any = None
+        if self.layout.world > 1:
+            timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+            self.control = dist.new_group(backend="gloo", **timeout)
+        self.control_works: List[Tuple[Any, Tensor]] = []  # (async work, its tensor) in flight
 
     def _waiting(self, peer: Optional[int], what: str, by: bool = False) -> "_Waiting":
         return _Waiting(self, peer, what, by)
@@ -382,12 +399,26 @@ class DistributedExecutor(Executor):
         return result
 
     def _agree_stop(self) -> bool:
-        """Rank 0's answer to "did Ctrl-C ask to stop?", broadcast at the start of every run."""
-        flag = torch.tensor([int(self.stop_requested)], dtype=torch.int64, device=self.wire)
+        """Rank 0's answer to "did Ctrl-C ask to stop?", broadcast at the start of every run on
+        the control group. Rank 0 decides, so it does not wait for the others to hear it; they
+        are behind it in the pipeline, so the answer is there when they ask."""
+        flag = torch.tensor([int(self.stop_requested)], dtype=torch.int64)
         if self.layout.world > 1:
-            with self._waiting(None, "the other parts to start a run of steps"):
-                dist.broadcast(flag, src=0)
+            self._retire_control()
+            if self.rank == 0:
+                self.control_works.append((dist.broadcast(flag, src=0, group=self.control,
+                                                          async_op=True), flag))
+            else:
+                with self._waiting(None, "rank 0 to start a run of steps"):
+                    dist.broadcast(flag, src=0, group=self.control)
         return bool(flag.item())
+
+    def _retire_control(self) -> None:
+        """Wait for this rank's earlier control messages (long delivered, in steady state)."""
+        with self._waiting(None, "the other parts to take this part's control messages"):
+            for work, _ in self.control_works:
+                work.wait()
+        self.control_works = []
 
     def _start_run(self, step: int, end: int) -> None:
         self.run_end, self.finished, self.posted, self.last_sent = end, step - 1, step, step - 1
@@ -527,10 +558,25 @@ class DistributedExecutor(Executor):
 
     # -- collective reads for the leader
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
+        """Every part's timings on the leader, gathered on the control group: the others hand
+        theirs over without waiting (the leader, the last part, is the last to get here), so
+        a log point does not drain the pipeline."""
         mine = read_windows([self.clock], [self.algo])[0]
         keys = [*PHASES, "wait", "step", *MEMORY_KEYS, SKIPPED, LOSS_SCALE]
-        gathered = self._gather({k: mine[k] for k in keys if k in mine})
-        return None if gathered is None else gathered[:self.world]  # replica 0's parts
+        row = torch.tensor([mine.get(k, math.nan) for k in keys], dtype=torch.float64)
+        if self.layout.world == 1:
+            rows = [row]
+        else:
+            self._retire_control()
+            if not self.is_leader:
+                self.control_works.append((dist.gather(row, None, dst=self.layout.leader,
+                                                       group=self.control, async_op=True), row))
+                return None
+            rows = [torch.empty_like(row) for _ in range(self.layout.world)]
+            with self._waiting(None, "the other parts' timings"):
+                dist.gather(row, rows, dst=self.layout.leader, group=self.control)
+        return [{k: v for k, v in zip(keys, r.tolist()) if not math.isnan(v)}
+                for r in rows[:self.world]]  # replica 0's parts
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
         """`obj` of every rank (R x K of them, replica-major) on the leader; None elsewhere."""
@@ -579,6 +625,8 @@ class DistributedExecutor(Executor):
 
     def close(self) -> None:
         self._retire(math.inf)
+        if self.layout.world > 1:
+            self._retire_control()
 
 
 def _view(buffer: Tensor, offset: int, slot: Tuple[torch.dtype, Tuple[int, ...]],
