@@ -6,7 +6,7 @@ every part (in any process) computes the same rate for the same step.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -15,8 +15,14 @@ from .errors import RecipeError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
-    """One optimizer for one part's parameters (the authors' code uses one per part too)."""
-    params = list(params)
+    """One optimizer for one part's parameters (the authors' code uses one per part too).
+
+    A part may hold no parameters (a cut that leaves only a dropout, a reshape or a pooling
+    between two others): it still runs, sends its input's gradient down and takes its step with
+    everyone else, so it gets an optimizer with one empty group, whose step does nothing and
+    whose state (and checkpoint entry) is empty. torch refuses an empty parameter list, not an
+    empty group."""
+    params: List[Any] = list(params) or [{"params": []}]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

@@ -66,8 +66,8 @@ class SigmaProbe:
         distinct sample serves every part that was trained on it)."""
         samples = {s: (x, y) for s, x, y in self.recent}
         wanted: Dict[int, List[int]] = {}
-        for k, algo in enumerate(self.algorithms):
-            if step - algo.staleness in samples:
+        for k, algo in enumerate(self.algorithms):  # a part without weights has no sigma
+            if step - algo.staleness in samples and probed_weights(algo.part):
                 wanted.setdefault(step - algo.staleness, []).append(k)
         self.true = {}
         for sample, parts in wanted.items():

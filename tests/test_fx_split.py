@@ -449,3 +449,126 @@ def test_chain_parts_that_raise_in_the_check_fall_back_to_the_trace():
     torch.manual_seed(0)
     split = resolve(Flattening(), points=["fc"], build=True, sample=torch.randn(2, 3, 8, 8))
     assert split.partition.method == "fx" and split.report.exact
+
+
+# ---------------------------------------------------------------- candidates = accepted cuts
+class Interleaved(nn.Module):
+    """Twins' and EfficientViM's patterns: ModuleLists never called as a whole, their entries
+    called in turn (embed 0, drop 0, block 0, embed 1, ...), and a norm whose tensors the root
+    reads itself instead of calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeds = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.drops = nn.ModuleList([nn.Dropout(0.1) for _ in range(3)])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(3)])
+        self.norms = nn.ModuleList([nn.LayerNorm(4) for _ in range(2)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for embed, drop, block in zip(self.embeds, self.drops, self.blocks):
+            x = block(drop(embed(x)))
+        x = F.layer_norm(x, (4,), self.norms[0].weight, self.norms[0].bias)
+        return self.head(self.norms[1](x))
+
+
+class SharedModules(nn.Module):
+    """CoaT's pattern, a module registered twice (at the root and inside the blocks that call
+    it), and a weight tied between two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), self.pos) for _ in range(2)])
+        self.middle = nn.Linear(4, 4)
+        self.embed = nn.Linear(4, 4, bias=False)
+        self.tail = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 4, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        x = self.embed(self.middle(x))
+        return self.out(self.head(self.tail(x)))
+
+
+@pytest.mark.parametrize("model_cls", [Interleaved, SharedModules])
+def test_every_candidate_is_a_cut_the_builder_accepts(model_cls):
+    """One rule: `split.auto`, `split.k` and `--candidates` offer exactly the cuts that build
+    and equal the model, and refuse the others with the same reason."""
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = torch.randn(3, 4)
+    blocks = profile_blocks(model, x[:1])[1:]
+    candidates = [b.point for b in blocks]
+    assert candidates
+    for point in candidates:
+        parts = build_fx_parts(model, fx_partition(model, [point]))
+        with torch.no_grad():
+            assert torch.equal(chained(parts, x), model(x)), point
+    for k in (3, 4):  # several cuts at once too
+        points = candidates[::max(1, len(candidates) // (k - 1))][:k - 1]
+        parts = build_fx_parts(model, fx_partition(model, points))
+        with torch.no_grad():
+            assert torch.equal(chained(parts, x), model(x)), points
+    offered = {name for b in blocks for name in [b.point, *b.aliases]}
+    for point in trace_model(model).eval.first:  # every other module is refused by the builder
+        if point not in offered:
+            with pytest.raises(FrzooError):
+                fx_partition(model, [point])
+
+
+def test_containers_never_called_are_opened_where_a_cut_falls_inside():
+    model = Interleaved()
+    partition = fx_partition(model, ["embeds.2"])
+    assert partition.to_list() == [
+        ["embeds.0", "drops.0", "blocks.0", "embeds.1", "drops.1", "blocks.1"],
+        ["embeds.2", "drops.2", "blocks.2", "norms", "head"]]
+    assert "embeds.2" in [b.point for b in profile_blocks(model, torch.randn(1, 4))]
+
+
+def test_a_module_registered_twice_is_listed_once_and_tied_weights_stay_in_one_part():
+    model = SharedModules()
+    candidates = [b.point for b in profile_blocks(model, torch.randn(1, 4))]
+    assert "blocks.1" not in candidates  # `pos` runs in both blocks
+    assert "tail" not in candidates and "head" not in candidates  # embed and head share a weight
+    assert "middle" in candidates and "out" in candidates
+    with pytest.raises(FrzooError, match="'pos' runs on both sides"):
+        fx_partition(model, ["blocks.1"])
+    with pytest.raises(FrzooError, match="tensor 'embed.weight' is used on both sides"):
+        fx_partition(model, ["tail"])
+    partition = fx_partition(model, ["middle"])
+    assert partition.to_list() == [["pos", "blocks"], ["middle", "embed", "tail", "head", "out"]]
+    build_fx_parts(model, partition)  # every parameter in one part
+
+
+def test_an_in_place_write_through_an_alias_of_the_input_is_cloned_first():
+    """NextViT: a cut before an nn.Identity whose output a ReLU(inplace=True) overwrites; the
+    Identity returns its input, so the write would land in the received tensor (a leaf that
+    requires a gradient in the replay, and the stored input of Features Replay)."""
+
+    class Aliasing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(4, 4)
+            self.norm = nn.Identity()
+            self.act = nn.ReLU(inplace=True)
+            self.fc2 = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.norm(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Aliasing()
+    parts = build_fx_parts(model, fx_partition(model, ["norm"]))
+    assert "clone" in parts[1].code()
+    h = torch.randn(3, 4).requires_grad_()
+    kept = h.detach().clone()
+    out = parts[1](h)
+    out.sum().backward()  # no "leaf Variable ... in-place" error
+    assert torch.equal(h.detach(), kept) and h.grad is not None
+    assert "clone" not in parts[0].code()
+    plain = build_fx_parts(model, fx_partition(model, ["fc2"]))
+    assert "clone" not in plain[1].code()  # nothing writes into fc2's input

@@ -73,15 +73,26 @@ def _module_paths(node: fx.Node) -> List[str]:
 
 @dataclass
 class ModeGraph:
-    """The forward traced in one mode, with what the cut rules need per node."""
+    """The forward traced in one mode, with what the cut rules need per node.
+
+    The cut rule (:meth:`cut_problem`) is decided from spans computed once, in one pass over the
+    graph, so that listing every candidate stays linear in the graph's size: each module's span
+    (the nodes that run inside it or read its tensors), each tensor's span (its readers; tied
+    tensors over all their modules), and the values crossing each boundary."""
     graph: fx.Graph
     nodes: List[fx.Node]  # in execution order
     input: fx.Node  # the one tensor the forward takes
     constants: Dict[fx.Node, Any]  # the forward's other arguments, fixed to their defaults
     output: fx.Node  # the one tensor the forward returns
+    # parameters the model holds under several names (tied weights, a module registered
+    # twice): the first name -> all of them
+    tied: Dict[str, List[str]] = field(default_factory=dict)
     index: Dict[fx.Node, int] = field(default_factory=dict)
-    first: Dict[str, int] = field(default_factory=dict)  # module path -> its first node
-    last: Dict[str, int] = field(default_factory=dict)  # module path -> its last node
+    first: Dict[str, int] = field(default_factory=dict)  # called module path -> its first node
+    last: Dict[str, int] = field(default_factory=dict)  # called module path -> its last node
+    # every module a node runs inside or reads a tensor of, called or not (a ModuleList's
+    # entries are called one by one, never the list) -> (first, last) such node
+    span: Dict[str, Tuple[int, int]] = field(default_factory=dict)
     last_use: Dict[fx.Node, int] = field(default_factory=dict)  # value -> its last user
     attr_span: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # tensor -> users' span
 
@@ -91,16 +102,70 @@ class ModeGraph:
         for i, node in enumerate(self.nodes):
             if node.op in ("placeholder", "output"):
                 continue
-            for path in _module_paths(node):
+            paths = _module_paths(node)
+            for path in paths:
                 self.first.setdefault(path, i)
                 self.last[path] = i
             users = [end if u.op == "output" else self.index[u] for u in node.users]
             if users:
                 self.last_use[node] = max(users)
+            self._widen({a for p in paths for a in _ancestors(p)}, i, i)
             if node.op == "get_attr" and users:
-                lo, hi = self.attr_span.get(str(node.target), (end, -1))
-                self.attr_span[str(node.target)] = (min(lo, min(users)), max(hi, max(users)))
+                target = str(node.target)
+                lo, hi = self.attr_span.get(target, (end, -1))
+                self.attr_span[target] = (min(lo, min(users)), max(hi, max(users)))
+                owner = target.rpartition(".")[0]  # its module's span covers its readers
+                self._widen(_ancestors(owner) if owner else set(), min(users), max(users))
         self.last_use[self.input] = max((self.index[u] for u in self.input.users), default=-1)
+        for name, aliases in self.tied.items():  # one tensor, read under any of its names
+            spans = [self._read_span(alias) for alias in aliases]
+            spans = [s for s in spans if s is not None]
+            if spans:
+                self.attr_span[name] = (min(s[0] for s in spans), max(s[1] for s in spans))
+        self._sweep()
+
+    def _read_span(self, name: str) -> Optional[Tuple[int, int]]:
+        """The nodes that read tensor `name`: its get_attr readers, or the calls of the leaf
+        module holding it."""
+        if name in self.attr_span:
+            return self.attr_span[name]
+        owner = name.rpartition(".")[0]
+        return (self.first[owner], self.last[owner]) if owner in self.first else None
+
+    def _widen(self, paths: Set[str], lo: int, hi: int) -> None:
+        for path in paths:
+            a, b = self.span.get(path, (lo, hi))
+            self.span[path] = (min(a, lo), max(b, hi))
+
+    def _sweep(self) -> None:
+        """Per boundary i (a cut before node i): whether anything runs before it, the values
+        crossing it (listed where at most MAX_CROSSING do), how many of them are not tensors,
+        and how many called modules and tensors run on both sides of it."""
+        n = len(self.nodes)
+        self._work_before = [False] * (n + 1)
+        for i, node in enumerate(self.nodes):
+            self._work_before[i + 1] = self._work_before[i] or (
+                node.op not in ("placeholder", "output") and not self.is_free(node))
+        self._straddled = _cover_counts(n, [s for p, s in self.span.items() if p in self.first])
+        self._shared = _cover_counts(n, list(self.attr_span.values()))
+        self._crossing: Dict[int, List[fx.Node]] = {}
+        self._n_crossing = [0] * (n + 1)
+        self._n_scalars = [0] * (n + 1)
+        active: Dict[fx.Node, None] = {}  # insertion order is node order
+        ending: Dict[int, List[fx.Node]] = {}
+        for i in range(n + 1):
+            for done in ending.pop(i - 1, []):  # last used before node i
+                del active[done]
+            if i > 0:
+                node = self.nodes[i - 1]
+                if not self.is_free(node) and node.op != "output" \
+                        and self.last_use.get(node, -1) >= i:
+                    active[node] = None
+                    ending.setdefault(self.last_use[node], []).append(node)
+            self._n_crossing[i] = len(active)
+            if len(active) <= MAX_CROSSING:
+                self._crossing[i] = list(active)
+                self._n_scalars[i] = sum(_not_a_tensor(v) for v in active)
 
     def is_free(self, node: fx.Node) -> bool:
         """Values any part can have without receiving them: tensors it reads itself, and the
@@ -109,32 +174,52 @@ class ModeGraph:
 
     def crossing(self, i: int) -> List[fx.Node]:
         """Values computed before node i and used at or after it (what would have to be sent)."""
+        if i in self._crossing:
+            return list(self._crossing[i])
         return [n for n in self.nodes[:i]
                 if not self.is_free(n) and n.op != "output" and self.last_use.get(n, -1) >= i]
 
     def cut_problem(self, i: int, point: str) -> Optional[str]:
-        """Why a cut before node i (the first node of module `point`) is invalid, or None."""
-        if not any(n.op not in ("placeholder", "output") and not self.is_free(n)
-                   for n in self.nodes[:i]):
+        """Why a cut before node i (the first node of module `point`) is invalid, or None.
+
+        The one rule both the builder (frzoo.split.fx.fx_partition) and the candidates
+        (:attr:`valid_points`) use. Each module must run in one part: a called module that runs
+        on both sides is refused unless the cut opens it (it encloses `point`); a module never
+        called as a whole (a ModuleList, a Sequential its owner iterates) is opened into its
+        children wherever a cut falls inside it (:func:`_open_chain`), so only its children
+        count. A tensor (read with get_attr, or held by several modules) must be read in one
+        part."""
+        if not self._work_before[i]:
             return "nothing runs before it, so the first part would be empty"
-        crossing = self.crossing(i)
-        if len(crossing) > MAX_CROSSING:
+        if self._n_crossing[i] > MAX_CROSSING:
+            crossing = self.crossing(i)
             return (f"{len(crossing)} values would cross the cut "
                     f"({', '.join(_describe(n) for n in crossing[:4])}, ...), and a cut sends "
                     f"at most {MAX_CROSSING} tensors")
-        scalars = [n for n in crossing if _not_a_tensor(n)]
-        if scalars:
-            return (f"{_describe(scalars[0])} crosses the cut and is not a tensor (a shape or "
+        if self._n_scalars[i]:
+            scalar = next(n for n in self._crossing[i] if _not_a_tensor(n))
+            return (f"{_describe(scalar)} crosses the cut and is not a tensor (a shape or "
                     f"a number), and a part sends tensors only")
         enclosing = _ancestors(point)
-        for path, start in self.first.items():
-            if start < i <= self.last[path] and path not in enclosing:
-                return (f"module '{path}' runs on both sides of the cut (it is called more than "
-                        f"once), so its weights would be in two parts")
-        for target, (lo, hi) in self.attr_span.items():
-            if lo < i <= hi:
-                return f"tensor '{target}' is used on both sides of the cut (shared weights)"
+        opened = sum(1 for p in enclosing
+                     if p in self.first and self.span[p][0] < i <= self.span[p][1])
+        if self._straddled[i] > opened:
+            path = min((p for p, (lo, hi) in self.span.items()
+                        if p in self.first and lo < i <= hi and p not in enclosing),
+                       key=lambda p: (self.first[p], p.count(".")))
+            return (f"module '{path}' runs on both sides of the cut (it is called more than "
+                    f"once, or its tensors are read outside it), so its weights would be in two "
+                    f"parts")
+        if self._shared[i]:
+            target = next(t for t, (lo, hi) in self.attr_span.items() if lo < i <= hi)
+            return f"tensor '{target}' is used on both sides of the cut (shared weights)"
         return None
+
+    def opened(self, cuts: Sequence[int]) -> Set[str]:
+        """The modules never called as a whole that these cuts fall inside (each is replaced by
+        its children in the partition)."""
+        return {p for p, (lo, hi) in self.span.items() if p not in self.first
+                and any(lo < c <= hi for c in cuts)}
 
     @cached_property
     def valid_points(self) -> List[Tuple[int, List[str]]]:
@@ -149,6 +234,20 @@ class ModeGraph:
             if self.cut_problem(i, names[0]) is None:
                 out.append((i, names))
         return out
+
+
+def _cover_counts(n: int, spans: Sequence[Tuple[int, int]]) -> List[int]:
+    """For each boundary i in 0..n, how many spans (lo, hi) have lo < i <= hi."""
+    diff = [0] * (n + 2)
+    for lo, hi in spans:
+        if lo < hi:
+            diff[lo + 1] += 1
+            diff[min(hi, n) + 1] -= 1
+    out, total = [0] * (n + 1), 0
+    for i in range(n + 1):
+        total += diff[i]
+        out[i] = total
+    return out
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "tolist", "item"}
@@ -239,7 +338,17 @@ def _mode_graph(model: nn.Module, graph: fx.Graph, defaults: List[Any]) -> ModeG
         raise FrzooError(f"{type(model).__name__}.forward returns {type(result).__name__} in "
                          f"{'train' if model.training else 'eval'} mode, not one tensor; a split "
                          f"model's last part must return the logits alone. Train it unsplit (K=1).")
-    return ModeGraph(graph, nodes, placeholders[0], dict(zip(placeholders[1:], defaults)), result)
+    return ModeGraph(graph, nodes, placeholders[0], dict(zip(placeholders[1:], defaults)), result,
+                     _tied(model))
+
+
+def _tied(model: nn.Module) -> Dict[str, List[str]]:
+    """Parameters held under several names: a weight tied between two modules, or a module
+    registered in two places (CoaT's shared position encodings). First name -> every name."""
+    names: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {found[0]: found for found in names.values() if len(found) > 1}
 
 
 # ---------------------------------------------------------------- resolving points
@@ -261,16 +370,28 @@ def fx_partition(model: nn.Module, points: Sequence[str]) -> Partition:
                     f"split points must be in execution order without repeats; '{name}' runs at "
                     f"or before the point before it (order given: {', '.join(points)}). "
                     f"{_list_valid(mg)}")
-    entries = _open_chain(model, points)
+    opened = set().union(*(g.opened(cuts[t]) for t, g in trace.graphs.items()))
+    entries = _open_chain(model, points, opened)
     mg = trace.eval
-    position: Dict[str, int] = {}
+    # The part of an entry: where it is first called, or for a container never called as a
+    # whole (a ModuleList), where its children are first used; a module never used follows its
+    # predecessor. Within a part, entries keep the order of their first call, with such
+    # containers after their predecessor (the order partitions have always been recorded in).
+    key: Dict[str, Tuple[int, bool]] = {}
+    part_of: Dict[str, int] = {}
     previous = -1
-    for name in entries:  # a module never called keeps its place after its predecessor
-        previous = position[name] = mg.first.get(name, previous)
-    entries.sort(key=lambda name: position[name])
+    for name in entries:
+        previous = mg.first.get(name, previous)
+        used = mg.first[name] if name in mg.first else mg.span.get(name, (previous, 0))[0]
+        part_of[name] = bisect.bisect_right(cuts[False], used)
+        # where the predecessor lies in another part, the first use orders it, after the
+        # point where both start at a cut
+        moved = bisect.bisect_right(cuts[False], previous) != part_of[name]
+        key[name] = (used if moved else previous, moved)
+    entries.sort(key=key.__getitem__)
     parts: List[List[str]] = [[] for _ in range(len(points) + 1)]
     for name in entries:
-        parts[bisect.bisect_right(cuts[False], position[name])].append(name)
+        parts[part_of[name]].append(name)
     for k, point in enumerate(points, start=1):  # a container point starts at its first child
         assert parts[k] and (parts[k][0] == point or parts[k][0].startswith(point + ".")), \
             (parts[k][:1], point)
@@ -318,14 +439,30 @@ def _list_valid(mg: ModeGraph) -> str:
     return list_valid([names[0] for _, names in mg.valid_points], "--candidates")
 
 
-def _open_chain(model: nn.Module, points: Sequence[str]) -> List[str]:
-    chain = [name for name, _ in model.named_children()]
+def _open_chain(model: nn.Module, points: Sequence[str], opened: Set[str] = frozenset()
+                ) -> List[str]:
+    """The root's children, with every module that encloses a point, or is in `opened` (never
+    called as a whole, with a cut inside it), replaced by its children. A module registered
+    under two names is listed under the one the trace calls it by (its first in
+    ``named_modules``), once."""
+    canonical = {id(m): name for name, m in model.named_modules()}
+
+    def children(owner: str) -> List[str]:
+        prefix = f"{owner}." if owner else ""
+        return [prefix + c for c, m in model.get_submodule(owner).named_children()
+                if canonical[id(m)] == prefix + c]
+
+    chain = children("")
     for point in points:
         while point not in chain:
             owner = next(c for c in chain if point.startswith(c + "."))
             i = chain.index(owner)
-            chain[i:i + 1] = [f"{owner}.{c}" for c, _ in model.get_submodule(owner).named_children()]
-    return chain
+            chain[i:i + 1] = children(owner)
+    while True:
+        inside = next((i for i, c in enumerate(chain) if c in opened), None)
+        if inside is None:
+            return chain
+        chain[inside:inside + 1] = children(chain[inside])
 
 
 def _covering(path: str, entries: Dict[str, int]) -> Optional[str]:
@@ -511,13 +648,55 @@ def _mutates(node: fx.Node, holder: nn.Module) -> bool:
     return False
 
 
+# operations whose result may share its first argument's memory: views, and operations that
+# return their input unchanged in some mode or for some argument (dropout in eval mode, `.to`
+# to the same dtype, `.contiguous` of a contiguous tensor)
+_ALIASING = {"getitem", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten",
+             "transpose", "permute", "t", "contiguous", "expand", "expand_as", "squeeze",
+             "unsqueeze", "narrow", "select", "unbind", "chunk", "split", "tensor_split",
+             "movedim", "moveaxis", "swapaxes", "swapdims", "as_strided", "detach", "unfold",
+             "diagonal", "to", "type", "type_as", "float", "half", "bfloat16", "double",
+             "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+             "feature_alpha_dropout", "drop_path", "identity"}
+
+
+def _aliases(node: fx.Node, holder: nn.Module) -> bool:
+    """Whether `node`'s result may be (a view of) its first argument. A leaf module without
+    weights may return its input (nn.Identity, dropout in eval mode, nn.Flatten); one with
+    weights computes a new tensor."""
+    if node.op == "call_module":
+        module = holder.get_submodule(str(node.target))
+        return next(iter(module.parameters()), None) is None \
+            and next(iter(module.buffers()), None) is None
+    if node.op in ("call_method", "call_function"):
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return str(name) in _ALIASING
+    return False
+
+
+def _written(source: fx.Node, holder: nn.Module) -> bool:
+    """Whether the graph may write into input `source` in place: an in-place operation on it or
+    on a value that may share its memory (the output of an nn.Identity before a
+    ReLU(inplace=True), a view of it)."""
+    same = {source}
+    for node in source.graph.nodes:  # execution order: an alias is known before its users
+        if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in same:
+            continue
+        if _mutates(node, holder):
+            return True
+        if _aliases(node, holder):
+            same.add(node)
+    return False
+
+
 def _protect_input(graph: fx.Graph, holder: nn.Module) -> fx.Graph:
     """Clone an input first when the part would write into it: Features Replay keeps the inputs
-    for the replay, so the part must not change them (the whole model does not care)."""
+    for the replay, so the part must not change them (the whole model does not care); and the
+    input of a part that receives it is a leaf that requires a gradient, which autograd
+    refuses to write into."""
     sources = [n for n in graph.nodes if n.op == "placeholder"]
     for source in sources:
-        if any(_mutates(user, holder) and user.args and user.args[0] is source
-               for user in source.users):
+        if _written(source, holder):
             with graph.inserting_after(sources[-1]):
                 copy = graph.call_method("clone", (source,))
             source.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
