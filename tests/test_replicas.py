@@ -39,6 +39,7 @@ from frzoo.run import choose_executor, train
 EMULATION = Path(__file__).with_name("nccl_emulation.py")
 PROBE = Path(__file__).with_name("replica_probe.py")  # small buckets; records collectives
 AFTER = Path(__file__).with_name("replica_after_backward.py")  # no overlap: sums after backward
+OVERFLOW = Path(__file__).with_name("fp16_overflow.py")
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "data.num_test=20",
         "data.batch_size=8", "data.image_size=16", "train.epochs=4", "train.eval_every=2",
         "train.progress=false", "train.threads=1", "train.log_every=5", "optimizer.lr=0.01",
@@ -144,7 +145,6 @@ def test_replica_shards_concatenate_to_the_global_batch_augmentation_included():
     ("data.batch_size=9", r"data.batch_size=9 is the global batch.*multiple of 2"),
     ("executor=local", r"use executor=distributed \(or auto\), not executor=local"),
     ("train.sigma_every=5", r"train.sigma_every .* distributed.replicas=2"),
-    ("train.precision=fp16", r"train.precision=fp16 cannot run with distributed.replicas=2"),
 ])
 def test_replica_recipe_errors(override, match):
     with pytest.raises(RecipeError, match=match):
@@ -215,6 +215,47 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
         run(tmp_path / "to_one", "algorithm.name=fr", "distributed.sync_bn=true",
             "executor=local", resume=True)
         assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
+    assert not multiprocessing.active_children()
+
+
+def test_fp16_replicas_step_or_skip_together_with_one_scale(tmp_path, monkeypatch):
+    """fp16, R=2 x K=2, fr, 10 steps: the last part of replica 1 only overflows at step 4
+    (tests/fp16_overflow.py). Both copies of part 2 skip step 4, both copies of part 1 skip
+    step 5 (replica 0's delta was finite: the summed overflow flag makes it skip), the scale
+    halves once, at step 5, and every read of the scalers agrees across the replicas. Again
+    with the sums after the backward: bit for bit. Against R=1 (where the whole batch
+    overflows): the same skipped steps and scales.
+
+    The weights are not compared with R=1 here: the tolerance rule above does not apply in
+    fp16. R=2 rounds each replica's partial weight gradient to fp16 (autocast's backward)
+    before the sum, and its BatchNorm outputs to fp16 from another fp32 computation, so its
+    steps differ from R=1's by fp16's rounding (measured after one step: up to 7e-4 of the
+    update; fp16's unit roundoff is 4.9e-4), which this ill-conditioned network amplifies (max weight difference after
+    4 steps: 1.1e-3; after 10: 3.3e-2), while the yardstick, 2 threads instead of 1, reorders
+    fp32 sums that fp16 mostly rounds back to the same values (4 steps: 1.2e-7; 10: 1.8e-4)."""
+    from test_fp16 import scaling_records, skipped_steps
+    fp16 = ["algorithm.name=fr_fp16_overflow", "algorithm.overflow_at=4",
+            "algorithm.overflow_rank=3", "train.precision=fp16", "train.loss_scale.init=1024",
+            "train.epochs=2", "train.log_every=1"]
+    plugins = f"plugins=[{EMULATION},{OVERFLOW},{PROBE}"
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    run(one, *fp16, f"{plugins}]", "executor=local")
+    log = probe(tmp_path / "probe", monkeypatch)
+    run(two, *fp16, f"{plugins}]", *REPLICAS)
+    monkeypatch.delenv("FRZOO_TEST_PROBE")
+    run(again, *fp16, f"{plugins},{AFTER}]", *REPLICAS)
+
+    scalers = {rank: [r for r in rows if r["what"] == "scaler"]
+               for rank, rows in probed(log).items()}
+    assert len(scalers[0]) == 10 and scalers[0] == scalers[2] and scalers[1] == scalers[3]
+    records = scaling_records(two)
+    assert [skipped_steps(records, k) for k in (1, 2)] == [[5], [4]]
+    assert [r["train/loss_scale"] for r in records] == [1024.0] * 5 + [512.0] * 5
+    reference = scaling_records(one)
+    keys = ("step", "train/loss_scale", "part1/skipped", "part2/skipped")
+    assert [{k: r[k] for k in keys} for r in records] == [{k: r[k] for k in keys} for r in reference]
+    max_diff(weights(two), weights(again), "final.pt", exact=True)
+    max_diff(checkpoint(two)["parts"], checkpoint(again)["parts"], "parts", exact=True)
     assert not multiprocessing.active_children()
 
 
