@@ -179,8 +179,8 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
     """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance;
     the R=2 run's collectives checked (check_collectives). R=2 again with every gradient sum
     after the backward (no overlap), stopped at step 10 and resumed with R=2: bit for bit the
-    first R=2 run (the overlap changes nothing; a resume neither). fr also resumes the step-10
-    checkpoint with R=1: float tolerance."""
+    first R=2 run (the overlap changes nothing; a resume neither). Its step-10 checkpoint
+    resumed with R=1: float tolerance."""
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     run(one, f"algorithm.name={algo}", "executor=local")
     run(tmp_path / "threads", f"algorithm.name={algo}", "executor=local", "train.threads=2")
@@ -206,15 +206,14 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
     assert b["progress"]["last_eval"]["test_acc1"] == pytest.approx(reference["test_acc1"], abs=5.0)
 
     run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, "train.max_steps=10")
-    if algo == "fr":
-        shutil.copytree(again, tmp_path / "to_one")
+    shutil.copytree(again, tmp_path / "to_one")
     run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, resume=True)
     max_diff(weights(two), weights(again), "final.pt", exact=True)
     max_diff(checkpoint(two)["parts"], checkpoint(again)["parts"], "parts", exact=True)
-    if algo == "fr":  # the checkpoint is one pipeline's: it resumes with another R
-        run(tmp_path / "to_one", "algorithm.name=fr", "distributed.sync_bn=true",
-            "executor=local", resume=True)
-        assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
+    # the checkpoint is one pipeline's: it resumes with another R
+    run(tmp_path / "to_one", f"algorithm.name={algo}", "distributed.sync_bn=true",
+        "executor=local", resume=True)
+    assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
     assert not multiprocessing.active_children()
 
 
