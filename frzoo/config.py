@@ -382,12 +382,6 @@ def _validate_replicas(cfg: DictConfig) -> None:
         raise RecipeError(f"distributed.replicas={replicas} runs {replicas} copies of the "
                           f"pipeline, one process per part each: use executor=distributed (or "
                           f"auto), not executor=local.")
-    if cfg.train.precision == "fp16":
-        raise RecipeError(f"train.precision=fp16 cannot run with distributed.replicas={replicas} "
-                          f"yet: each replica's loss scale skips steps on its own overflows, and "
-                          f"the copies of a part must all step or all skip to sum their "
-                          f"gradients. Use train.precision=bf16 (no loss scale) or "
-                          f"distributed.replicas=1.")
     if cfg.train.sigma_every:
         raise RecipeError(f"train.sigma_every needs the whole model in one process; it cannot "
                           f"run with distributed.replicas={replicas}. Set train.sigma_every=0 or "

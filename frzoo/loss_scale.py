@@ -110,15 +110,33 @@ class LossScaler:
         no scale (an update without a delta: the `zeros` warm-up) the gradients are kept."""
         if self.delta_scale is None:
             return True
-        grads = [p.grad for p in parameters if p.grad is not None]
+        bad = self.overflowed(self.unscale_grads([p.grad for p in parameters if p.grad is not None]))
+        return self.settle(bad is None or not bool(bad))  # one read of the device per step
+
+    def unscale_grads(self, grads: Sequence[Tensor]) -> Optional[Tensor]:
+        """:meth:`unscale`'s division, for some of the gradients (data-parallel replicas unscale
+        each bucket as it completes: frzoo.executors.replicas): whether they hold inf/NaN, on
+        their device; None when there is nothing to unscale (no gradient, or no scale)."""
+        if self.delta_scale is None or not grads:
+            return None
+        found = torch.zeros(1, device=grads[0].device)
+        inv = torch.full((), self.delta_scale, dtype=torch.float64,
+                         device=grads[0].device).reciprocal().float()
+        torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found, inv)
+        return found.bool().squeeze()
+
+    def overflowed(self, found: Optional[Tensor]) -> Optional[Tensor]:
+        """`found` (inf/NaN in the unscaled gradients), or the delta this step used holding
+        inf/NaN: whether this part overflowed, on its device (None: neither was looked at)."""
         bad = self._delta_bad
-        if grads:
-            found = torch.zeros(1, device=grads[0].device)
-            inv = torch.full((), self.delta_scale, dtype=torch.float64,
-                             device=grads[0].device).reciprocal().float()
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
-            bad = found.bool().squeeze() if bad is None else bad | found.bool().squeeze()
-        if bad is None or not bool(bad):  # one read of the device per step
+        if found is None:
+            return bad
+        return found if bad is None else bad | found
+
+    def settle(self, finite: bool) -> bool:
+        """The step's outcome: an overflow is remembered (reported up with the next
+        activation, as the smallest scale overflowed at) and counted as a skipped step."""
+        if finite or self.delta_scale is None:
             return True
         self.overflow = min(self.overflow, self.delta_scale)
         self.skipped += 1

@@ -21,9 +21,11 @@ by 0.07 after 10 steps, so no tolerance could tell a bug from summation order th
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 import torch
@@ -35,11 +37,16 @@ from frzoo.executors.replicas import Layout
 from frzoo.run import choose_executor, train
 
 EMULATION = Path(__file__).with_name("nccl_emulation.py")
+PROBE = Path(__file__).with_name("replica_probe.py")  # small buckets; records collectives
+AFTER = Path(__file__).with_name("replica_after_backward.py")  # no overlap: sums after backward
+OVERFLOW = Path(__file__).with_name("fp16_overflow.py")
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "data.num_test=20",
         "data.batch_size=8", "data.image_size=16", "train.epochs=4", "train.eval_every=2",
         "train.progress=false", "train.threads=1", "train.log_every=5", "optimizer.lr=0.01",
         "distributed.timeout_s=60", "split.points=[layer3]", f"plugins=[{EMULATION}]"]
 REPLICAS = ["distributed.replicas=2", "distributed.sync_bn=true"]
+OVERLAPPED = f"plugins=[{EMULATION},{PROBE}]"
+AFTER_BACKWARD = f"plugins=[{EMULATION},{PROBE},{AFTER}]"
 LR = 0.01  # optimizer.lr in TINY
 FLOOR, CEILING = 2e-5, 1e-3  # the tolerance's least value; above it the setup is ill-conditioned
 
@@ -55,6 +62,39 @@ def weights(path: Path) -> dict:
 
 def checkpoint(path: Path) -> dict:
     return torch.load(path / "checkpoints" / "last.pt", weights_only=True)
+
+
+def probe(folder: Path, monkeypatch) -> Path:
+    """Make the next run's processes record their collectives in `folder` (replica_probe.py)."""
+    folder.mkdir()
+    monkeypatch.setenv("FRZOO_TEST_PROBE", str(folder))
+    return folder
+
+
+def probed(folder: Path) -> Dict[int, List[dict]]:
+    """What each rank recorded, by rank."""
+    return {int(f.stem): [json.loads(line) for line in f.read_text().splitlines()]
+            for f in folder.glob("*.jsonl")}
+
+
+def check_collectives(log: Dict[int, List[dict]], algo: str, parts: int = 2) -> None:
+    """The copies of each part issue the same collectives on their group, in the same order
+    (NCCL's rule), with several gradient buckets a step, launched during the backward (from
+    the gradient hooks) wherever the algorithm backpropagates through the live weights: all
+    but ddg's parts before the last, which sum after the backward."""
+    assert sorted(log) == list(range(2 * parts))
+    for k in range(parts):
+        group = [k, parts + k]
+        ops = [[(r["what"], r["numel"], r["dtype"], r["async"], r["in_backward"])
+                for r in log[rank] if r.get("group") == group] for rank in group]
+        assert ops[0] and ops[0] == ops[1], f"part {k + 1}: the copies' collectives differ"
+        buckets = [op for op in ops[0] if op[0] == "all_reduce" and op[3]]
+        assert len({op[1] for op in buckets}) >= 2, f"part {k + 1}: one bucket only"
+        early = [op for op in buckets if op[4]]
+        if algo == "ddg" and k < parts - 1:
+            assert not early, f"part {k + 1}: ddg's hooks cannot fire"
+        else:
+            assert early, f"part {k + 1}: no bucket was launched during the backward"
 
 
 def max_diff(a, b, where: str = "", exact: bool = False) -> float:
@@ -105,7 +145,6 @@ def test_replica_shards_concatenate_to_the_global_batch_augmentation_included():
     ("data.batch_size=9", r"data.batch_size=9 is the global batch.*multiple of 2"),
     ("executor=local", r"use executor=distributed \(or auto\), not executor=local"),
     ("train.sigma_every=5", r"train.sigma_every .* distributed.replicas=2"),
-    ("train.precision=fp16", r"train.precision=fp16 cannot run with distributed.replicas=2"),
 ])
 def test_replica_recipe_errors(override, match):
     with pytest.raises(RecipeError, match=match):
@@ -136,10 +175,12 @@ def test_torchrun_world_size_must_be_replicas_times_parts(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------- R=2 x K=2 against R=1 x K=2
 @pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
-def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, algo):
-    """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance.
-    R=2 again, stopped at step 10 and resumed with R=2: bit for bit the first R=2 run. fr also
-    resumes the step-10 checkpoint with R=1: float tolerance."""
+def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatch, algo):
+    """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance;
+    the R=2 run's collectives checked (check_collectives). R=2 again with every gradient sum
+    after the backward (no overlap), stopped at step 10 and resumed with R=2: bit for bit the
+    first R=2 run (the overlap changes nothing; a resume neither). Its step-10 checkpoint
+    resumed with R=1: float tolerance."""
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     run(one, f"algorithm.name={algo}", "executor=local")
     run(tmp_path / "threads", f"algorithm.name={algo}", "executor=local", "train.threads=2")
@@ -147,7 +188,10 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, algo):
     spread = max_diff(weights(one), weights(tmp_path / "threads"))
     tolerance = max(4 * spread, FLOOR)
     assert tolerance <= CEILING, f"{algo}: 1 and 2 threads differ by {spread}: ill-conditioned"
-    summary = run(two, f"algorithm.name={algo}", *REPLICAS)
+    log = probe(tmp_path / "probe", monkeypatch)
+    summary = run(two, f"algorithm.name={algo}", *REPLICAS, OVERLAPPED)
+    monkeypatch.delenv("FRZOO_TEST_PROBE")
+    check_collectives(probed(log), algo)
     assert summary["num_parts"] == 2 and summary["steps"] == 20
     assert max_diff(weights(one), weights(two), "final.pt") <= tolerance
     a, b = checkpoint(one), checkpoint(two)  # one pipeline's state: histories, mailboxes
@@ -161,16 +205,56 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, algo):
     assert b["progress"]["last_eval"]["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-3)
     assert b["progress"]["last_eval"]["test_acc1"] == pytest.approx(reference["test_acc1"], abs=5.0)
 
-    run(again, f"algorithm.name={algo}", *REPLICAS, "train.max_steps=10")
-    if algo == "fr":
-        shutil.copytree(again, tmp_path / "to_one")
-    run(again, f"algorithm.name={algo}", *REPLICAS, resume=True)
+    run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, "train.max_steps=10")
+    shutil.copytree(again, tmp_path / "to_one")
+    run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, resume=True)
     max_diff(weights(two), weights(again), "final.pt", exact=True)
     max_diff(checkpoint(two)["parts"], checkpoint(again)["parts"], "parts", exact=True)
-    if algo == "fr":  # the checkpoint is one pipeline's: it resumes with another R
-        run(tmp_path / "to_one", "algorithm.name=fr", "distributed.sync_bn=true",
-            "executor=local", resume=True)
-        assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
+    # the checkpoint is one pipeline's: it resumes with another R
+    run(tmp_path / "to_one", f"algorithm.name={algo}", "distributed.sync_bn=true",
+        "executor=local", resume=True)
+    assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
+    assert not multiprocessing.active_children()
+
+
+def test_fp16_replicas_step_or_skip_together_with_one_scale(tmp_path, monkeypatch):
+    """fp16, R=2 x K=2, fr, 10 steps: the last part of replica 1 only overflows at step 4
+    (tests/fp16_overflow.py). Both copies of part 2 skip step 4, both copies of part 1 skip
+    step 5 (replica 0's delta was finite: the summed overflow flag makes it skip), the scale
+    halves once, at step 5, and every read of the scalers agrees across the replicas. Again
+    with the sums after the backward: bit for bit. Against R=1 (where the whole batch
+    overflows): the same skipped steps and scales.
+
+    The weights are not compared with R=1 here: the tolerance rule above does not apply in
+    fp16. R=2 rounds each replica's partial weight gradient to fp16 (autocast's backward)
+    before the sum, and its BatchNorm outputs to fp16 from another fp32 computation, so its
+    steps differ from R=1's by fp16's rounding (measured after one step: up to 7e-4 of the
+    update; fp16's unit roundoff is 4.9e-4), which this ill-conditioned network amplifies (max weight difference after
+    4 steps: 1.1e-3; after 10: 3.3e-2), while the yardstick, 2 threads instead of 1, reorders
+    fp32 sums that fp16 mostly rounds back to the same values (4 steps: 1.2e-7; 10: 1.8e-4)."""
+    from test_fp16 import scaling_records, skipped_steps
+    fp16 = ["algorithm.name=fr_fp16_overflow", "algorithm.overflow_at=4",
+            "algorithm.overflow_rank=3", "train.precision=fp16", "train.loss_scale.init=1024",
+            "train.epochs=2", "train.log_every=1"]
+    plugins = f"plugins=[{EMULATION},{OVERFLOW},{PROBE}"
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    run(one, *fp16, f"{plugins}]", "executor=local")
+    log = probe(tmp_path / "probe", monkeypatch)
+    run(two, *fp16, f"{plugins}]", *REPLICAS)
+    monkeypatch.delenv("FRZOO_TEST_PROBE")
+    run(again, *fp16, f"{plugins},{AFTER}]", *REPLICAS)
+
+    scalers = {rank: [r for r in rows if r["what"] == "scaler"]
+               for rank, rows in probed(log).items()}
+    assert len(scalers[0]) == 10 and scalers[0] == scalers[2] and scalers[1] == scalers[3]
+    records = scaling_records(two)
+    assert [skipped_steps(records, k) for k in (1, 2)] == [[5], [4]]
+    assert [r["train/loss_scale"] for r in records] == [1024.0] * 5 + [512.0] * 5
+    reference = scaling_records(one)
+    keys = ("step", "train/loss_scale", "part1/skipped", "part2/skipped")
+    assert [{k: r[k] for k in keys} for r in records] == [{k: r[k] for k in keys} for r in reference]
+    max_diff(weights(two), weights(again), "final.pt", exact=True)
+    max_diff(checkpoint(two)["parts"], checkpoint(again)["parts"], "parts", exact=True)
     assert not multiprocessing.active_children()
 
 

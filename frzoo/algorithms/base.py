@@ -182,6 +182,9 @@ class PartAlgorithm:
         self.timer = PhaseTimer(device)
         self.memory: Optional[MemoryMeter] = None  # see measure_memory()
         self.before_update: Optional[Callable[["PartAlgorithm"], None]] = None
+        # Data-parallel replicas (frzoo.executors.replicas.GradientSum): sums the gradients over
+        # the copies of this part (fp16: unscaled first) and says whether the copies step.
+        self.sum_gradients: Optional[Callable[["PartAlgorithm"], bool]] = None
         # fp16 only (frzoo.loss_scale): scales the last part's loss, unscales this part's
         # gradients with the scale of the delta that made them and skips the step on overflow.
         self.scaler: Optional[LossScaler] = None
@@ -294,12 +297,15 @@ class PartAlgorithm:
             self._apply_update()
 
     def _apply_update(self) -> None:
-        if self.scaler is not None:
+        finite = True
+        if self.sum_gradients is not None:  # every copy of the part steps, or every one skips
+            finite = self.sum_gradients(self)
+        elif self.scaler is not None:
             with self.timed("optimizer"):
                 finite = self.scaler.unscale(self.part.parameters())
-            if not finite:  # fp16 overflow: no step at all, as GradScaler skips it
-                self.optimizer.zero_grad(set_to_none=True)
-                return
+        if not finite:  # fp16 overflow: no step at all, as GradScaler skips it
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.before_update is not None:  # e.g. the sigma probe reads the gradient used here
             self.before_update(self)
         with self.timed("optimizer"):

@@ -6,22 +6,26 @@ stay on its fast links) and only the copies of one part, which sit K ranks apart
 replicas. Point-to-point messages stay inside a replica (frzoo.executors.p2p); what crosses
 replicas goes through one process group per part (:func:`part_groups`), with torch's collectives:
 
-- gradients: before each optimizer step the R copies of part k all-reduce (sum) their gradients
-  (:class:`GradientSum`). Each replica's loss is its mean loss times its share of the global
-  batch (:class:`ShardLoss`), so the sum is the gradient of the global batch's mean loss, and
-  every delta a part sends down is the delta of the global batch's loss for its rows: the
-  messages, histories and mailboxes of R replicas concatenated are those of one pipeline, which
-  is what makes a checkpoint independent of R (:func:`merge_part_states`, :func:`shard_state`).
+- gradients: the R copies of part k all-reduce (sum) their gradients before each optimizer step
+  (:class:`GradientSum`, the algorithm's `sum_gradients`), in buckets launched from gradient
+  hooks while the backward runs, in bucket order (every copy issues the same collectives in the
+  same order), the rest right before the step. Each replica's loss is its mean loss times its
+  share of the global batch (:class:`ShardLoss`), so the sum is the gradient of the global
+  batch's mean loss, and every delta a part sends down is the delta of the global batch's loss
+  for its rows: the messages, histories and mailboxes of R replicas concatenated are those of
+  one pipeline, which is what makes a checkpoint independent of R (:func:`merge_part_states`,
+  :func:`shard_state`). In fp16 the buckets are unscaled before they are summed and carry each
+  copy's overflow flag, so the copies step or skip together.
 
   Why not DistributedDataParallel: its reducer pairs one backward with each forward of the
   wrapped module, and fires its bucket hooks on that backward. Under Features Replay a part runs
   two forwards per step (the play without a graph, the replay with one), under DDG it
   backpropagates a graph built on a copy of the weights (its gradients are assigned, not
   accumulated, so no hook fires) and the warm-up steps on zero gradients without any backward.
-  `no_sync` and `static_graph` do not describe that. One explicit, bucketed all-reduce right
-  before the step, called from the algorithm's `before_update` hook, is correct for all three
-  algorithms and every warm-up mode; the buckets go out asynchronously and are waited for
-  together, so their transfers overlap each other (not the backward).
+  `no_sync` and `static_graph` do not describe that. frzoo's own hooks count the one backward
+  of a step that reaches the live weights, and where none does (DDG's parts but the last, the
+  warm-up) every bucket is summed right before the step: correct for all three algorithms and
+  every warm-up mode.
 - BatchNorm (`distributed.sync_bn`): :class:`GroupBatchNorm` all-reduces the per-channel sums
   with the part's group, in the play and the replay alike (and back through the backward).
   torch's SyncBatchNorm refuses CPU tensors in this torch version (it needs a GPU), so the
@@ -32,6 +36,7 @@ replicas goes through one process group per part (:func:`part_groups`), with tor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -111,33 +116,177 @@ class ShardLoss:
         return self.loss_fn(logits, target) * self.share
 
 
+#: Launch each bucket's all-reduce from gradient hooks while the backward runs (True), or every
+#: bucket right before the step (False): the same sums, bit for bit; the tests compare the two.
+OVERLAP = True
+
+
+def plan_buckets(parameters: Sequence[nn.Parameter], bucket_bytes: int) -> List[List[int]]:
+    """The parameters (their indices) of each bucket, in launch order: reverse registration
+    order, as DDP does, since a backward produces the last layers' gradients first; at most
+    `bucket_bytes` each (a larger parameter alone), one dtype and device per bucket."""
+    buckets: List[List[int]] = []
+    size = 0
+    for i in reversed(range(len(parameters))):
+        p = parameters[i]
+        nbytes = p.numel() * p.element_size()
+        head = parameters[buckets[-1][0]] if buckets else None
+        if head is None or size + nbytes > bucket_bytes or head.dtype != p.dtype \
+                or head.device != p.device:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
+@dataclass
+class _Launched:
+    """One bucket's all-reduce in flight: the parameters that had a gradient, those gradients
+    and their version counters when flattened (to tell a gradient changed since), the flat sum."""
+    params: List[nn.Parameter]
+    grads: List[Tensor]
+    versions: List[int]
+    flat: Tensor
+    work: Any
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+
+    def changed(self, bucket: Sequence[nn.Parameter]) -> bool:
+        """Whether a gradient of the bucket changed after it was flattened (a second
+        accumulation, a replaced or new gradient): its sum is then stale."""
+        have = {id(p) for p in self.params}
+        return any(p.grad is not g or g._version != v
+                   for p, g, v in zip(self.params, self.grads, self.versions)) \
+            or any(p.grad is not None for p in bucket if id(p) not in have)
+
+
 class GradientSum:
     """Sums the gradients of the R copies of one part before its optimizer step (the
-    algorithm's `before_update` hook): gradients flattened into buckets of at most
-    BUCKET_BYTES, one asynchronous all_reduce per bucket, all waited for, copied back.
-    Parameters without a gradient are left out (every copy runs the same graph, so they agree)."""
+    algorithm's `sum_gradients`): buckets of at most `bucket_bytes` (:func:`plan_buckets`),
+    each flattened and all-reduced asynchronously over the part's group, waited for before the
+    step and copied back into the gradients.
 
-    def __init__(self, group: Any, bucket_bytes: int = BUCKET_BYTES) -> None:
+    Overlap (`overlap`): a hook on each parameter (register_post_accumulate_grad_hook) counts
+    the gradients accumulated since the step began (:meth:`arm`, every step before the
+    forward); a bucket whose gradients are all there is launched during the backward, strictly
+    in bucket order (a complete bucket waits for the lower ones: every copy must issue its
+    collectives on the group in the same order, NCCL's rule). What no hook completes is
+    launched at the step, in order: the after-backward path, which is where these fall back:
+    - `ddg`'s parts but the last: their graph is built on copies of the weights and the
+      gradients are assigned after the backward, so no hook fires on the live parameters;
+    - the `zeros` warm-up (a zero gradient, no backward);
+    - a bucket holding a parameter without a gradient this step (unused in the graph, frozen),
+      and every bucket after it.
+    A gradient changed after its bucket was flattened (a second backward in one step) makes the
+    bucket stale: it is all-reduced again at the step, after the others, on every copy alike.
+    Parameters whose gradient is None are left out of the sums and keep None (every copy runs
+    the same graph, so they agree); a bucket with no gradient at all is not sent.
+
+    fp16 (the part's LossScaler): each bucket's gradients are unscaled (the scale of the delta
+    that made them, frzoo.loss_scale) right before they are flattened, as one process unscales
+    before its step, and the last bucket carries one more number: 1 when this copy's gradients
+    or received delta hold inf/NaN. Summed, every copy reads the same flag and all of them step
+    or all skip, so their scalers, and the overflow reports riding up each replica, stay equal.
+    """
+
+    def __init__(self, algo: Any, group: Any, *, bucket_bytes: int, overlap: bool) -> None:
+        self.algo = algo
         self.group = group
-        self.bucket_bytes = bucket_bytes
+        self.params: List[nn.Parameter] = list(algo.part.parameters())
+        self.buckets = plan_buckets(self.params, bucket_bytes)
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.hooks = [p.register_post_accumulate_grad_hook(partial(self._accumulated, i))
+                      for i, p in enumerate(self.params) if overlap and p.requires_grad]
+        self.hooked = [bool(self.hooks) and p.requires_grad for p in self.params]
+        self.armed = False
+        self._reset()
 
-    def __call__(self, algo: Any) -> None:
-        grads = [p.grad for p in algo.part.parameters() if p.grad is not None]
-        buckets: List[List[Tensor]] = []
-        size = 0
-        for g in grads:
-            if not buckets or size + g.numel() * g.element_size() > self.bucket_bytes \
-                    or buckets[-1][0].dtype != g.dtype or buckets[-1][0].device != g.device:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(g)
-            size += g.numel() * g.element_size()
-        flats = [_flatten_dense_tensors(b) for b in buckets]
-        works = [dist.all_reduce(f, group=self.group, async_op=True) for f in flats]
-        for bucket, flat, work in zip(buckets, flats, works):
-            work.wait()
-            for g, summed in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+    def _reset(self) -> None:
+        self.seen = [False] * len(self.params)
+        self.missing = [sum(self.hooked[i] for i in bucket) for bucket in self.buckets]
+        self.launched: List[_Launched] = []
+        self.found: Optional[Tensor] = None  # fp16: inf/NaN in the gradients unscaled so far
+
+    def arm(self) -> None:
+        """A step begins: the hooks count its gradients from now on. (A backward with no step
+        since the last arm, which no algorithm makes, leaves sums that are waited for and
+        dropped: every copy does the same.)"""
+        for launched in self.launched:
+            launched.wait()
+        self._reset()
+        self.armed = bool(self.hooks)
+
+    def remove(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks, self.armed = [], False
+
+    def _accumulated(self, index: int, _param: Tensor) -> None:
+        """The hook: parameter `index`'s gradient is complete for this backward."""
+        if not self.armed or self.seen[index]:
+            return  # outside a step, or a second accumulation: stale, redone at the step
+        self.seen[index] = True
+        self.missing[self.bucket_of[index]] -= 1
+        while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
+            self.launched.append(self._launch(len(self.launched)))
+
+    def _launch(self, b: int) -> _Launched:
+        """Flatten bucket `b`'s gradients (fp16: unscaled first; the last bucket with the
+        overflow flag) and start their all-reduce."""
+        params = [self.params[i] for i in self.buckets[b] if self.params[i].grad is not None]
+        grads: List[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        tensors = list(grads)
+        scaler = self.algo.scaler
+        if scaler is not None:
+            found = scaler.unscale_grads(grads)
+            if found is not None:
+                self.found = found if self.found is None else self.found | found
+            if b == len(self.buckets) - 1:  # this copy's overflow flag rides in the last bucket
+                head = self.params[self.buckets[b][0]]
+                bad = scaler.overflowed(self.found)
+                tensors.append(torch.zeros(1, dtype=head.dtype, device=head.device) if bad is None
+                               else bad.to(head.dtype).reshape(1))
+        if not tensors:  # no gradient in this bucket this step, on any copy: nothing to send
+            return _Launched(params, grads, [], torch.empty(0), None)
+        flat = _flatten_dense_tensors(tensors)
+        if len(tensors) == 1:  # that is a view of the gradient: the sum must not land in it
+            flat = flat.clone()  # while the backward may still write it (see `changed`)
+        return _Launched(params, grads, [g._version for g in grads], flat,
+                         dist.all_reduce(flat, group=self.group, async_op=True))
+
+    def __call__(self, algo: Any) -> bool:
+        """Before the step: launch what the backward did not, wait, copy the sums back. Returns
+        whether to step (False only in fp16, when a copy overflowed)."""
+        self.armed = False
+        while len(self.launched) < len(self.buckets):
+            self.launched.append(self._launch(len(self.launched)))
+        for launched in self.launched:
+            launched.wait()
+        stale = [b for b, launched in enumerate(self.launched)
+                 if launched.changed([self.params[i] for i in self.buckets[b]])]
+        if stale and algo.scaler is not None:
+            raise FrzooError(
+                f"a gradient of part {algo.index + 1} changed after its bucket was unscaled and "
+                f"all-reduced (a second backward in one step?): with train.precision=fp16 and "
+                f"distributed.replicas the gradients are unscaled as each bucket completes, so "
+                f"each may be accumulated once per step. Use train.precision=bf16, or one "
+                f"backward per optimizer step.")
+        for b in stale:  # every copy finds the same buckets stale: sum them again, in order
+            self.launched[b] = self._launch(b)
+        for b in stale:
+            self.launched[b].wait()
+        for launched in self.launched:
+            for g, summed in zip(launched.grads,
+                                 _unflatten_dense_tensors(launched.flat, launched.grads)):
                 g.copy_(summed)
+        finite = True
+        if algo.scaler is not None:  # one read of the device per step, as in one process
+            finite = algo.scaler.settle(not bool(self.launched[-1].flat[-1] > 0))
+        self._reset()
+        return finite
 
 
 # ---------------------------------------------------------------- BatchNorm over the replicas
@@ -340,6 +489,7 @@ class Replica:
         self.group = groups[layout.part]  # the R copies of this rank's part
         self.src = layout.rank_of(layout.part, 0)  # this part's copy in replica 0
         self.loss: Optional[ShardLoss] = None
+        self.grads: Optional[GradientSum] = None
 
     @classmethod
     def join(cls, algo: Any, layout: Layout, groups: Sequence[Any], *, sync_bn: bool) -> "Replica":
@@ -349,7 +499,8 @@ class Replica:
         replica = cls(algo, layout, groups)
         if sync_bn:
             sync_batch_norm(algo.part, replica.group)
-        algo.before_update = GradientSum(replica.group)
+        replica.grads = algo.sum_gradients = GradientSum(algo, replica.group,
+                                                         bucket_bytes=BUCKET_BYTES, overlap=OVERLAP)
         algo.seed = replica_seed(algo.seed, layout.replica)
         if algo.is_last:
             replica.loss = algo.loss_fn = ShardLoss(algo.loss_fn)
@@ -366,6 +517,8 @@ class Replica:
     def before_step(self, rows: int, global_rows: int) -> None:
         if self.loss is not None:
             self.loss.share = rows / global_rows
+        if self.grads is not None:
+            self.grads.arm()  # the gradient hooks count this step's backward
 
     def gather_result(self, result: Any, global_rows: int) -> Any:
         """The step's ForwardResult for the global batch on the leader; None elsewhere."""
