@@ -413,12 +413,16 @@ class DistributedExecutor(Executor):
                     dist.broadcast(flag, src=0, group=self.control)
         return bool(flag.item())
 
-    def _retire_control(self) -> None:
-        """Wait for this rank's earlier control messages (long delivered, in steady state)."""
-        with self._waiting(None, "the other parts to take this part's control messages"):
-            for work, _ in self.control_works:
-                work.wait()
-        self.control_works = []
+    def _retire_control(self, wait: bool = False) -> None:
+        """Forget this rank's control messages that have arrived; with `wait`, wait for all of
+        them first. Never waited for during training: the timings this rank handed to the
+        leader arrive only once the leader, the last part, finishes the run's last step, and
+        waiting for that here is the pipeline drain the control group exists to avoid."""
+        if wait:
+            with self._waiting(None, "the other parts to take this part's control messages"):
+                for work, _ in self.control_works:
+                    work.wait()
+        self.control_works = [(w, t) for w, t in self.control_works if not w.is_completed()]
 
     def _start_run(self, step: int, end: int) -> None:
         self.run_end, self.finished, self.posted, self.last_sent = end, step - 1, step, step - 1
@@ -626,7 +630,7 @@ class DistributedExecutor(Executor):
     def close(self) -> None:
         self._retire(math.inf)
         if self.layout.world > 1:
-            self._retire_control()
+            self._retire_control(wait=True)
 
 
 def _view(buffer: Tensor, offset: int, slot: Tuple[torch.dtype, Tuple[int, ...]],
