@@ -227,11 +227,3 @@ def test_time_and_memory_balance_over_traced_candidates():
     chosen = balance(model, 4, by="time", algorithm=FeaturesReplay, sample=sample)
     assert chosen.unit == "s" and set(chosen.points) <= set(candidates)
     assert resolve(model, points=chosen.points, sample=sample).report.exact
-
-
-def test_part_spreads_add_in_quadrature():
-    from frzoo.split.balance import split_spreads
-    spreads = [(3.0, 0.0), (4.0, 0.0), (1.0, 1.0)]
-    # bp: F + B per unit; fr's first part 2F + B
-    assert split_spreads(spreads, [2], 2, Backprop) == pytest.approx([5.0, 2.0])
-    assert split_spreads(spreads, [2], 2, FeaturesReplay) == pytest.approx([10.0, 2.0])
