@@ -146,16 +146,6 @@ def split_costs(costs: Sequence[Tuple[float, float]], cuts: Sequence[int], k: in
     return [part_cost(costs[a:b], i, k, algorithm) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def split_spreads(spreads: Sequence[Tuple[float, float]], cuts: Sequence[int], k: int,
-                  algorithm: AlgorithmCosts) -> List[float]:
-    """Each part's measured spread for the split at `cuts`: its units' spreads under the cost
-    model, added up. Adding them in quadrature (as independent errors) would be tighter, but on
-    resnet18's traced candidates, a convolution apart, it let the pick alternate between two
-    neighbouring cuts from run to run (docs/partitioning.md); added up, a split counts as better
-    only when it is better beyond any doubt the measurements leave, and the cut holds still."""
-    return split_costs(spreads, cuts, k, algorithm)
-
-
 def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[float, float]],
                 flops: Sequence[float], k: int, algorithm: AlgorithmCosts) -> List[int]:
     """The split with the smallest measured bottleneck, where near-ties go to FLOPs.
@@ -163,8 +153,10 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
     `times` and `spreads` are each unit's median (forward, backward) seconds and their spread,
     `flops` its forward FLOPs. A split's bottleneck counts as tied with the best one's when it is
     within the measured spread of the best split's parts (each part's spread under the cost
-    model, :func:`split_spreads`; the largest of them: the amount by which the best bottleneck
-    itself may be off).
+    model, added up; the largest of them: the amount by which the best bottleneck itself may be
+    off). Added up, not in quadrature as independent errors: on resnet18's traced candidates, a
+    convolution apart, the tighter quadrature let the pick alternate between two neighbouring
+    cuts from run to run (docs/partitioning.md).
     Among the ties the one whose FLOPs bottleneck (same cost model, backward = 2 forwards) is
     smallest wins; equal FLOPs go to the first in the search's order. Both are exact
     minimisations by :func:`best_cuts`: the ties are the splits whose every part costs at most
@@ -172,7 +164,7 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
     n = len(times)
     fastest = best_cuts(n, k, lambda a, b, i: part_cost(times[a:b], i, k, algorithm))
     bottleneck = max(split_costs(times, fastest, k, algorithm))
-    tolerance = max(split_spreads(spreads, fastest, k, algorithm))
+    tolerance = max(split_costs(spreads, fastest, k, algorithm))
     if tolerance <= 0:
         return fastest
     by_flops = [(f, 2 * f) for f in flops]
@@ -182,6 +174,15 @@ def steady_cuts(times: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[fl
         return part_cost(by_flops[a:b], index, k, algorithm) if within else float("inf")
 
     return best_cuts(n, k, cost)
+
+
+def _by_time(medians: Sequence[Tuple[float, float]], spreads: Sequence[Tuple[float, float]],
+             flops: Sequence[float], k: int, algorithm: AlgorithmCosts) -> Tuple[List[int], Balance]:
+    """The steady split of measured units (:func:`steady_cuts`) and its Balance, points to fill."""
+    cuts = steady_cuts(medians, spreads, flops, k, algorithm)
+    fastest = best_cuts(len(medians), k, lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
+    return cuts, Balance([], split_costs(medians, cuts, k, algorithm),
+                         split_costs(spreads, cuts, k, algorithm), "s", cuts != fastest)
 
 
 def balanced_points(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
@@ -218,11 +219,10 @@ def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
     if by == "time":
         medians, spreads = zip(*(median_and_spread(rows)
                                  for rows in sample_units(model, units, sample, REPEATS)))
-        flops = unit_flops(model, units, sample[:1])
-        cuts = steady_cuts(medians, spreads, flops, k, algorithm)
-        fastest = best_cuts(len(units), k, lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
-        return Balance([units[c][0] for c in cuts], split_costs(medians, cuts, k, algorithm),
-                       split_spreads(spreads, cuts, k, algorithm), "s", cuts != fastest)
+        cuts, chosen = _by_time(medians, spreads, unit_flops(model, units, sample[:1]), k,
+                                algorithm)
+        chosen.points = [units[c][0] for c in cuts]
+        return chosen
     if by == "flops":  # a backward costs about two forwards
         costs = [(f, 2 * f) for f in unit_flops(model, units, sample[:1])]
 
@@ -337,11 +337,7 @@ def _measure_blocks(model: nn.Module, blocks: Sequence[Block], k: int, by: str,
             model.train()
             medians, spreads = zip(*(median_and_spread(rows)
                                      for rows in sample_stages(stages, sample, REPEATS)))
-            cuts = steady_cuts(medians, spreads, flops, k, algorithm)
-            fastest = best_cuts(len(stages), k,
-                                lambda a, b, i: part_cost(medians[a:b], i, k, algorithm))
-            chosen = Balance([], split_costs(medians, cuts, k, algorithm),
-                             split_spreads(spreads, cuts, k, algorithm), "s", cuts != fastest)
+            cuts, chosen = _by_time(medians, spreads, flops, k, algorithm)
         else:
             rows = stage_memory(stages, sample)
             cuts = best_cuts(len(stages), k,
