@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--models", default="cifar_resnet164:128,cifar_resnet101:32")
     parser.add_argument("--out", default="bench/results/memory_study.json")
     args = parser.parse_args()
-    import frzoo_zoo  # noqa: F401
+    import frzoo_registry  # noqa: F401
     torch.set_num_threads(1)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "models": {}}
     for spec in args.models.split(","):

@@ -64,7 +64,7 @@ VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
 
 # ---------------------------------------------------------------- shared pieces
 def build(model_name: str):
-    import frzoo_zoo  # noqa: F401  (the CIFAR ResNets)
+    import frzoo_registry  # noqa: F401  (the CIFAR ResNets)
     import timm
     import torch
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
 def auto_point(model_name: str) -> str:
     """The cut split.auto=time picks for fr at K=2 (measured at one thread, as the workers run)."""
     import torch
-    from frzoo.registry import ALGORITHMS
+    from frzoo.plugins import ALGORITHMS
     from frzoo.split import balanced_points
     torch.set_num_threads(1)
     points, _ = balanced_points(build(model_name), 2, by="time", algorithm=ALGORITHMS.get("fr"),

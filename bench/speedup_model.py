@@ -195,7 +195,7 @@ def scale_out(models: Dict[str, Dict[str, object]], devices: List[int], tflops: 
 
 
 def main_scale_out(args: argparse.Namespace) -> None:
-    import frzoo_zoo  # noqa: F401  (the CIFAR ResNets)
+    import frzoo_registry  # noqa: F401  (the CIFAR ResNets)
     torch.set_num_threads(1)
     device = torch.device(args.device)
     models = {}
@@ -253,7 +253,7 @@ def main() -> None:
         main_scale_out(args)
         return
     args.out = args.out or "bench/results/speedup_model.json"
-    import frzoo_zoo  # noqa: F401
+    import frzoo_registry  # noqa: F401
     import timm
     from frzoo.algorithms.fr import FeaturesReplay
     from frzoo.split import points_for_k

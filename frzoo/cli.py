@@ -180,7 +180,7 @@ def _print_candidates(cfg: Any, info: Any) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
-    from .registry import ARCHITECTURES
+    from .plugins import ARCHITECTURES
     names = list_models(args.pattern)
     for name in names:
         print(f"{name}  [{ARCHITECTURES.origin(name)}]" if name in ARCHITECTURES else name)

@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
 from .errors import FrzooError
-from .registry import DATASETS, register_dataset
+from .plugins import DATASETS, register_dataset
 
 AUGMENTS = ("standard", "crop", "none")
 CROP_PADDING = 4

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import FrzooError
-from .registry import ARCHITECTURES, plugin_error_hint, suggest, where_names_come_from
+from .plugins import ARCHITECTURES, plugin_error_hint, suggest, where_names_come_from
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:

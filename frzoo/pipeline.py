@@ -22,7 +22,7 @@ from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
 from .optim import build_optimizer, part_lr_scales
 from .precision import loss_scaler, prepare_part
-from .registry import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
+from .plugins import ALGORITHMS, ARCHITECTURES, SPLIT_PRESETS, load_plugin
 from .split import EquivalenceReport, Partition, SplitPart, balance, resolve
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from frzoo.algorithms.base import Delta
 from frzoo.algorithms.fr import FeaturesReplay
-from frzoo.registry import register_algorithm
+from frzoo.plugins import register_algorithm
 
 
 @register_algorithm("fr_fp16_overflow")

@@ -18,7 +18,7 @@ from frzoo.data import (CIFAR10_MEAN, CIFAR10_STD, DataInfo, DataModule, Dataset
                         augment_batch, build_data)
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
-from frzoo.registry import register_dataset
+from frzoo.plugins import register_dataset
 
 
 def make_cfg(**overrides: Any) -> DictConfig:

@@ -69,7 +69,7 @@ def test_distributed_checkpoint_resumes_in_either_executor(tmp_path):
 # checks the algorithm's options before any worker starts), and the tests share one process.
 FAILING_PLUGIN = '''
 import os, signal
-from frzoo.registry import register_algorithm
+from frzoo.plugins import register_algorithm
 from frzoo.algorithms.fr import FeaturesReplay
 
 @register_algorithm("fr_breaks_{index}")

@@ -21,7 +21,7 @@ import torch
 import yaml
 from timm.models import _registry as timm_registry
 
-from frzoo import registry
+from frzoo import plugins
 from frzoo.pipeline import build_pipeline, resolve_algorithm
 from frzoo.cli import main
 from frzoo.config import load_recipe
@@ -29,7 +29,7 @@ from frzoo.data import build_data
 from frzoo.errors import FrzooError, RecipeError
 from frzoo.executors import LocalExecutor
 from frzoo.models import create_model
-from frzoo.registry import (ALGORITHMS, ARCHITECTURES, DATASETS, SPLIT_PRESETS, PluginImportError,
+from frzoo.plugins import (ALGORITHMS, ARCHITECTURES, DATASETS, SPLIT_PRESETS, PluginImportError,
                             PluginWarning, load_plugin, register_algorithm,
                             register_architecture, register_dataset, register_split_presets)
 from frzoo.run import train
@@ -49,7 +49,7 @@ def example_installed() -> None:
         dist = metadata.distribution("frzoo-example-plugin")
     except metadata.PackageNotFoundError:
         pytest.fail(INSTALL_HINT)
-    eps = [ep for ep in dist.entry_points if ep.group == registry.ENTRY_POINT_GROUP]
+    eps = [ep for ep in dist.entry_points if ep.group == plugins.ENTRY_POINT_GROUP]
     assert [(ep.name, ep.value) for ep in eps] == [("example", "frzoo_example_plugin")], eps
 
 
@@ -57,7 +57,7 @@ def example_installed() -> None:
 def scratch():
     """Registrations made by the test are forgotten afterwards (frzoo's and timm's)."""
     regs = (ARCHITECTURES, DATASETS, ALGORITHMS, SPLIT_PRESETS)
-    registry.load_entry_point_plugins()
+    plugins.load_entry_point_plugins()
     saved = [(dict(r._items), dict(r._origin)) for r in regs]
     timm_before = set(timm_registry._model_entrypoints)
     yield
@@ -100,7 +100,7 @@ def test_example_registrations_and_timm(example_installed):
     # timm's register_model appends names to the module's __all__; frzoo undoes that so that
     # `from module import *` keeps working (the entrypoint does not live in the plugin module).
     import frzoo_example_plugin.models as models
-    import frzoo_zoo.cifar_resnet as zoo
+    import frzoo_registry.cifar_resnet as zoo
     for module in (models, zoo):
         assert all(hasattr(module, name) for name in module.__all__), module.__name__
 
@@ -330,8 +330,8 @@ def _fake_installed_plugin(root: Path, name: str) -> Path:
 def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch):
     root = _fake_installed_plugin(tmp_path / "site", "broken_ep")
     monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)  # rescan the entry points
-    monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)  # rescan the entry points
+    monkeypatch.setattr(plugins, "PLUGIN_ERRORS", {})
     with pytest.warns(PluginWarning, match=r"frzoo plugin 'broken' = broken_ep \(distribution "
                                            r"broken-ep\) failed to import and is skipped "
                                            r"\(RuntimeError: boom in broken_ep\)"):
@@ -383,9 +383,9 @@ def test_a_bug_inside_a_plugin_builder_keeps_its_traceback(scratch):
 
 def test_the_zoo_is_a_plugin_on_the_public_api():
     eps = {ep.name: ep.value for ep in metadata.distribution("frzoo").entry_points
-           if ep.group == registry.ENTRY_POINT_GROUP}
-    assert eps == {"zoo": "frzoo_zoo"}
-    assert ARCHITECTURES.origin("cifar_resnet20") == "frzoo_zoo.cifar_resnet"
+           if ep.group == plugins.ENTRY_POINT_GROUP}
+    assert eps == {"registry": "frzoo_registry"}
+    assert ARCHITECTURES.origin("cifar_resnet20") == "frzoo_registry.cifar_resnet"
     # the zoo imports nothing private from frzoo (only the names a third-party plugin uses)
     public = {"register_architecture", "register_dataset", "register_algorithm",
               "register_split_presets", "ARCHITECTURES", "DATASETS", "ALGORITHMS",
@@ -395,3 +395,17 @@ def test_the_zoo_is_a_plugin_on_the_public_api():
             if line.startswith(("from frzoo ", "from frzoo.")):
                 names = {n.strip() for n in line.split(" import ")[1].split(",")}
                 assert names <= public, (path, line)
+
+
+def test_old_names_still_work_for_one_release_with_a_warning():
+    """frzoo.registry (now frzoo.plugins) and frzoo_zoo (now frzoo_registry) are aliases of the
+    same module objects, each with a FutureWarning, so plugins written against them keep working."""
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import frzoo.registry as old, frzoo.plugins as new\n"
+            "import frzoo_zoo.cifar_resnet as old_zoo, frzoo_registry.cifar_resnet as new_zoo\n"
+            "assert old is new and old_zoo is new_zoo\n"
+            "assert old.register_architecture is new.register_architecture\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "frzoo.registry is now frzoo.plugins" in done.stderr
+    assert "frzoo_zoo is now frzoo_registry" in done.stderr

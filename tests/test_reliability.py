@@ -231,7 +231,7 @@ def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactl
 
 STALL_PLUGIN = '''
 import time
-from frzoo.registry import register_algorithm
+from frzoo.plugins import register_algorithm
 from frzoo.algorithms.fr import FeaturesReplay
 
 @register_algorithm("fr_stalls")

@@ -24,7 +24,7 @@ from frzoo.cli import main
 from frzoo.config import CHOICES, load_recipe
 from frzoo.data import build_data
 from frzoo.errors import RecipeError
-from frzoo.registry import ALGORITHMS
+from frzoo.plugins import ALGORITHMS
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer3]", "train.max_steps=2",

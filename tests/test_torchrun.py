@@ -27,7 +27,7 @@ from frzoo.run import train
 
 KILL_PLUGIN = '''
 import os, signal
-from frzoo.registry import register_algorithm
+from frzoo.plugins import register_algorithm
 from frzoo.algorithms.fr import FeaturesReplay
 
 @register_algorithm("fr_killed_once")

@@ -182,7 +182,7 @@ def test_cli_plan_models_export_eval(tmp_path, capsys):
     assert "partition: K=3 parts" in out and "conv1 .. layer1" in out
     assert "equal the whole model exactly" in out
     code, out, _ = cli("models", "cifar_resnet1", capsys=capsys)
-    assert code == 0 and "cifar_resnet110  [frzoo_zoo.cifar_resnet]" in out
+    assert code == 0 and "cifar_resnet110  [frzoo_registry.cifar_resnet]" in out
     code, out, _ = cli("models", "resnet18*", capsys=capsys)
     assert "resnet18" in out.split()
     run_dir = tmp_path / "r"

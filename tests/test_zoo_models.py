@@ -9,11 +9,11 @@ import timm
 import torch
 from torch import nn
 
-import frzoo_zoo  # noqa: F401  (registers the zoo architectures)
+import frzoo_registry  # noqa: F401  (registers the zoo architectures)
 from frzoo.errors import FrzooError
-from frzoo.registry import ARCHITECTURES, SPLIT_PRESETS
-from frzoo_zoo.cifar_resnet import ARCH_SPECS, ShortcutA, block_names
-from frzoo_zoo.split_rule import fr_split_points, stage_block_names
+from frzoo.plugins import ARCHITECTURES, SPLIT_PRESETS
+from frzoo_registry.cifar_resnet import ARCH_SPECS, ShortcutA, block_names
+from frzoo_registry.split_rule import fr_split_points, stage_block_names
 
 NAMES = sorted(ARCH_SPECS)
 PAPER_NAMES = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
@@ -129,7 +129,7 @@ def test_split_rule_matches_authors_ceil_rule():
 def test_split_k_and_the_zoo_presets_use_one_rule():
     # one implementation: the zoo's presets and `split.k` (models without presets) both use it
     import frzoo.split
-    from frzoo_zoo import split_rule
+    from frzoo_registry import split_rule
     assert split_rule.fr_split_points is frzoo.split.fr_split_points
     assert SPLIT_PRESETS.get("cifar_resnet20")[4] == ["layer2.0", "layer2.2", "layer3.1"]
     # 9 blocks, K=4: ceil(9/4) = 3 fills only 3 parts, so 3, 2, 2, 2 blocks: cut before 3, 5, 7

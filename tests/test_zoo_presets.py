@@ -6,14 +6,14 @@ import timm
 import torch
 
 from frzoo.split import check_equivalence, resolve
-from frzoo.registry import SPLIT_PRESETS
-from frzoo_zoo.timm_presets import PRESETS, compute
+from frzoo.plugins import SPLIT_PRESETS
+from frzoo_registry.timm_presets import PRESETS, compute
 
 
 @pytest.mark.parametrize("arch", sorted(PRESETS))
 def test_preset_is_registered_exact_and_current(arch):
     assert SPLIT_PRESETS.get(arch) == PRESETS[arch]
-    assert compute(arch) == PRESETS[arch]  # regenerate with python -m frzoo_zoo.timm_presets
+    assert compute(arch) == PRESETS[arch]  # regenerate with python -m frzoo_registry.timm_presets
     model = timm.create_model(arch, num_classes=10)
     for k, points in PRESETS[arch].items():
         parts = resolve(model, points=points, build=True).parts

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import activation
 from ..activation import Deltas, as_activation
-from ..registry import register_algorithm
+from ..plugins import register_algorithm
 from .base import Delta, ForwardResult, Input, PartAlgorithm, arrived
 
 

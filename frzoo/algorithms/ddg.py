@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from .. import activation
 from ..activation import Activation, Deltas, as_activation
-from ..registry import register_algorithm
+from ..plugins import register_algorithm
 from .base import (DelayedPart, Delta, ForwardResult, Input, PartAlgorithm, arrived,
                    frozen_bn_stats, seeded, step_seed)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import activation
 from ..activation import Activation, Deltas, as_activation
-from ..registry import register_algorithm
+from ..plugins import register_algorithm
 from .base import (DelayedPart, Delta, ForwardResult, Input, PartAlgorithm, arrived,
                    frozen_bn_stats)
 from .input_check import check_unchanged, versions

@@ -17,7 +17,7 @@ from typing import List, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..errors import FrzooError
-from ..registry import suggest
+from ..plugins import suggest
 from .plan import WHOLE_MODEL, NotAChainError, Partition, SplitPart, check_disjoint, list_valid
 
 

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import FrzooError
-from ..registry import suggest
+from ..plugins import suggest
 from .costs import counting_flops
 from .plan import Partition, SplitPart, check_disjoint, list_valid
 

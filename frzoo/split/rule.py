@@ -1,5 +1,5 @@
 """The Features Replay authors' split rule: what `split.k` cuts when no preset is registered, and
-what the zoo's presets (frzoo_zoo.split_rule) are.
+what the zoo's presets (frzoo_registry.split_rule) are.
 
 The official FR code treats a network as the flat list ``[stem, block_1 .. block_n, pool+fc]``
 and cuts it into contiguous chunks of ``ceil(n / K)`` blocks; the stem goes with the first chunk

@@ -1,4 +1,4 @@
-"""Print the zoo's model table (docs/models.md) from the code: ``python -m frzoo_zoo.model_table``.
+"""Print the zoo's model table (docs/models.md) from the code: ``python -m frzoo_registry.model_table``.
 
 Parameter counts are measured on freshly built models (num_classes=10 and 100); split presets are
 read back from frzoo's registry, so the table cannot drift from what frzoo actually uses.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import timm
 
-from frzoo.registry import SPLIT_PRESETS
+from frzoo.plugins import SPLIT_PRESETS
 
 from .cifar_resnet import ARCH_SPECS
 

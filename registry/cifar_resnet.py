@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frzoo.registry import register_architecture
+from frzoo.plugins import register_architecture
 
 from .split_rule import fr_split_presets, stage_block_names
 
