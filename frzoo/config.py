@@ -73,7 +73,7 @@ class ScheduleConfig:
     milestones: List[float] = ranged([], Range(low=0))  # epochs, for multistep
     gamma: float = at_least(0.0, 0.1)
     warmup_epochs: float = at_least(0.0, 0.0)  # linear warm-up from 0 to the base lr
-    min_lr_ratio: float = between(0.0, 1.0, 0.0)  # cosine floor, as a fraction of the base lr
+    min_lr_ratio: float = between(0, 1, 0.0)  # cosine floor, as a fraction of the base lr
 
     def __post_init__(self) -> None:
         check_fields(self, "optimizer.schedule")

@@ -45,8 +45,10 @@ class Range:
         elif self.low is None:
             text = f"at most {self.high}"
         else:
-            text = (f"at least {self.low} and below {self.high}" if self.open_high else
-                    f"between {self.low} and {self.high}")
+            low = f"more than {self.low}" if self.open_low else f"at least {self.low}"
+            high = f"below {self.high}" if self.open_high else f"at most {self.high}"
+            text = f"{low} and {high}" if self.open_low or self.open_high else \
+                f"between {self.low} and {self.high}"
         return f"{text} ({self.note})" if self.note else text
 
 

@@ -1,11 +1,16 @@
 """Recipes: typed schema, `_base_` inheritance, precedence, and errors that name the key."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
+from frzoo.algorithms.options import describe_options, parse_options
 from frzoo.pipeline import resolve_algorithm
+from frzoo.rules import positive
 from frzoo.cli import main
 from frzoo.config import load_recipe, recipe_diff, to_container
 from frzoo.errors import RecipeError
@@ -84,6 +89,37 @@ def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
         algorithm_section("algorithm.replay_bn=2")
     with pytest.raises(RecipeError, match=r"algorithm.name=None must be the name of an algorithm"):
         load_recipe(None, ["model.name=x", "algorithm.name=null"])
+
+
+def test_options_are_typed_by_omegaconf_as_every_section():
+    """The refusals of an algorithm's Options: a bool for an int, a required option missing, a
+    range beside the field, the class's own __post_init__ rule, and the frozen object it gives."""
+    @dataclass(frozen=True)
+    class Options:
+        steps: int
+        scale: float = positive(1.0)
+        note: Optional[str] = None
+
+        def __post_init__(self) -> None:
+            if self.steps > 10 and self.scale > 1:
+                raise ValueError(f"steps={self.steps} needs scale <= 1")
+
+    cls = type("Custom", (), {"Options": Options})
+    options = parse_options(cls, {"steps": 3, "scale": 2}, "custom")
+    assert options == Options(steps=3, scale=2.0, note=None) and isinstance(options.scale, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.steps = 4  # type: ignore[misc]
+    for given, says in (({"steps": True}, r"^algorithm.steps=True must be of type int \(algorithm "
+                                          r"'custom' \(Custom\)\)\.$"),
+                        ({}, r"^algorithm 'custom' \(Custom\) needs the option algorithm.steps "
+                             r"\(int\)\.$"),
+                        ({"steps": 1, "scale": -1}, r"^algorithm.scale=-1.0 must be positive"),
+                        ({"steps": 11, "scale": 2}, r"^algorithm 'custom' \(Custom\): steps=11 "
+                                                    r"needs scale <= 1$")):
+        with pytest.raises(RecipeError, match=says):
+            parse_options(cls, given, "custom")
+    assert describe_options(cls) == ("steps (int, required), scale (float, default 1.0), "
+                                     "note (str or null, default None)")
 
 
 def test_another_algorithms_options_are_dropped_with_a_one_line_note(caplog):

@@ -7,6 +7,7 @@ go through `frzoo run` end to end, in-process.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import typing
@@ -156,7 +157,7 @@ FLOAT_KEYS = {"optimizer.lr": 0.0, "optimizer.weight_decay": 0.0, "optimizer.mom
 
 @st.composite
 def invalid_value(draw):
-    kind = draw(st.sampled_from(["choice", "int", "float", "type", "split"]))
+    kind = draw(st.sampled_from(["choice", "int", "float", "range", "type", "split"]))
     if kind == "choice":
         key = draw(st.sampled_from(sorted(CHOICES)))
         text = draw(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8))
@@ -166,10 +167,22 @@ def invalid_value(draw):
     if kind == "int":
         key = draw(st.sampled_from(sorted(INT_KEYS)))
         return f"{key}={draw(st.integers(-10**6, INT_KEYS[key] - 1))}"
-    if kind == "float":
+    if kind == "float":  # below the range, or not finite (issue 22, item 9)
         key = draw(st.sampled_from(sorted(FLOAT_KEYS)))
-        value = draw(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False))
+        value = draw(st.one_of(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False),
+                               st.sampled_from([math.nan, math.inf, -math.inf])))
         return f"{key}={value!r}"
+    if kind == "range":
+        if draw(st.booleans()):
+            port = draw(st.one_of(st.integers(max_value=-1), st.integers(min_value=65536)))
+            return f"distributed.master_port={port}"
+        key, low, high = draw(st.sampled_from([("optimizer.betas", 0, 0.999),
+                                               ("optimizer.schedule.min_lr_ratio", 0, 1)]))
+        value = draw(st.one_of(st.floats(max_value=low - 1e-6, allow_nan=False,
+                                         allow_infinity=False),
+                               st.floats(min_value=high + 1e-3, allow_nan=False,
+                                         allow_infinity=False)))
+        return f"{key}=[0.5,{value!r}]" if key.endswith("betas") else f"{key}={value!r}"
     if kind == "type":
         key = draw(st.sampled_from(sorted(INT_KEYS)))
         return f"{key}={draw(st.sampled_from(['many', '1.5', '[1]', 'abc']))}"
