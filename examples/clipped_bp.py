@@ -8,8 +8,11 @@ working directory, or absolute) and frzoo imports it before building the run:
 
 An algorithm drives ONE part (see frzoo/algorithms/base.py); it never sees configs or processes.
 The options a recipe may give it besides ``name`` are the fields of its ``Options`` dataclass
-(see frzoo/algorithms/options.py): frzoo checks them when the run is built and passes them in as
-``self.options``; any other key under ``algorithm:`` is an error naming this class.
+(see frzoo/algorithms/options.py), typed and checked by OmegaConf like every recipe section, with
+value rules beside the fields (frzoo/rules.py): frzoo checks them when the run is built and
+passes them in as ``self.options``. Another registered algorithm's option (fr's ``warmup``) is
+dropped with a note, so a recipe written for fr runs with ``algorithm.name=clipped_bp``; any other
+key under ``algorithm:`` is an error naming this class.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 from frzoo import register_algorithm
 from frzoo.algorithms.bp import Backprop
+from frzoo.rules import positive
 
 
 @register_algorithm("clipped_bp")
@@ -27,11 +31,9 @@ class ClippedBackprop(Backprop):
 
     @dataclass(frozen=True)
     class Options(Backprop.Options):
-        max_norm: float = 1.0  # per part: each part clips its own gradient before its update
-
-        def __post_init__(self) -> None:  # what the type cannot say
-            if not self.max_norm > 0:
-                raise ValueError(f"max_norm={self.max_norm} must be positive")
+        # per part: each part clips its own gradient before its update; positive (a rule beside
+        # the field; a rule no field states alone goes in __post_init__, raising ValueError)
+        max_norm: float = positive(1.0)
 
     updates = 0  # counts updates over all parts (lets tests see that this class ran)
 

@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .errors import FrzooError
+from .errors import FrzooError, shorten
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # frzoo never fetches weights: fail fast, not in 47 s
 
 
 def _split_args(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
-    """RECIPE is the first argument that is not a dotted.key=value override."""
+    """RECIPE is the first argument that is not a dotted.key=value (or ~dotted.key) override."""
     recipe = None
     overrides = []
     for item in items:
-        if "=" not in item and recipe is None:
+        if "=" not in item and not item.startswith("~") and recipe is None:
             recipe = item
         else:
             overrides.append(item)
@@ -51,8 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         out_dir = Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = OmegaConf.merge(cfg, {"run": {"out_dir": str(out_dir), "resume": None}})
-    print(f"frzoo: training {cfg.model.name} with '{cfg.algorithm.name}' into {out_dir}",
-          file=sys.stderr)
+    print(f"frzoo: training {shorten(cfg.model.name, quote=False)} with "
+          f"{shorten(cfg.algorithm.name)} into {out_dir}", file=sys.stderr)
     echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
     loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=bool(resume), echo=echo)
     try:

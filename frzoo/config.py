@@ -1,16 +1,19 @@
 """The typed recipe schema, `_base_` inheritance, CLI overrides and validation.
 
 A recipe is a YAML file that overrides the dataclass defaults below. Precedence, lowest first:
-schema defaults < `_base_` recipe(s) < the recipe < CLI ``dotted.key=value`` overrides.
-Unknown keys and wrong types fail with the key's full path and the closest valid key.
-Each component receives only its own section (``cfg.data``, ``cfg.optimizer`` ...), never the
-whole recipe; see docs/recipes.md for every key.
+schema defaults < `_base_` recipe(s) < the recipe < CLI ``dotted.key=value`` overrides (and
+``~dotted.key``, which removes a key). Unknown keys and wrong types fail with the key's full path
+and the closest valid key. Each section states its value rules beside its fields
+(frzoo.rules: ``positive(128)``) and in its ``__post_init__``; OmegaConf builds the sections
+from the merged layers (``OmegaConf.to_object``), which runs them once. Each component receives
+only its own section (``cfg.data``, ``cfg.optimizer`` ...), never the whole recipe; see
+docs/recipes.md for every key.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import socket
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +21,11 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                              ValidationError)
 
-from .errors import RecipeError
+from .errors import FrzooError, RecipeError, shorten
+from .rules import Range, at_least, between, check_fields, positive, ranged
 
 
 @dataclass
@@ -41,35 +46,58 @@ class SplitConfig:
     parts: Optional[List[List[str]]] = None
     # Or neither: K contiguous chunks of the block list (ceil(n/K) blocks each, the authors' rule),
     # or the architecture's registered preset for this K.
-    k: Optional[int] = None
+    k: Optional[int] = at_least(1, None)
     # With k (or one device per part): choose the K-1 cuts that minimise the busiest part's cost,
     # by `time` (forward and backward of each block measured at the recipe's batch size, with
     # the algorithm's cost model), `flops`, `params` or `memory` (parameters, momentum,
     # activations and the algorithm's history: part k of fr holds K-k+1 inputs).
     auto: Optional[Literal["time", "flops", "params", "memory"]] = None
 
+    def __post_init__(self) -> None:
+        check_fields(self, "split")
+        given = [name for name in ("points", "parts") if getattr(self, name) is not None]
+        if self.k is not None and self.auto is None:
+            given.append("k")
+        if len(given) > 1:
+            raise RecipeError(f"split: give only one of points, parts or k (got "
+                              f"{', '.join(given)}).")
+        if self.auto is not None and (self.points is not None or self.parts is not None):
+            raise RecipeError("split.auto chooses the points itself: remove split.points/parts.")
+        if self.parts is not None and any(len(p) == 0 for p in self.parts):
+            raise RecipeError("split.parts: every part needs at least one module name.")
+
 
 @dataclass
 class ScheduleConfig:
     name: Literal["constant", "multistep", "cosine"] = "constant"
-    milestones: List[float] = field(default_factory=list)  # epochs, for multistep
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to the base lr
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the base lr
+    milestones: List[float] = ranged([], Range(low=0))  # epochs, for multistep
+    gamma: float = at_least(0.0, 0.1)
+    warmup_epochs: float = at_least(0.0, 0.0)  # linear warm-up from 0 to the base lr
+    min_lr_ratio: float = between(0, 1, 0.0)  # cosine floor, as a fraction of the base lr
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optimizer.schedule")
 
 
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
+    lr: float = at_least(0.0, 0.01)
+    momentum: float = at_least(0.0, 0.9)
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    weight_decay: float = at_least(0.0, 5e-4)
+    betas: List[float] = ranged([0.9, 0.999], Range(low=0, high=1, open_high=True))
+    eps: float = at_least(0.0, 1e-8)
     # One multiplier per part, e.g. [2, 1, 1, 1] as in the authors' code. None = all 1.
-    part_lr_scale: Optional[List[float]] = None
+    part_lr_scale: Optional[List[float]] = at_least(0.0, None)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optimizer")
+        if self.nesterov and self.momentum <= 0:
+            raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
+        if len(self.betas) != 2:
+            raise RecipeError(f"optimizer.betas={shorten(list(self.betas))} must have two values.")
 
 
 @dataclass
@@ -79,47 +107,53 @@ class DataConfig:
     download: bool = False
     path: Optional[str] = None  # npz: the file with x, y (and optional x_test, y_test)
     test_path: Optional[str] = None  # npz: a second file with the test arrays
-    batch_size: int = 128
-    eval_batch_size: Optional[int] = None  # default: batch_size
-    image_size: Optional[int] = None  # resize to this side; default: the data set's own
+    batch_size: int = positive(128)
+    eval_batch_size: Optional[int] = positive(None)  # default: batch_size
+    image_size: Optional[int] = positive(None)  # resize to this side; default: the data set's own
     # standard: random crop (pad 4) + horizontal flip; crop; none
     augment: Literal["standard", "crop", "none"] = "standard"
     normalize: bool = True
     shuffle: bool = True
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
     drop_last: bool = False
-    limit_train: Optional[int] = None  # use only the first N training samples
-    limit_test: Optional[int] = None
+    limit_train: Optional[int] = positive(None)  # use only the first N training samples
+    limit_test: Optional[int] = positive(None)
     # synthetic only
-    num_classes: int = 10
-    num_train: int = 512
-    num_test: int = 128
-    channels: int = 3
+    num_classes: int = positive(10)
+    num_train: int = positive(512)
+    num_test: int = positive(128)
+    channels: int = positive(3)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data")
 
 
 @dataclass
 class LossScaleConfig:
     """fp16 loss scaling (frzoo/loss_scale.py): the first scale and how many steps in a row
     without overflow double it (an overflow halves it), GradScaler's defaults."""
-    init: float = 65536.0
-    growth_interval: int = 2000
+    init: float = positive(65536.0)  # fp16's largest value is 65504
+    growth_interval: int = positive(2000)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train.loss_scale")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many steps in all (overrides epochs)
-    seed: int = 0
-    eval_every: int = 1  # epochs; 0 = only at the end
-    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
-    log_every: int = 10  # steps between metrics.jsonl records
-    threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    epochs: int = positive(1)
+    max_steps: Optional[int] = positive(None)  # stop after this many steps (overrides epochs)
+    seed: int = between(-2**63, 2**63 - 1, 0, note="what torch.manual_seed takes")
+    eval_every: int = at_least(0, 1)  # epochs; 0 = only at the end
+    checkpoint_every: int = at_least(0, 0)  # steps; 0 = at the end of each epoch only
+    log_every: int = positive(10)  # steps between metrics.jsonl records
+    threads: Optional[int] = positive(None)  # torch.set_num_threads; None = torch's default
     # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).
     measure_memory: bool = False
     # Every N steps, compare each part's update with the true gradient on the same sample
     # (sigma, logged as partK/sigma over each log interval). 0 = off. Every part in one process:
     # executor auto then chooses local.
-    sigma_every: int = 0
+    sigma_every: int = at_least(0, 0)
     progress: bool = True
     # How each part computes (frzoo/precision.py): autocast dtype (parameters stay fp32), the
     # layout of weights and activations, and torch.compile per part with this backend.
@@ -128,6 +162,26 @@ class TrainConfig:
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     compile: bool = False
     compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
+
+
+def check_compile_backend(name: str) -> None:
+    """A backend torch.compile knows (torch._dynamo's registry, debug ones such as `eager`
+    included), checked when the recipe loads rather than by a dynamo traceback at the first
+    step. Imports torch._dynamo (about a second), so only recipes that compile pay for it."""
+    import torch._dynamo  # noqa: PLC0415
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        usual = [*torch._dynamo.list_backends(), "eager", "aot_eager"]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"train.compile_backend={shorten(name)} is not a torch.compile backend "
+                          f"here; known: {', '.join(sorted(set(usual)))} (and torch's debug "
+                          f"backends).{hint}")
 
 
 @dataclass
@@ -154,17 +208,42 @@ class DistributedConfig:
     """One process per part on torch.distributed (`executor: distributed`, or `auto` with the
     parts on several devices)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when every part is on CUDA, else gloo
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0: pick a free port (single node); torchrun sets its own
+    master_addr: str = "127.0.0.1"  # resolved before any process starts: check_master_addr
+    master_port: int = between(0, 65535, 0, note="0: pick a free port")  # torchrun sets its own
     # A part that waits longer than this for a neighbour fails the job (a stalled or dead peer).
-    timeout_s: float = 120.0
+    timeout_s: float = ranged(120.0, Range(low=0, open_low=True, high=31_536_000,
+                                           note="seconds; a year at most"))
     # Data-parallel copies of the K-part pipeline: R x K processes, rank = replica * K + part;
     # each replica takes data.batch_size / R rows of every batch and the R copies of each part
     # sum their (share-weighted) gradients before the step (docs/distributed.md).
-    replicas: int = 1
+    replicas: int = at_least(1, 1, note="1: one copy of the pipeline, no data parallelism")
     # Normalise BatchNorm with the statistics of the whole global batch: the R copies of a part
     # all-reduce them (play and replay alike). Off: each replica normalises with its own rows.
     sync_bn: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "distributed")
+
+
+def check_master_addr(addr: str) -> None:
+    """`distributed.master_addr` names an address of this machine: it resolves, and a socket
+    binds to it. The launcher calls this before it spawns anything (it starts every process
+    here), so a typo in the host name is named as such, not as a problem with the port."""
+    try:
+        family, *_, sockaddr = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise FrzooError(f"distributed.master_addr={shorten(addr)} does not resolve to an "
+                         f"address ({reason}); give this machine's IP address or host name "
+                         f"(127.0.0.1 runs every process here).") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((sockaddr[0], 0))
+    except OSError as exc:
+        raise FrzooError(f"distributed.master_addr={shorten(addr)} ({sockaddr[0]}) is not an "
+                         f"address of this machine ({exc.strerror}); `frzoo run` starts every "
+                         f"process here: use 127.0.0.1, or torchrun for several nodes "
+                         f"(docs/distributed.md).") from None
 
 
 @dataclass
@@ -187,6 +266,38 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: List[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """The rules that tie sections together (each section checked its own fields)."""
+        name = self.algorithm.get("name")
+        if not isinstance(name, str) or not name:
+            raise RecipeError(f"algorithm.name={shorten(name)} must be the name of an algorithm: "
+                              f"fr, bp, ddg or one a plugin registers.")
+        if self.train.sigma_every and self.executor == "distributed":  # auto resolves to local
+            raise RecipeError("train.sigma_every needs the whole model in one process: use "
+                              "executor=local (or auto) for sigma measurements.")
+        if self.split.auto is not None and self.split.k is None and self.devices is None:
+            raise RecipeError("split.auto needs the number of parts: set split.k or devices.")
+        self._check_replicas()
+
+    def _check_replicas(self) -> None:
+        """distributed.replicas > 1 against the batch, the executor and sigma (the devices'
+        count is checked with the split, when K is known: frzoo.pipeline.replica_devices)."""
+        replicas = self.distributed.replicas
+        if replicas == 1:
+            return
+        if self.data.batch_size % replicas:
+            raise RecipeError(f"data.batch_size={self.data.batch_size} is the global batch and "
+                              f"must divide into distributed.replicas={replicas} equal shares; "
+                              f"choose a batch size that is a multiple of {replicas}.")
+        if self.executor == "local":
+            raise RecipeError(f"distributed.replicas={replicas} runs {replicas} copies of the "
+                              f"pipeline, one process per part each: use executor=distributed "
+                              f"(or auto), not executor=local.")
+        if self.train.sigma_every:
+            raise RecipeError(f"train.sigma_every needs the whole model in one process; it cannot "
+                              f"run with distributed.replicas={replicas}. Set train.sigma_every=0 "
+                              f"or distributed.replicas=1.")
+
 
 def _choices(schema: type, prefix: str = "") -> Dict[str, Sequence[str]]:
     """{dotted key: its choices} of every Literal-typed field in the schema: the schema is the
@@ -208,12 +319,42 @@ CHOICES: Dict[str, Sequence[str]] = _choices(Recipe)
 
 def _not_a_choice(key: str, value: Any) -> str:
     choices = CHOICES[key]
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    close = difflib.get_close_matches(str(value)[:200], [str(c) for c in choices], n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{key}={value!r} is not one of {', '.join(map(str, choices))}.{hint}"
+    return f"{key}={shorten(value)} is not one of {', '.join(map(str, choices))}.{hint}"
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- reading YAML, bounded
+#: A recipe holds a few hundred values; YAML aliases (`*name`) can make one of 456 bytes hold
+#: billions (nine lists, each aliasing the previous one nine times: 9^9).
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+def check_size(data: Any, where: str) -> None:
+    """Refuse parsed YAML that holds more than MAX_VALUES values once its aliases are expanded,
+    or nests deeper than MAX_DEPTH, naming `where` (the file or override).
+
+    yaml.safe_load shares an aliased node instead of copying it, so an alias bomb parses at once;
+    OmegaConf then copies every alias (gigabytes, hours). This walk visits what the expansion
+    would, stopping at the bound, so it costs at most MAX_VALUES steps whatever the input."""
+    stack = [(data, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise RecipeError(f"{where} holds more than {MAX_VALUES} values once its YAML aliases "
+                              f"(*name) are expanded; a recipe holds a few hundred. Write the "
+                              f"values out instead of aliasing lists of aliases.")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{where} nests values more than {MAX_DEPTH} levels deep; a recipe "
+                              f"needs a few. Flatten it.")
+        children = node.values() if isinstance(node, dict) else \
+            node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist.")
@@ -224,6 +365,10 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"recipe '{path}' is not valid YAML{at}: {problem}.") from None
+    except RecursionError:
+        raise RecipeError(f"recipe '{path}' nests values deeper than the YAML parser can "
+                          f"follow; a recipe needs a few levels.") from None
+    check_size(data, f"recipe '{path}'")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -248,6 +393,7 @@ def _load_with_bases(path: Path, chain: Sequence[Path] = ()) -> List[Dict[str, A
     return layers + [data]
 
 
+# ---------------------------------------------------------------- merging layers
 def _closest_key(cfg: DictConfig, full_key: str) -> str:
     parent_path, _, leaf = full_key.rpartition(".")
     try:
@@ -255,7 +401,7 @@ def _closest_key(cfg: DictConfig, full_key: str) -> str:
     except Exception:  # noqa: BLE001
         parent = None
     keys = list(parent.keys()) if isinstance(parent, DictConfig) else []
-    close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1, cutoff=0.5)
+    close = difflib.get_close_matches(leaf[:200], [str(k) for k in keys], n=1, cutoff=0.5)
     if close:
         return f" Did you mean '{parent_path + '.' if parent_path else ''}{close[0]}'?"
     return f" Valid keys here: {', '.join(map(str, keys))}." if keys else ""
@@ -265,14 +411,75 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        key = str(getattr(exc, "full_key", None) or "?")
         if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
-            raise RecipeError(f"{source}: unknown key '{key}'.{_closest_key(base, str(key))}") from None
+            raise RecipeError(f"{source}: unknown key {shorten(key)}."
+                              f"{_closest_key(base, key)}") from None
         if key in CHOICES:  # a Literal field: say it as every choice error is said
-            value = OmegaConf.select(OmegaConf.create(layer), str(key))
-            raise RecipeError(_not_a_choice(str(key), value)) from None
-        msg = str(exc).splitlines()[0]
+            value = OmegaConf.select(OmegaConf.create(layer), key)
+            raise RecipeError(_not_a_choice(key, value)) from None
+        msg = shorten(str(exc).splitlines()[0], 200, quote=False)
         raise RecipeError(f"{source}: bad value for '{key}': {msg}") from None
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    """(key, value text) at the first '=' not escaped by a backslash (OmegaConf's rule)."""
+    i = 0
+    while i < len(item):
+        if item[i] == "\\" and item[i + 1:i + 2] in (".", "[", "]", "="):
+            i += 2
+        elif item[i] == "=":
+            return item[:i], item[i + 1:]
+        else:
+            i += 1
+    return item, ""
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """One command-line override: ``dotted.key=value`` (a YAML value) or ``~dotted.key``."""
+    source = f"override {shorten(item)}"
+    if item.startswith("~"):
+        if "=" in item:
+            raise RecipeError(f"{source}: ~dotted.key removes a key and takes no value; write "
+                              f"it alone, or dotted.key=value to set one.")
+        return remove_key(cfg, item[1:], source)
+    if "=" not in item:
+        raise RecipeError(f"{source} must look like dotted.key=value (e.g. optimizer.lr=0.1), "
+                          f"or ~dotted.key to remove a key.")
+    try:  # bounded before OmegaConf copies what the value's aliases point to
+        check_size(yaml.safe_load(_split_override(item)[1]), source)
+    except yaml.YAMLError:
+        pass  # OmegaConf's parser below says what is wrong
+    except RecursionError:
+        raise RecipeError(f"{source} nests values deeper than the YAML parser can "
+                          f"follow.") from None
+    try:
+        layer = OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{source} could not be parsed ({shorten(first, 200, quote=False)}); "
+                          f"write it as dotted.key=value with a YAML value, quoted if it has "
+                          f"spaces or brackets.") from None
+    return _merge(cfg, layer, source)
+
+
+def remove_key(cfg: DictConfig, key: str, source: str) -> DictConfig:
+    """`~key`: take `key` out of the merged layers. A key of an open section (`algorithm.*`,
+    `model.kwargs.*`) disappears; a schema key (or a whole section) goes back to its default,
+    since a typed section cannot lose a field. A key that is not there is an error."""
+    parent_path, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise RecipeError(f"{source}: there is no key {shorten(key)} to remove."
+                          f"{_closest_key(cfg, key)}")
+    missing = object()
+    default = OmegaConf.select(OmegaConf.structured(Recipe), key, default=missing)
+    if default is missing:
+        del parent[leaf]
+    else:
+        parent[leaf] = OmegaConf.to_container(default) if OmegaConf.is_config(default) \
+            else default
+    return cfg
 
 
 def load_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
@@ -282,110 +489,26 @@ def load_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Di
         for layer in _load_with_bases(Path(path)):
             cfg = _merge(cfg, layer, f"recipe '{path}'")
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override '{item}' must look like dotted.key=value "
-                              f"(e.g. optimizer.lr=0.1).")
-        try:
-            layer = OmegaConf.from_dotlist([item])
-        except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RecipeError(f"override '{item}' could not be parsed ({first}); write it as "
-                              f"dotted.key=value with a YAML value, quoted if it has spaces "
-                              f"or brackets.") from None
-        cfg = _merge(cfg, layer, f"override '{item}'")
+        cfg = _apply_override(cfg, item)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema's types cannot express. Errors name the key, the rule and the fix."""
-    if OmegaConf.is_missing(cfg.model, "name"):
-        raise RecipeError("model.name is required: a timm model name or a registered "
-                          "architecture (list them with `frzoo models`).")
-    name = cfg.algorithm.get("name")
-    if not isinstance(name, str) or not name:
-        raise RecipeError(f"algorithm.name={name!r} must be the name of an algorithm: fr, bp, "
-                          f"ddg or one a plugin registers.")
-    def positive(key: str, allow_zero: bool = False, allow_none: bool = False) -> None:
-        value = OmegaConf.select(cfg, key)
-        if value is None and allow_none:
-            return
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            rule = "zero or more" if allow_zero else "positive"
-            raise RecipeError(f"{key}={value} must be {rule}.")
-
-    positive("data.batch_size")
-    positive("data.eval_batch_size", allow_none=True)
-    positive("data.image_size", allow_none=True)
-    positive("data.num_workers", allow_zero=True)
-    positive("data.limit_train", allow_none=True)
-    positive("data.limit_test", allow_none=True)
-    for key in ("num_classes", "num_train", "num_test", "channels"):  # the synthetic data set's
-        positive(f"data.{key}")
-    positive("train.epochs")
-    positive("train.max_steps", allow_none=True)
-    positive("train.eval_every", allow_zero=True)
-    positive("train.checkpoint_every", allow_zero=True)
-    positive("train.log_every")
-    positive("train.threads", allow_none=True)
-    positive("optimizer.lr", allow_zero=True)
-    positive("distributed.timeout_s")
-    positive("train.sigma_every", allow_zero=True)
-    if cfg.train.sigma_every and cfg.executor == "distributed":  # auto resolves to local then
-        raise RecipeError("train.sigma_every needs the whole model in one process: use "
-                          "executor=local (or auto) for sigma measurements.")
-    positive("distributed.master_port", allow_zero=True)
-    _validate_replicas(cfg)
-    positive("optimizer.weight_decay", allow_zero=True)
-    positive("optimizer.momentum", allow_zero=True)
-    positive("train.loss_scale.init")
-    positive("train.loss_scale.growth_interval")
-    if not math.isfinite(cfg.train.loss_scale.init):
-        raise RecipeError(f"train.loss_scale.init={cfg.train.loss_scale.init} must be finite "
-                          f"(fp16's largest value is 65504; the default is 65536).")
-    if cfg.optimizer.nesterov and cfg.optimizer.momentum <= 0:
-        raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0.")
-    if len(cfg.optimizer.betas) != 2:
-        raise RecipeError(f"optimizer.betas={list(cfg.optimizer.betas)} must have two values.")
-    split = cfg.split
-    given = [name for name in ("points", "parts") if split[name] is not None]
-    if split.k is not None and split.auto is None:
-        given.append("k")
-    if len(given) > 1:
-        raise RecipeError(f"split: give only one of points, parts or k (got {', '.join(given)}).")
-    if split.k is not None and split.k < 1:
-        raise RecipeError(f"split.k={split.k} must be at least 1.")
-    if split.auto is not None:
-        if split.points is not None or split.parts is not None:
-            raise RecipeError("split.auto chooses the points itself: remove split.points/parts.")
-        if split.k is None and cfg.devices is None:
-            raise RecipeError("split.auto needs the number of parts: set split.k or devices.")
-    if split.parts is not None and any(len(p) == 0 for p in split.parts):
-        raise RecipeError("split.parts: every part needs at least one module name.")
-
-
-def _validate_replicas(cfg: DictConfig) -> None:
-    """distributed.replicas: what the schema's types cannot say (the devices' count is checked
-    with the split, when K is known: frzoo.pipeline.replica_devices)."""
-    replicas = cfg.distributed.replicas
-    if replicas < 1:
-        raise RecipeError(f"distributed.replicas={replicas} must be at least 1 (1: one copy of "
-                          f"the pipeline, no data parallelism).")
-    if replicas == 1:
-        return
-    if cfg.data.batch_size % replicas:
-        raise RecipeError(f"data.batch_size={cfg.data.batch_size} is the global batch and must "
-                          f"divide into distributed.replicas={replicas} equal shares; choose a "
-                          f"batch size that is a multiple of {replicas}.")
-    if cfg.executor == "local":
-        raise RecipeError(f"distributed.replicas={replicas} runs {replicas} copies of the "
-                          f"pipeline, one process per part each: use executor=distributed (or "
-                          f"auto), not executor=local.")
-    if cfg.train.sigma_every:
-        raise RecipeError(f"train.sigma_every needs the whole model in one process; it cannot "
-                          f"run with distributed.replicas={replicas}. Set train.sigma_every=0 or "
-                          f"distributed.replicas=1.")
+    """Every value rule, once, on the merged recipe: OmegaConf builds the schema's dataclasses
+    from it, whose ``__post_init__`` check their own fields (frzoo.rules) and, in
+    :class:`Recipe`, the rules that tie sections together. Errors name the key, rule and fix."""
+    try:
+        OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        if exc.full_key == "model.name":
+            raise RecipeError("model.name is required: a timm model name or a registered "
+                              "architecture (list them with `frzoo models`).") from None
+        raise RecipeError(f"{exc.full_key} has no value (??? in the recipe): set it.") from None
+    except OmegaConfBaseException as exc:  # an interpolation ${...} that does not resolve
+        first = shorten(str(exc).splitlines()[0], 200, quote=False)
+        raise RecipeError(f"recipe key '{getattr(exc, 'full_key', '?')}': {first}") from None
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:
@@ -410,4 +533,5 @@ def recipe_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> D
 
 
 __all__ = ["Recipe", "load_recipe", "validate", "save_recipe", "to_container", "recipe_diff",
+           "check_size", "check_master_addr", "check_compile_backend", "remove_key",
            "DictConfig", "ListConfig"]

@@ -16,3 +16,14 @@ class RecipeError(FrzooError):
 
 class NonFiniteLossError(FrzooError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+def shorten(value: object, limit: int = 80, *, quote: bool = True) -> str:
+    """`value` as a message shows it (``repr`` of a string unless not `quote`, ``str`` of anything
+    else), cut in the middle to about `limit` characters with the length it had: a recipe value
+    can be megabytes (a pasted file as ``model.name``) and a message must stay one short line."""
+    text = repr(value) if isinstance(value, str) and quote else str(value)
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 10, 4)
+    return f"{text[:keep]}...{text[-keep:]} ({len(text)} characters)"

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .errors import FrzooError
+from .errors import FrzooError, shorten
 from .plugins import ARCHITECTURES, plugin_error_hint, suggest, where_names_come_from
 
 
@@ -33,7 +33,7 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None) -> nn.Modul
     else:
         import timm
         if not timm.is_model(name):
-            raise FrzooError(f"unknown model '{name}'.{suggest(name, list_models(), n=5)} "
+            raise FrzooError(f"unknown model {shorten(name)}.{suggest(name, list_models(), n=5)} "
                              f"List models with `frzoo models PATTERN`. "
                              f"{where_names_come_from('Architectures other than timm models')}"
                              f"{plugin_error_hint()}")
@@ -48,7 +48,8 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None) -> nn.Modul
                 exc.add_note(f"frzoo: raised while building architecture '{name}', registered "
                              f"by {ARCHITECTURES.origin(name)}")
             raise
-        raise FrzooError(f"model '{name}' rejected model.kwargs {kwargs}: {exc}") from exc
+        raise FrzooError(f"model {shorten(name)} rejected model.kwargs {shorten(kwargs, 200)}: "
+                         f"{shorten(exc, 300, quote=False)}") from exc
 
 
 def _raised_by(fn: Any, exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ before anything trains (see :func:`frzoo.split.check_equivalence`).
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import algorithms as _algorithms  # noqa: F401  (registers bp, fr)
 from .algorithms.base import PartAlgorithm
-from .algorithms.options import parse_options
+from .algorithms.options import ignored_note, own_options, parse_options
 from .data import DataInfo
 from .errors import FrzooError
 from .models import check_fits_data, create_model, load_init_checkpoint
@@ -223,24 +224,37 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
 
 def algorithm_of(cfg: DictConfig) -> tuple[Any, Any]:
     """The recipe's algorithm class and its options, parsed from the `algorithm:` section by the
-    class's own declaration (``cls.Options``): an option it does not take, or a bad value, is a
-    RecipeError naming the class and the options it takes (frzoo.algorithms.options)."""
+    class's own declaration (``cls.Options``, checked by OmegaConf): a bad value, or an option
+    that no registered algorithm takes, is a RecipeError naming the class and the options it
+    takes; an option of another registered algorithm is left out (frzoo.algorithms.options)."""
+    name, cls, own, _ = _algorithm_section(cfg)
+    return cls, parse_options(cls, own, name)
+
+
+def _algorithm_section(cfg: DictConfig) -> tuple[str, Any, Dict[str, Any], Dict[str, Any]]:
+    """(name, class, the options it takes, {option of another algorithm: its owners})."""
     given = OmegaConf.to_container(cfg.algorithm, resolve=True)
     name = given.pop("name")  # type: ignore[union-attr]
     cls = ALGORITHMS.get(name)
-    return cls, parse_options(cls, given, name)  # type: ignore[arg-type]
+    registered = {other: ALGORITHMS.get(other) for other in ALGORITHMS.names()}
+    own, ignored = own_options(cls, given, name, registered)  # type: ignore[arg-type]
+    return name, cls, own, ignored
 
 
 def resolve_algorithm(cfg: DictConfig) -> DictConfig:
-    """The recipe with its `algorithm:` section checked and completed with the defaults of the
-    options it leaves out. Called once, before anything trains or any worker starts, so that a
-    bad option fails at once and recipe.yaml, checkpoints (and so resume checks) and W&B record
-    every option the run used."""
+    """The recipe with its `algorithm:` section checked and reduced to exactly the options the
+    run uses: those of its algorithm, defaults filled in; another registered algorithm's options
+    (fr's `warmup` under bp) are dropped with a one-line note. Called once, before anything
+    trains or any worker starts, so that a bad option fails at once and recipe.yaml,
+    checkpoints (and so resume checks) and W&B record every option the run used."""
     load_plugins(cfg.plugins)  # a recipe plugin may register the algorithm
-    _, options = algorithm_of(cfg)
+    name, cls, own, ignored = _algorithm_section(cfg)
+    options = parse_options(cls, own, name)
+    if ignored:
+        logging.getLogger("frzoo").warning(ignored_note(cls, name, ignored))
     resolved = cfg.copy()
     OmegaConf.set_readonly(resolved, False)
-    resolved.algorithm = {"name": cfg.algorithm.name, **asdict(options)}  # declaration order
+    resolved.algorithm = {"name": name, **asdict(options)}  # declaration order
     OmegaConf.set_readonly(resolved, True)
     return resolved
 

@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Tuple, TypeVar
 
-from .errors import FrzooError
+from .errors import FrzooError, shorten
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ class PluginWarning(UserWarning):
 
 def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
     """A ' Did you mean ...?' suffix, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    close = difflib.get_close_matches(name[:200], list(choices), n=n, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
@@ -126,7 +126,7 @@ class Registry(Generic[T]):
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none"
             raise FrzooError(
-                f"unknown {self.kind} '{name}'.{suggest(name, self._items)} Known: {known}. "
+                f"unknown {self.kind} {shorten(name)}.{suggest(name, self._items)} Known: {known}. "
                 f"{where_names_come_from(self.plural.capitalize())}{plugin_error_hint()}")
         return self._items[name]
 

@@ -1,11 +1,16 @@
 """Recipes: typed schema, `_base_` inheritance, precedence, and errors that name the key."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
+from frzoo.algorithms.options import describe_options, parse_options
 from frzoo.pipeline import resolve_algorithm
+from frzoo.rules import positive
 from frzoo.cli import main
 from frzoo.config import load_recipe, recipe_diff, to_container
 from frzoo.errors import RecipeError
@@ -62,14 +67,18 @@ def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
     assert algorithm_section("algorithm.name=bp") == {"name": "bp"}
     assert algorithm_section("algorithm.replay_bn=twice", "algorithm.warmup=zeros") == \
         {"name": "fr", "warmup": "zeros", "replay_bn": "twice"}
-    # an option the algorithm does not take is an error naming the class and what it takes
+    # an option no registered algorithm takes is an error naming the class and what it takes,
+    # with the closest option of this algorithm or, failing that, of another one
     with pytest.raises(RecipeError, match=r"^algorithm 'ddg' \(DecoupledBackprop\) takes no option "
-                                          r"'replay_bn'; its options: warmup \(skip\|zeros, "
-                                          r"default skip\)\. Remove algorithm\.replay_bn"):
-        algorithm_section("algorithm.name=ddg", "algorithm.replay_bn=twice")
-    with pytest.raises(RecipeError, match=r"algorithm 'bp' \(Backprop\) takes no option 'warmup'; "
-                                          r"its options: none\."):
-        algorithm_section("algorithm.name=bp", "algorithm.warmup=skip")  # once silently dropped
+                                          r"'replay'; its options: warmup \(skip\|zeros, "
+                                          r"default skip\)\. Did you mean 'replay_bn' \(an option "
+                                          r"of fr\)\? No other registered algorithm takes it "
+                                          r"either\. Remove algorithm\.replay from the recipe"):
+        algorithm_section("algorithm.name=ddg", "algorithm.replay=twice")
+    with pytest.raises(RecipeError, match=r"algorithm 'bp' \(Backprop\) takes no option 'warmpu'; "
+                                          r"its options: none\. Did you mean 'warmup' \(an option "
+                                          r"of ddg, fr\)\?"):
+        algorithm_section("algorithm.name=bp", "algorithm.warmpu=skip")
     with pytest.raises(RecipeError, match=r"takes no option 'replay_b'.*Did you mean 'replay_bn'"):
         algorithm_section("algorithm.replay_b=twice")
     # a bad choice names the option, the value and the valid ones; types count (1 is not 'skip')
@@ -82,23 +91,75 @@ def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
         load_recipe(None, ["model.name=x", "algorithm.name=null"])
 
 
-def test_recipes_setting_fr_options_keep_working_and_the_paper_recipe_takes_every_algorithm(tmp_path):
-    recipe = write(tmp_path / "r.yaml", "model: {name: x}\n"
-                                        "algorithm: {name: fr, warmup: zeros, replay_bn: twice}\n")
-    assert dict(resolve_algorithm(load_recipe(recipe)).algorithm) == \
-        {"name": "fr", "warmup": "zeros", "replay_bn": "twice"}
-    # docs/reproduction.md runs the paper's recipe with algorithm.name=bp and =ddg as well
-    paper = REPO / "recipes" / "cifar10_resnet101.yaml"
-    for name, section in (("fr", {"warmup": "skip", "replay_bn": "once"}),
-                          ("ddg", {"warmup": "skip"}), ("bp", {})):
-        cfg = resolve_algorithm(load_recipe(paper, [f"algorithm.name={name}"]))
-        assert dict(cfg.algorithm) == {"name": name, **section}
+def test_options_are_typed_by_omegaconf_as_every_section():
+    """The refusals of an algorithm's Options: a bool for an int, a required option missing, a
+    range beside the field, the class's own __post_init__ rule, and the frozen object it gives."""
+    @dataclass(frozen=True)
+    class Options:
+        steps: int
+        scale: float = positive(1.0)
+        note: Optional[str] = None
+
+        def __post_init__(self) -> None:
+            if self.steps > 10 and self.scale > 1:
+                raise ValueError(f"steps={self.steps} needs scale <= 1")
+
+    cls = type("Custom", (), {"Options": Options})
+    options = parse_options(cls, {"steps": 3, "scale": 2}, "custom")
+    assert options == Options(steps=3, scale=2.0, note=None) and isinstance(options.scale, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.steps = 4  # type: ignore[misc]
+    for given, says in (({"steps": True}, r"^algorithm.steps=True must be of type int \(algorithm "
+                                          r"'custom' \(Custom\)\)\.$"),
+                        ({}, r"^algorithm 'custom' \(Custom\) needs the option algorithm.steps "
+                             r"\(int\)\.$"),
+                        ({"steps": 1, "scale": -1}, r"^algorithm.scale=-1.0 must be positive"),
+                        ({"steps": 11, "scale": 2}, r"^algorithm 'custom' \(Custom\): steps=11 "
+                                                    r"needs scale <= 1$")):
+        with pytest.raises(RecipeError, match=says):
+            parse_options(cls, given, "custom")
+    assert describe_options(cls) == ("steps (int, required), scale (float, default 1.0), "
+                                     "note (str or null, default None)")
+
+
+def test_another_algorithms_options_are_dropped_with_a_one_line_note(caplog):
+    # bp takes no option: fr's (and ddg's) `warmup` is set aside, named in one line, and the
+    # section the run records holds exactly what bp uses
+    with caplog.at_level("WARNING", logger="frzoo"):
+        assert algorithm_section("algorithm.name=bp", "algorithm.warmup=zeros",
+                                 "algorithm.replay_bn=twice") == {"name": "bp"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "algorithm 'bp' (Backprop) ignores options of other algorithms: algorithm.warmup (of "
+        "ddg, fr); algorithm.replay_bn (of fr). Its options: none."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="frzoo"):
+        assert algorithm_section("algorithm.name=ddg", "algorithm.warmup=zeros",
+                                 "algorithm.replay_bn=twice") == {"name": "ddg", "warmup": "zeros"}
+        assert algorithm_section("algorithm.warmup=zeros") == \
+            {"name": "fr", "warmup": "zeros", "replay_bn": "once"}
+    assert len(caplog.records) == 1 and "algorithm.replay_bn (of fr)" in caplog.records[0].message
+
+
+def test_a_key_is_removed_from_the_command_line_with_a_tilde(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "model: {name: x, kwargs: {drop_rate: 0.1}}\n"
+                                        "algorithm: {name: fr, warmup: zeros}\n"
+                                        "optimizer: {lr: 0.5}\n")
+    cfg = load_recipe(recipe, ["~algorithm.warmup", "~model.kwargs.drop_rate", "~optimizer.lr"])
+    assert dict(cfg.algorithm) == {"name": "fr"} and dict(cfg.model.kwargs) == {}
+    assert cfg.optimizer.lr == 0.01  # a schema key goes back to its default
+    # later overrides apply after the removal, in order
+    assert load_recipe(recipe, ["~algorithm.warmup", "algorithm.warmup=skip"]).algorithm.warmup \
+        == "skip"
+    with pytest.raises(RecipeError, match=r"^override '~algorithm.warmpu': there is no key "
+                                          r"'algorithm.warmpu' to remove\. Did you mean "
+                                          r"'algorithm.warmup'\?$"):
+        load_recipe(recipe, ["~algorithm.warmpu"])
 
 
 def test_a_bad_algorithm_option_exits_2_on_the_cli_before_building_anything(capsys):
-    code = main(["plan", "model.name=x", "algorithm.name=ddg", "algorithm.replay_bn=twice"])
+    code = main(["plan", "model.name=x", "algorithm.name=ddg", "algorithm.replay=twice"])
     err = capsys.readouterr().err
-    assert code == 2 and "algorithm 'ddg' (DecoupledBackprop) takes no option 'replay_bn'" in err
+    assert code == 2 and "algorithm 'ddg' (DecoupledBackprop) takes no option 'replay'" in err
     assert "Traceback" not in err and "unknown model" not in err  # failed before the model
 
 
@@ -127,6 +188,8 @@ def test_base_cycle_and_non_mapping(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(RecipeError, match="dotted.key=value"):
         load_recipe(None, ["model.name=x", "optimizer.lr"])
+    with pytest.raises(RecipeError, match="~dotted.key removes a key and takes no value"):
+        load_recipe(None, ["model.name=x", "~optimizer.lr=0.1"])
 
 
 def test_model_kwargs_take_any_keys():

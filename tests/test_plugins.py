@@ -171,16 +171,25 @@ def test_a_plugin_algorithm_takes_its_own_option(example_installed, monkeypatch)
         assert clipped_norms(f"algorithm.max_norm={max_norm}") == \
             [pytest.approx(max_norm, rel=1e-4)] * 2
     assert all(n > 2e-3 for n in clipped_norms("algorithm.max_norm=1e9"))  # clipping is off
-    # the class checks its options: unknown ones, wrong types and its own rule (__post_init__)
+    # the class checks its options: unknown ones, wrong types and its own rules (frzoo.rules)
     for override, message in (
             ("algorithm.max_norms=1", r"algorithm 'clipped_bp' \(ClippedBackprop\) takes no option "
                                       r"'max_norms'; its options: max_norm \(float, default 1\.0\)\. "
                                       r"Did you mean 'max_norm'\?"),
             ("algorithm.max_norm=big", r"algorithm.max_norm='big' must be of type float"),
-            ("algorithm.max_norm=0", r"\(ClippedBackprop\): max_norm=0.0 must be positive"),
-            ("algorithm.warmup=skip", r"takes no option 'warmup'")):
+            ("algorithm.max_norm=0", r"^algorithm.max_norm=0.0 must be positive \(algorithm "
+                                     r"'clipped_bp' \(ClippedBackprop\)\)\.$"),
+            ("algorithm.max_norm=.nan", r"^algorithm.max_norm=nan must be finite \(not nan or "
+                                        r"inf\) \(algorithm 'clipped_bp' \(ClippedBackprop\)\)\.$")):
         with pytest.raises(RecipeError, match=message):
             resolve_algorithm(load_recipe("examples/example_recipe.yaml", [override]))
+    # fr's option under clipped_bp is another registered algorithm's: dropped, and the other way
+    # round clipped_bp's max_norm under fr (docs/recipes.md, "Switching the algorithm")
+    cfg = resolve_algorithm(load_recipe("examples/example_recipe.yaml", ["algorithm.warmup=skip"]))
+    assert dict(cfg.algorithm) == {"name": "clipped_bp", "max_norm": 1.0}
+    cfg = resolve_algorithm(load_recipe("examples/example_recipe.yaml",
+                                        ["algorithm.max_norm=0.5", "algorithm.name=fr"]))
+    assert dict(cfg.algorithm) == {"name": "fr", "warmup": "skip", "replay_bn": "once"}
 
 
 # ---------------------------------------------------------------- duplicates

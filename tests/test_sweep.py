@@ -143,13 +143,46 @@ def test_algorithm_options_are_sweepable_and_checked_per_combination(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, {"algorithm.replay_bn": {"values": ["once", "twice"]},
                                              "algorithm.warmup": {"values": ["skip", "zeros"]}}))
     assert spec.parameters["algorithm.replay_bn"] == {"values": ["once", "twice"]}
-    # bp takes no replay_bn: the grid point (bp, twice) is refused before any trial
-    path = write_sweep(tmp_path, {"algorithm.name": {"values": ["fr", "bp"]},
-                                  "algorithm.replay_bn": {"values": ["twice"]}})
-    with pytest.raises(FrzooError, match=r"the combination \{\"algorithm.name\": \"bp\", "
-                                         r"\"algorithm.replay_bn\": \"twice\"\} is invalid: algorithm "
-                                         r"'bp' \(Backprop\) takes no option 'replay_bn'"):
+    # bp takes no replay_bn, but fr does: the grid point (bp, twice) runs bp without it
+    load_sweep(write_sweep(tmp_path, {"algorithm.name": {"values": ["fr", "bp"]},
+                                      "algorithm.replay_bn": {"values": ["twice"]}}))
+    # an option no algorithm takes is refused for every value of algorithm.name
+    with pytest.raises(FrzooError, match=r"parameter 'algorithm.replay_bm' value \"twice\" is "
+                                         r"rejected: algorithm 'fr' \(FeaturesReplay\) takes no "
+                                         r"option 'replay_bm'.*Did you mean 'replay_bn'"):
+        load_sweep(write_sweep(tmp_path, {"algorithm.name": {"values": ["fr", "bp"]},
+                                          "algorithm.replay_bm": {"values": ["twice"]}}))
+    # each value alone is valid, the pair is not (a batch of 9 rows in 2 equal shares)
+    path = write_sweep(tmp_path, {"data.batch_size": {"values": [8, 9]},
+                                  "distributed.replicas": {"values": [1, 2]}})
+    with pytest.raises(FrzooError, match=r"the combination \{\"data.batch_size\": 9, "
+                                         r"\"distributed.replicas\": 2\} is invalid: "
+                                         r"data.batch_size=9 is the global batch"):
         load_sweep(path)
+
+
+def test_a_sweep_over_the_algorithm_runs_every_trial_on_the_paper_recipe(tmp_path):
+    """docs/recipes.md, "Switching the algorithm": the paper's recipe, with fr's options set as
+    its users do, swept over fr, bp and ddg; every trial runs, and each trial's recipe.yaml holds
+    exactly the options its algorithm used."""
+    sweep = {"recipe": str(REPO / "recipes" / "cifar100_resnet101.yaml"), "name": "algorithms",
+             "method": "grid", "metric": {"name": "test/acc1", "goal": "maximize"},
+             "overrides": ["model.name=test_resnet", "devices=null", "data.name=synthetic",
+                           "data.num_train=16", "data.num_test=8", "data.batch_size=8",
+                           "data.image_size=16", "train.max_steps=3", "train.threads=1",
+                           "train.progress=false", "algorithm.warmup=zeros",
+                           "algorithm.replay_bn=twice"],
+             "parameters": {"algorithm.name": {"values": ["fr", "bp", "ddg"]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = LocalSweep(load_sweep(path), root=tmp_path / "sweeps", wandb_mode="disabled",
+                        echo=lambda *_: None).run()
+    assert [(t.params, t.state) for t in result.trials] == [
+        ({"algorithm.name": name}, "finished") for name in ("fr", "bp", "ddg")]
+    recorded = [yaml.safe_load((tmp_path / "sweeps" / "algorithms" / "trials" / t.name /
+                                "recipe.yaml").read_text())["algorithm"] for t in result.trials]
+    assert recorded == [{"name": "fr", "warmup": "zeros", "replay_bn": "twice"},
+                        {"name": "bp"}, {"name": "ddg", "warmup": "zeros"}]
 
 
 def test_sweep_file_errors(tmp_path):

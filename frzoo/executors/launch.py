@@ -27,6 +27,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .. import rundir
+from ..config import check_master_addr
 from ..errors import FrzooError
 from . import elastic
 from .p2p import PeerStalled, _is_timeout
@@ -113,6 +114,7 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
     process's rank. Returns the run's summary."""
     if under_torchrun():
         return torchrun_main(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
+    check_master_addr(cfg.distributed.master_addr)  # named here, not blamed on the port
     rundir.prepare(out_dir, resume)
     world = num_parts * cfg.distributed.replicas  # replica-major: rank = replica * K + part
     port = free_port(cfg.distributed.master_addr, cfg.distributed.master_port)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .. import metrics
+from ..config import check_size, load_recipe
 from ..errors import FrzooError
 
 MAX_COMBINATIONS_CHECKED = 64  # every grid point is loaded up front below this many (~50 ms each)
@@ -68,6 +69,10 @@ def load_sweep(path: str | Path, extra_overrides: Sequence[str] = ()) -> SweepSp
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise FrzooError(f"sweep file '{path}' is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise FrzooError(f"sweep file '{path}' nests values deeper than the YAML parser can "
+                         f"follow.") from None
+    check_size(raw, f"sweep file '{path}'")  # an alias bomb, before anything copies it
     if not isinstance(raw, dict):
         raise FrzooError(f"sweep file '{path}' must be a mapping (W&B's sweep YAML plus "
                          f"`recipe:`), not a {type(raw).__name__}.")
@@ -188,7 +193,6 @@ def validate_trial(spec: SweepSpec, params: Dict[str, Any],
     With `models` (a cache, model config -> built model), the split is also resolved against the
     model, so a split point the model does not have fails here rather than in its trial.
     """
-    from ..config import load_recipe  # noqa: PLC0415
     cfg = load_recipe(spec.recipe, [*spec.overrides, *param_overrides(params)])
     _check_build_rules(cfg)
     if models is not None:
@@ -198,8 +202,9 @@ def validate_trial(spec: SweepSpec, params: Dict[str, Any],
 
 def _check_build_rules(cfg: Any) -> None:
     """Rules load_recipe leaves to build time that a sweep should catch before its first trial."""
-    from ..pipeline import num_parts_requested, resolve_algorithm  # noqa: PLC0415
-    resolve_algorithm(cfg)  # an unknown name or an option the algorithm does not take
+    from ..pipeline import algorithm_of, load_plugins, num_parts_requested  # noqa: PLC0415
+    load_plugins(cfg.plugins)  # a recipe plugin may register the algorithm
+    algorithm_of(cfg)  # an unknown name or option, or a bad value; quietly (no note per trial)
     k = num_parts_requested(cfg)
     if cfg.devices is not None and k is not None and len(cfg.devices) != k:
         raise FrzooError(f"devices lists {len(cfg.devices)} devices but the split gives {k} "
