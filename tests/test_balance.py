@@ -227,3 +227,13 @@ def test_time_and_memory_balance_over_traced_candidates():
     chosen = balance(model, 4, by="time", algorithm=FeaturesReplay, sample=sample)
     assert chosen.unit == "s" and set(chosen.points) <= set(candidates)
     assert resolve(model, points=chosen.points, sample=sample).report.exact
+
+
+def test_one_part_has_nothing_to_balance_and_says_so():
+    """split.auto at K=1 measures nothing and prints no spread (there is no split to choose)."""
+    from frzoo.split import balance
+    model = timm.create_model("resnet18", num_classes=10)
+    for by in ("time", "flops", "memory", "params"):
+        chosen = balance(model, 1, by=by, algorithm=FeaturesReplay,
+                         sample=torch.randn(2, 3, 32, 32))
+        assert chosen.points == [] and chosen.describe() == "one part: nothing to balance"

@@ -123,6 +123,8 @@ class Balance:
     def describe(self) -> str:
         """One line for the run's first lines: each part's predicted share of the bottleneck
         and of the total, and how the noise was handled."""
+        if len(self.costs) < 2:
+            return "one part: nothing to balance"
         line = predicted_shares(self.costs)
         bottleneck = max(self.costs) if self.costs else 0.0
         if self.spreads and bottleneck > 0 and any(self.spreads):
@@ -203,6 +205,8 @@ def balance(model: nn.Module, k: int, *, by: str, algorithm: AlgorithmCosts,
     fewer than K units: parameters sit in blocks, a finer cut gains nothing). `within_blocks=False`
     keeps them on the units of the forward chain (cuts between blocks, one tensor each: the zoo's
     presets)."""
+    if k == 1:  # nothing to choose: measuring would only print a meaningless spread
+        return Balance(points=[], costs=[], unit=by)
     units = units_of(model)
     if within_blocks or len(units) < k:
         blocks = _traced_blocks(model, sample[:1]) if by != "params" or len(units) < k else None
