@@ -191,7 +191,7 @@ def test_duplicate_registration_is_an_error_unless_overriding(example_installed,
         register_architecture("example_tinynet")(lambda **kw: torch.nn.Identity())
     assert ARCHITECTURES.origin("example_tinynet") == "frzoo_example_plugin.models"
     with pytest.raises(FrzooError, match=r"dataset 'synthetic' is already registered \(by "
-                                         r"frzoo\.data\)"):
+                                         r"frzoo\.data\.builtin\)"):
         register_dataset("synthetic")(lambda cfg: None)
     with pytest.raises(FrzooError, match=r"algorithm 'fr' is already registered"):
         register_algorithm("fr")(type("Other", (), {}))
@@ -312,7 +312,7 @@ def test_module_plugins_that_fail(tmp_path, monkeypatch):
         """)
     with pytest.raises(PluginImportError, match=r"(?s)plugin 'dup_plugin' failed to import: "
                                                 r"FrzooError: dataset 'synthetic' is already "
-                                                r"registered \(by frzoo\.data\); dup_plugin "
+                                                r"registered \(by frzoo\.data\.builtin\); dup_plugin "
                                                 r"registers it again.*dup_plugin\.py"):
         load_plugin("dup_plugin")
 
