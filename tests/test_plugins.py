@@ -317,9 +317,9 @@ def test_module_plugins_that_fail(tmp_path, monkeypatch):
         load_plugin("dup_plugin")
 
 
-def _fake_installed_plugin(root: Path, name: str) -> Path:
+def _fake_installed_plugin(root: Path, name: str, body: str = BROKEN) -> Path:
     """A broken plugin 'installed' as pip would: a module plus a .dist-info with entry points."""
-    _write(root / f"{name}.py", BROKEN.format(name=name))
+    _write(root / f"{name}.py", body.format(name=name))
     info = root / f"{name}-0.1.dist-info"
     _write(info / "METADATA", f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\n"
                               f"Version: 0.1\n")
@@ -364,6 +364,52 @@ def test_broken_installed_plugin_from_the_cli(tmp_path):
     assert "PluginWarning: frzoo plugin 'broken' = broken_cli (distribution broken-cli) failed " \
            "to import and is skipped (RuntimeError: boom in broken_cli)" in proc.stderr
     assert "done: 3 steps" in proc.stdout
+
+
+# A plugin that stops the process at import: sys.exit(), or argparse on frzoo's own command line.
+EXITS = BROKEN.split("def fail")[0] + "import sys\nsys.exit(0)\n"
+PARSES_ARGV = BROKEN.split("def fail")[0] + """\
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--width", type=int, default=8)
+args = parser.parse_args()
+"""
+
+
+@pytest.mark.parametrize("body,says", [
+    (EXITS, "it called sys.exit(0) while importing"),
+    (PARSES_ARGV, "it parsed the command line with argparse and exited (status 2; argparse said '"),
+], ids=["sys_exit", "argparse"])
+def test_recipe_plugin_that_exits_at_import_is_one_line_and_status_2(tmp_path, body, says):
+    """Not frzoo's exit 0 with nothing trained, nor a usage line that reads like frzoo's own."""
+    plugin = _write(tmp_path / "exiting_plugin.py", body.format(name="exiting"))
+    recipe = _write(tmp_path / "recipe.yaml", f"plugins: ['{plugin}']\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "frzoo.cli", "run", str(recipe), "model.name=test_resnet",
+         "data.image_size=16", *QUIET, f"run.out_dir={tmp_path / 'r'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    # frzoo's own progress lines may come first; the problem is one line, and the last
+    lines = proc.stderr.strip().splitlines()
+    assert not any("usage:" in line or "Traceback" in line for line in lines), proc.stderr
+    assert [line for line in lines if "error" in line] == lines[-1:], proc.stderr
+    assert lines[-1].startswith(f"frzoo: error: plugin '{plugin}' failed to import: {says}")
+    assert "if __name__ == \"__main__\":" in lines[-1]
+    assert "done:" not in proc.stdout
+
+
+def test_installed_plugin_that_exits_at_import_is_skipped(tmp_path, monkeypatch):
+    """An installed plugin's exit is a failed import like any other: skipped with a warning, and
+    what it registered before exiting is undone; frzoo goes on."""
+    root = _fake_installed_plugin(tmp_path / "site", "exit_ep", EXITS)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)  # rescan the entry points
+    monkeypatch.setattr(plugins, "PLUGIN_ERRORS", {})
+    with pytest.warns(PluginWarning, match=r"frzoo plugin 'broken' = exit_ep \(distribution "
+                                           r"exit-ep\) failed to import and is skipped "
+                                           r"\(PluginExit: it called sys\.exit\(0\)"):
+        assert "test_resnet" not in ARCHITECTURES
+    _assert_rolled_back("exit_ep")
 
 
 def test_a_bug_inside_a_plugin_builder_keeps_its_traceback(scratch):
