@@ -327,16 +327,23 @@ def _fake_installed_plugin(root: Path, name: str, body: str = BROKEN) -> Path:
     return root
 
 
-def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch):
-    root = _fake_installed_plugin(tmp_path / "site", "broken_ep")
+def _skipped_when_installed(tmp_path: Path, monkeypatch, name: str, body: str, why: str) -> None:
+    """Install a failing plugin, rescan the entry points: it is skipped with a warning that
+    names it and says `why`, and whatever it registered is undone."""
+    root = _fake_installed_plugin(tmp_path / "site", name, body)
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setattr(plugins, "_entry_points_loaded", False)  # rescan the entry points
     monkeypatch.setattr(plugins, "PLUGIN_ERRORS", {})
-    with pytest.warns(PluginWarning, match=r"frzoo plugin 'broken' = broken_ep \(distribution "
-                                           r"broken-ep\) failed to import and is skipped "
-                                           r"\(RuntimeError: boom in broken_ep\)"):
+    dist = name.replace("_", "-")
+    with pytest.warns(PluginWarning, match=rf"frzoo plugin 'broken' = {name} \(distribution "
+                                           rf"{dist}\) failed to import and is skipped \({why}"):
         assert "test_resnet" not in ARCHITECTURES
-    _assert_rolled_back("broken_ep")
+    _assert_rolled_back(name)
+
+
+def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch):
+    _skipped_when_installed(tmp_path, monkeypatch, "broken_ep", BROKEN,
+                            r"RuntimeError: boom in broken_ep\)")
     # a run that does not need it trains
     cfg = load_recipe(None, ["model.name=test_resnet", "data.image_size=16", *QUIET])
     assert train(cfg, tmp_path / "r", echo=lambda *_: None)["steps"] == 3
@@ -401,15 +408,8 @@ def test_recipe_plugin_that_exits_at_import_is_one_line_and_status_2(tmp_path, b
 def test_installed_plugin_that_exits_at_import_is_skipped(tmp_path, monkeypatch):
     """An installed plugin's exit is a failed import like any other: skipped with a warning, and
     what it registered before exiting is undone; frzoo goes on."""
-    root = _fake_installed_plugin(tmp_path / "site", "exit_ep", EXITS)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(plugins, "_entry_points_loaded", False)  # rescan the entry points
-    monkeypatch.setattr(plugins, "PLUGIN_ERRORS", {})
-    with pytest.warns(PluginWarning, match=r"frzoo plugin 'broken' = exit_ep \(distribution "
-                                           r"exit-ep\) failed to import and is skipped "
-                                           r"\(PluginExit: it called sys\.exit\(0\)"):
-        assert "test_resnet" not in ARCHITECTURES
-    _assert_rolled_back("exit_ep")
+    _skipped_when_installed(tmp_path, monkeypatch, "exit_ep", EXITS,
+                            r"PluginExit: it called sys\.exit\(0\)")
 
 
 def test_a_bug_inside_a_plugin_builder_keeps_its_traceback(scratch):
