@@ -130,6 +130,23 @@ def test_cifar10_test_split_and_normalization(cifar10_root: Tuple[Path, Dict[str
     assert y.tolist() == ref["test_y"]
 
 
+def test_cifar10_with_a_stray_label_names_the_split_and_sample(
+        cifar10_root: Tuple[Path, Dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged CIFAR file whose label would size a 2e9-way head is refused by the check every
+    data set goes through, naming the sample."""
+    root, ref = cifar10_root
+    folder = root / "cifar-10-batches-py"
+    labels = list(ref["test_y"])
+    labels[4] = 2_000_000_000
+    _dump(folder / "test_batch", {"batch_label": "t", "labels": labels, "data": ref["test_x"],
+                                  "filenames": [f"t{j}.png" for j in range(10)]})
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
+    with pytest.raises(FrzooError, match=r"dataset 'cifar10' \(test\): labels span "
+                                         r"\d\.\.2000000000 but num_classes=10 \(sample 4 has "
+                                         r"label 2000000000\)"):
+        build_data(make_cfg(name="cifar10", root=str(root), batch_size=8, **RAW), seed=0)
+
+
 def test_cifar100_round_trip(cifar100_root: Tuple[Path, Dict[str, Any]]) -> None:
     root, ref = cifar100_root
     dm = build_data(make_cfg(name="cifar100", root=str(root), batch_size=64, **RAW), seed=3)
