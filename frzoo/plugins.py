@@ -22,12 +22,20 @@ Rules:
   that do not need it still work; its name and traceback are kept in :data:`PLUGIN_ERRORS` and
   appended to every "unknown name" error (:func:`plugin_error_hint`). A recipe plugin that fails
   to import stops the run with :class:`PluginImportError` (its name and the original traceback).
+* A plugin that stops the process while importing (``sys.exit()``, or argparse refusing a command
+  line that is frzoo's) is an import failure like any other, never frzoo's own exit: a recipe
+  plugin stops the run with a one-line :class:`PluginImportError` naming it (exit status 2 from
+  the CLI), an installed one is skipped with a :class:`PluginWarning`. What it printed to stderr
+  while exiting (argparse's usage line, which reads like frzoo's own CLI refusing the command)
+  is summarised in that line instead of shown.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
+import io
 import sys
 import traceback
 import warnings
@@ -53,6 +61,45 @@ class PluginImportError(FrzooError):
 
 class PluginWarning(UserWarning):
     """An installed plugin failed to import and was skipped."""
+
+
+class PluginExit(Exception):
+    """A plugin raised SystemExit while importing: it called ``sys.exit()``, or parsed the command
+    line (frzoo's) with argparse, which exits on arguments it does not know. Raised in place of
+    the SystemExit so that the plugin loader reports it like any failed import."""
+
+    def __init__(self, code: Any, output: str) -> None:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        if any(line.startswith("usage:") for line in lines):
+            what = (f"parsed the command line with argparse and exited (status {code!r}; "
+                    f"argparse said '{_shorten(lines[-1])}')")
+        else:
+            what = f"called sys.exit({code!r})"
+        super().__init__(f"it {what} while importing; a plugin must only define and register "
+                         f"things when imported. Move the code that exits (command-line "
+                         f"parsing, a script's main) under `if __name__ == \"__main__\":`.")
+        self.code = code
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _exits_as_error(do_import: Callable[[], Any]) -> Any:
+    """Run a plugin's import with its stderr held back: a SystemExit becomes :class:`PluginExit`
+    (what it printed goes into that message, not onto the screen); otherwise the held-back text
+    is written out as it would have been."""
+    held = io.StringIO()
+    exited = False
+    try:
+        with contextlib.redirect_stderr(held):
+            return do_import()
+    except SystemExit as exc:
+        exited = True
+        raise PluginExit(exc.code, held.getvalue()) from None
+    finally:
+        if not exited and held.getvalue():
+            sys.stderr.write(held.getvalue())
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
@@ -293,7 +340,7 @@ def _import_atomically(module_name: str, do_import: Callable[[], Any]) -> Any:
     mark = len(_journal)
     _import_depth += 1
     try:
-        return do_import()
+        return _exits_as_error(do_import)
     except BaseException:
         def failed(mod: str) -> bool:
             return _in_package(mod, package) and mod not in before
@@ -407,6 +454,8 @@ def _plugin_traceback(exc: BaseException) -> str:
 
 
 def _import_error(spec: str, exc: BaseException) -> PluginImportError:
+    if isinstance(exc, PluginExit):  # its traceback is the exit call: one line says it all
+        return PluginImportError(f"plugin '{spec}' failed to import: {exc}")
     return PluginImportError(
         f"plugin '{spec}' failed to import: {type(exc).__name__}: {_first_line(exc)}\n"
         f"Original traceback:\n{_plugin_traceback(exc).rstrip()}")

@@ -389,18 +389,39 @@ def _cell(text: Any) -> str:
 
 def render_markdown(runs: Sequence[Run], figures: Dict[str, Path], skipped: Dict[str, str],
                     notes: Sequence[str]) -> str:
+    """report.md: the runs side by side, the figures (or why each is missing), then each run."""
     lines = ["# frzoo report", "",
-             f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs) + ".", "",
-             "| run | model | algorithm | K | executor | steps | best acc1 | final acc1 | img/s "
+             f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs) + ".", ""]
+    lines += _overview_table(runs)
+    lines += ["", "## Figures", ""] + _figure_section(figures, skipped, notes)
+    lines += ["## Runs", ""]
+    for run in runs:
+        lines += _run_section(run)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _executor(run: Run) -> Any:
+    return (run.summary or {}).get("executor") or _get(run.recipe, "executor") or "—"
+
+
+def _overview_table(runs: Sequence[Run]) -> List[str]:
+    """One row per run: what it was and what it reached."""
+    lines = ["| run | model | algorithm | K | executor | steps | best acc1 | final acc1 | img/s "
              "| train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s = run.summary or {}
         lines.append("| " + " | ".join(_cell(v) for v in (
-            run.label, run.model, run.algorithm, run.num_parts,
-            s.get("executor") or _get(run.recipe, "executor") or "—", s.get("steps", "—"),
+            run.label, run.model, run.algorithm, run.num_parts, _executor(run),
+            s.get("steps", "—"),
             _fmt(s.get("best_test_acc1"), suffix="%"), _fmt(s.get("final_test_acc1"), suffix="%"),
             _fmt(s.get("images_per_s"), ".1f"), _fmt(s.get("train_seconds"), ".1f"))) + " |")
-    lines += ["", "## Figures", ""]
+    return lines
+
+
+def _figure_section(figures: Dict[str, Path], skipped: Dict[str, str],
+                    notes: Sequence[str]) -> List[str]:
+    """Each figure drawn, or the reason it was skipped; then the notes about missing data."""
+    lines: List[str] = []
     for name, title in FIGURES.items():
         if name in figures:
             lines += [f"### {title}", "", f"![{title}]({figures[name].name})", ""]
@@ -413,43 +434,48 @@ def render_markdown(runs: Sequence[Run], figures: Dict[str, Path], skipped: Dict
                   f"`{metrics.TRAIN_S}`, which ends at summary.json's train_seconds.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["## Runs", ""]
-    for run in runs:
-        s = run.summary or {}
-        lines += [f"### {run.label}", "", f"Folder `{run.path}`.", "",
-                  "| | |", "|---|---|"]
-        for key, value in (("model", run.model), ("algorithm", run.algorithm),
-                           ("K (parts)", run.num_parts),
-                           ("executor", s.get("executor") or _get(run.recipe, "executor") or "—"),
-                           ("steps", s.get("steps", "—")),
-                           ("epochs", _fmt(s.get("epochs"), "g")),
-                           ("best test acc1", _fmt(s.get("best_test_acc1"), suffix="%")),
-                           ("final test acc1", _fmt(s.get("final_test_acc1"), suffix="%")),
-                           ("final test acc5", _fmt(s.get("final_test_acc5"), suffix="%")),
-                           ("images/s", _fmt(s.get("images_per_s"), ".1f")),
-                           ("train seconds", _fmt(s.get("train_seconds"), ".1f")),
-                           ("interrupted", s.get("interrupted", "—"))):
-            lines.append(f"| {key} | {_cell(value)} |")
-        lines.append("")
-        shares, memory = run.time_shares(), run.memory()
-        if shares or memory:
-            header = ["part"] + ([f"{p} %" for p in metrics.BREAKDOWN] if shares else []) + \
-                     ([f"{name} MiB" for _, name in MEMORY_KINDS] if memory else [])
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            for k in range(max(len(shares), len(memory))):
-                row = [f"{k + 1}"]
-                if shares:
-                    share = shares[k] if k < len(shares) else {}
-                    row += [_fmt(100 * _num(share[p]), ".1f") if p in share else "—"
-                            for p in metrics.BREAKDOWN]
-                if memory:
-                    mem = memory[k] if k < len(memory) else {}
-                    row += [_fmt(mem[key] / MIB, ".3f") if key in mem else "—"
-                            for key, _ in MEMORY_KINDS]
-                lines.append("| " + " | ".join(row) + " |")
-            lines.append("")
-        for note in run.notes:
-            lines += [f"- {note}"]
-        if run.notes:
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
+
+
+def _run_section(run: Run) -> List[str]:
+    """One run: its facts, the per-part time and memory table, its notes."""
+    s = run.summary or {}
+    lines = [f"### {run.label}", "", f"Folder `{run.path}`.", "", "| | |", "|---|---|"]
+    for key, value in (("model", run.model), ("algorithm", run.algorithm),
+                       ("K (parts)", run.num_parts),
+                       ("executor", _executor(run)),
+                       ("steps", s.get("steps", "—")),
+                       ("epochs", _fmt(s.get("epochs"), "g")),
+                       ("best test acc1", _fmt(s.get("best_test_acc1"), suffix="%")),
+                       ("final test acc1", _fmt(s.get("final_test_acc1"), suffix="%")),
+                       ("final test acc5", _fmt(s.get("final_test_acc5"), suffix="%")),
+                       ("images/s", _fmt(s.get("images_per_s"), ".1f")),
+                       ("train seconds", _fmt(s.get("train_seconds"), ".1f")),
+                       ("interrupted", s.get("interrupted", "—"))):
+        lines.append(f"| {key} | {_cell(value)} |")
+    lines.append("")
+    lines += _parts_table(run)
+    lines += [f"- {note}" for note in run.notes] + ([""] if run.notes else [])
+    return lines
+
+
+def _parts_table(run: Run) -> List[str]:
+    """Per part: the share of each kind of time and the bytes of each kind of memory."""
+    shares, memory = run.time_shares(), run.memory()
+    if not shares and not memory:
+        return []
+    header = ["part"] + ([f"{p} %" for p in metrics.BREAKDOWN] if shares else []) + \
+             ([f"{name} MiB" for _, name in MEMORY_KINDS] if memory else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k in range(max(len(shares), len(memory))):
+        row = [f"{k + 1}"]
+        if shares:
+            share = shares[k] if k < len(shares) else {}
+            row += [_fmt(100 * _num(share[p]), ".1f") if p in share else "—"
+                    for p in metrics.BREAKDOWN]
+        if memory:
+            mem = memory[k] if k < len(memory) else {}
+            row += [_fmt(mem[key] / MIB, ".3f") if key in mem else "—"
+                    for key, _ in MEMORY_KINDS]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]

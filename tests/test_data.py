@@ -130,6 +130,23 @@ def test_cifar10_test_split_and_normalization(cifar10_root: Tuple[Path, Dict[str
     assert y.tolist() == ref["test_y"]
 
 
+def test_cifar10_with_a_stray_label_names_the_split_and_sample(
+        cifar10_root: Tuple[Path, Dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged CIFAR file whose label would size a 2e9-way head is refused by the check every
+    data set goes through, naming the sample."""
+    root, ref = cifar10_root
+    folder = root / "cifar-10-batches-py"
+    labels = list(ref["test_y"])
+    labels[4] = 2_000_000_000
+    _dump(folder / "test_batch", {"batch_label": "t", "labels": labels, "data": ref["test_x"],
+                                  "filenames": [f"t{j}.png" for j in range(10)]})
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
+    with pytest.raises(FrzooError, match=r"dataset 'cifar10' \(test\): labels span "
+                                         r"\d\.\.2000000000 but num_classes=10 \(sample 4 has "
+                                         r"label 2000000000\)"):
+        build_data(make_cfg(name="cifar10", root=str(root), batch_size=8, **RAW), seed=0)
+
+
 def test_cifar100_round_trip(cifar100_root: Tuple[Path, Dict[str, Any]]) -> None:
     root, ref = cifar100_root
     dm = build_data(make_cfg(name="cifar100", root=str(root), batch_size=64, **RAW), seed=3)
@@ -209,6 +226,8 @@ def _write(path: Path, **arrays: Any) -> Path:
 
 X = np.zeros((4, 8, 8), np.uint8)
 Y = np.array([0, 1, 2, 3])
+XF_NAN = np.zeros((4, 8, 8), np.float32)
+XF_NAN[2, 3, 5] = np.nan  # one pixel of image 2
 
 
 @pytest.mark.parametrize("arrays,match", [
@@ -222,6 +241,13 @@ Y = np.array([0, 1, 2, 3])
     (dict(x=X, y=np.array([0, -1, 2, 3]), x_test=X, y_test=Y), r"negative labels"),
     (dict(x=X, y=np.eye(4), x_test=X, y_test=Y), r"not one-hot"),
     (dict(x=X, y=Y), r"no test arrays .*data\.test_path"),
+    (dict(x=XF_NAN, y=Y, x_test=X, y_test=Y), r"\(x, y\): image x\[2\] holds NaN or infinite"),
+    (dict(x=X, y=Y, x_test=np.where(XF_NAN == XF_NAN, XF_NAN, np.inf), y_test=Y),
+     r"\(x_test, y_test\): image x\[2\] holds NaN or infinite"),
+    (dict(x=X, y=np.array([0, 1, 2_000_000_000, 3]), x_test=X, y_test=Y),
+     r"label y\[2\] = 2000000000; .* at most 100000"),
+    (dict(x=X, y=Y, x_test=X, y_test=np.array([0, 1, 2, 2e9])), r"label y\[3\] = 2000000000"),
+    (dict(x=X, y=np.array([0, 1, np.nan, 3]), x_test=X, y_test=Y), r"y\[2\] = nan"),
 ])
 def test_npz_errors(tmp_path: Path, arrays: Dict[str, Any], match: str) -> None:
     path = _write(tmp_path / "bad.npz", **arrays)
@@ -345,6 +371,28 @@ def test_plugin_builder_tuple_and_label_check() -> None:
 
     with pytest.raises(FrzooError, match=r"labels span 0\.\.7 but num_classes=3"):
         build_data(make_cfg(name="_test_bad_labels"), seed=0)
+
+
+def test_plugin_builder_nonfinite_pixels_and_huge_num_classes() -> None:
+    """Any builder's in-memory data is checked too: a NaN pixel names its split and row, a class
+    count that would size an absurd classifier head is refused before any model is built."""
+    x = torch.rand(5, 3, 6, 6)
+    x[3, 1, 2, 2] = float("inf")
+    y = torch.arange(5) % 2
+
+    @register_dataset("_test_inf_pixel", override=True)
+    def _inf(cfg: DictConfig) -> DatasetSplits:
+        return DatasetSplits(train=(x, y), test=(x[:2], y[:2]), num_classes=2)
+
+    with pytest.raises(FrzooError, match=r"'_test_inf_pixel' \(train\): image 3 holds NaN"):
+        build_data(make_cfg(name="_test_inf_pixel"), seed=0)
+
+    @register_dataset("_test_huge_classes", override=True)
+    def _huge(cfg: DictConfig) -> DatasetSplits:
+        return DatasetSplits(train=(x[:2], y[:2]), test=(x[:2], y[:2]), num_classes=2 * 10**9)
+
+    with pytest.raises(FrzooError, match=r"num_classes=2000000000; .* 1\.\.100000"):
+        build_data(make_cfg(name="_test_huge_classes"), seed=0)
 
 
 # ---------------------------------------------------------------- determinism and batching

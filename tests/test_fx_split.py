@@ -23,7 +23,9 @@ from frzoo.errors import FrzooError
 from frzoo.executors import LocalExecutor
 from frzoo.split import check_equivalence, profile_blocks, resolve
 from frzoo.split.chain import Part
-from frzoo.split.fx import FxPart, build_fx_parts, fx_partition, trace_model
+from frzoo.split.fx import fx_partition
+from frzoo.split.fx_parts import FxPart, build_fx_parts
+from frzoo.split.trace import trace_model
 
 # name: (constructor kwargs, input size, {K: split points}, whether the chain split can never be
 # exact: root-owned tensors or functional code between the root's children)

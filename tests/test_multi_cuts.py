@@ -23,7 +23,7 @@ from frzoo.algorithms.ddg import DecoupledBackprop
 from frzoo.algorithms.fr import FeaturesReplay
 from frzoo.executors import LocalExecutor
 from frzoo.split import resolve
-from frzoo.split.fx import FxPart
+from frzoo.split.fx_parts import FxPart
 
 torch.use_deterministic_algorithms(True)
 

@@ -103,7 +103,7 @@ def test_k_rule_is_ceil_chunks_of_blocks():
 def test_model_whose_forward_is_not_a_chain_is_split_on_its_trace():
     # the root owns cls_token and pos_embed: the chain parts would leave them out, so the parts
     # are cut from the traced forward instead (tests/test_fx_split.py has the details)
-    from frzoo.split.fx import FxPart
+    from frzoo.split.fx_parts import FxPart
     vit = timm.create_model("test_vit", num_classes=3, img_size=32)
     parts = resolve(vit, points=["blocks"], build=True).parts
     assert all(isinstance(p, FxPart) for p in parts)

@@ -200,7 +200,7 @@ def test_duplicate_registration_is_an_error_unless_overriding(example_installed,
         register_architecture("example_tinynet")(lambda **kw: torch.nn.Identity())
     assert ARCHITECTURES.origin("example_tinynet") == "frzoo_example_plugin.models"
     with pytest.raises(FrzooError, match=r"dataset 'synthetic' is already registered \(by "
-                                         r"frzoo\.data\)"):
+                                         r"frzoo\.data\.builtin\)"):
         register_dataset("synthetic")(lambda cfg: None)
     with pytest.raises(FrzooError, match=r"algorithm 'fr' is already registered"):
         register_algorithm("fr")(type("Other", (), {}))
@@ -321,14 +321,14 @@ def test_module_plugins_that_fail(tmp_path, monkeypatch):
         """)
     with pytest.raises(PluginImportError, match=r"(?s)plugin 'dup_plugin' failed to import: "
                                                 r"FrzooError: dataset 'synthetic' is already "
-                                                r"registered \(by frzoo\.data\); dup_plugin "
+                                                r"registered \(by frzoo\.data\.builtin\); dup_plugin "
                                                 r"registers it again.*dup_plugin\.py"):
         load_plugin("dup_plugin")
 
 
-def _fake_installed_plugin(root: Path, name: str) -> Path:
+def _fake_installed_plugin(root: Path, name: str, body: str = BROKEN) -> Path:
     """A broken plugin 'installed' as pip would: a module plus a .dist-info with entry points."""
-    _write(root / f"{name}.py", BROKEN.format(name=name))
+    _write(root / f"{name}.py", body.format(name=name))
     info = root / f"{name}-0.1.dist-info"
     _write(info / "METADATA", f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\n"
                               f"Version: 0.1\n")
@@ -336,16 +336,23 @@ def _fake_installed_plugin(root: Path, name: str) -> Path:
     return root
 
 
-def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch):
-    root = _fake_installed_plugin(tmp_path / "site", "broken_ep")
+def _skipped_when_installed(tmp_path: Path, monkeypatch, name: str, body: str, why: str) -> None:
+    """Install a failing plugin, rescan the entry points: it is skipped with a warning that
+    names it and says `why`, and whatever it registered is undone."""
+    root = _fake_installed_plugin(tmp_path / "site", name, body)
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setattr(plugins, "_entry_points_loaded", False)  # rescan the entry points
     monkeypatch.setattr(plugins, "PLUGIN_ERRORS", {})
-    with pytest.warns(PluginWarning, match=r"frzoo plugin 'broken' = broken_ep \(distribution "
-                                           r"broken-ep\) failed to import and is skipped "
-                                           r"\(RuntimeError: boom in broken_ep\)"):
+    dist = name.replace("_", "-")
+    with pytest.warns(PluginWarning, match=rf"frzoo plugin 'broken' = {name} \(distribution "
+                                           rf"{dist}\) failed to import and is skipped \({why}"):
         assert "test_resnet" not in ARCHITECTURES
-    _assert_rolled_back("broken_ep")
+    _assert_rolled_back(name)
+
+
+def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch):
+    _skipped_when_installed(tmp_path, monkeypatch, "broken_ep", BROKEN,
+                            r"RuntimeError: boom in broken_ep\)")
     # a run that does not need it trains
     cfg = load_recipe(None, ["model.name=test_resnet", "data.image_size=16", *QUIET])
     assert train(cfg, tmp_path / "r", echo=lambda *_: None)["steps"] == 3
@@ -373,6 +380,45 @@ def test_broken_installed_plugin_from_the_cli(tmp_path):
     assert "PluginWarning: frzoo plugin 'broken' = broken_cli (distribution broken-cli) failed " \
            "to import and is skipped (RuntimeError: boom in broken_cli)" in proc.stderr
     assert "done: 3 steps" in proc.stdout
+
+
+# A plugin that stops the process at import: sys.exit(), or argparse on frzoo's own command line.
+EXITS = BROKEN.split("def fail")[0] + "import sys\nsys.exit(0)\n"
+PARSES_ARGV = BROKEN.split("def fail")[0] + """\
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--width", type=int, default=8)
+args = parser.parse_args()
+"""
+
+
+@pytest.mark.parametrize("body,says", [
+    (EXITS, "it called sys.exit(0) while importing"),
+    (PARSES_ARGV, "it parsed the command line with argparse and exited (status 2; argparse said '"),
+], ids=["sys_exit", "argparse"])
+def test_recipe_plugin_that_exits_at_import_is_one_line_and_status_2(tmp_path, body, says):
+    """Not frzoo's exit 0 with nothing trained, nor a usage line that reads like frzoo's own."""
+    plugin = _write(tmp_path / "exiting_plugin.py", body.format(name="exiting"))
+    recipe = _write(tmp_path / "recipe.yaml", f"plugins: ['{plugin}']\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "frzoo.cli", "run", str(recipe), "model.name=test_resnet",
+         "data.image_size=16", *QUIET, f"run.out_dir={tmp_path / 'r'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    # frzoo's own progress lines may come first; the problem is one line, and the last
+    lines = proc.stderr.strip().splitlines()
+    assert not any("usage:" in line or "Traceback" in line for line in lines), proc.stderr
+    assert [line for line in lines if "error" in line] == lines[-1:], proc.stderr
+    assert lines[-1].startswith(f"frzoo: error: plugin '{plugin}' failed to import: {says}")
+    assert "if __name__ == \"__main__\":" in lines[-1]
+    assert "done:" not in proc.stdout
+
+
+def test_installed_plugin_that_exits_at_import_is_skipped(tmp_path, monkeypatch):
+    """An installed plugin's exit is a failed import like any other: skipped with a warning, and
+    what it registered before exiting is undone; frzoo goes on."""
+    _skipped_when_installed(tmp_path, monkeypatch, "exit_ep", EXITS,
+                            r"PluginExit: it called sys\.exit\(0\)")
 
 
 def test_a_bug_inside_a_plugin_builder_keeps_its_traceback(scratch):

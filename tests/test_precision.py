@@ -2,7 +2,8 @@
 and its loss scaling: tests/test_fp16.py).
 
 Exactness as everywhere: K=1 Features Replay equals backprop bit for bit in bf16 too, and the
-distributed executor equals the local one in bf16 (activations and deltas cross in bf16).
+distributed executor equals the local one in bf16 (a ResNet's activations and deltas cross in
+bf16).
 Images are 32x32, as for the CIFAR models frzoo targets.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from frzoo import precision
 from frzoo.config import load_recipe
+from frzoo.precision import prepare_part
 from frzoo.run import train
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
@@ -82,3 +85,37 @@ def test_compiled_parts_equal_eager_parts_and_compile_a_fixed_set_of_graphs(tmp_
     assert counters["stats"]["unique_graphs"] == short  # 5 steps compile no more than 3 did
     assert short == 5
 
+
+
+def _prepare_bf16(*devices: str) -> None:
+    for device in devices:
+        prepare_part(torch.nn.Linear(2, 2), torch.device(device), precision="bf16",
+                     memory_format="contiguous", compile=False, compile_backend="inductor",
+                     is_last=False)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_once_naming_the_capability(monkeypatch, caplog):
+    """AVX2 without AVX512-BF16/AMX runs bf16 50-100x slower than fp32: one line says so."""
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_f": False})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger="frzoo"):
+        _prepare_bf16("cpu", "cpu", "meta")  # two CPU parts in one process: one line
+    lines = [r.getMessage() for r in caplog.records if r.name == "frzoo"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "train.precision=bf16 on a CPU without bf16 instructions (torch reports CPU " \
+           "capability AVX2" in lines[0] and "train.precision=fp32" in lines[0]
+
+
+def test_bf16_on_a_cpu_with_bf16_instructions_or_off_the_cpu_says_nothing(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "amx_bf16": True})
+    with caplog.at_level("WARNING", logger="frzoo"):
+        _prepare_bf16("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    with caplog.at_level("WARNING", logger="frzoo"):
+        _prepare_bf16("meta")  # not a CPU part
+        prepare_part(torch.nn.Linear(2, 2), torch.device("cpu"), precision="fp32",
+                     memory_format="contiguous", compile=False, compile_backend="inductor",
+                     is_last=False)
+    assert not [r for r in caplog.records if r.name == "frzoo"]

@@ -7,7 +7,10 @@ cutting the chain of children and cutting the traced forward. Modules:
 
 * ``plan``: the partition, what every part offers, checks both ways of cutting share;
 * ``chain``: cutting where the forward is a chain of children;
-* ``fx``: cutting the torch.fx trace of any other forward; the split candidates;
+* ``trace``: the torch.fx trace of a forward (train and eval mode) and the rule for a valid cut;
+* ``fx``: cutting the traced forward of any model that is not a chain: the partition;
+* ``fx_parts``, ``inplace``: the parts of such a split, which never write into their input;
+* ``profile``: the split candidates (parameters, FLOPs and activation per stretch of the trace);
 * ``check``: the bit-for-bit comparison with the whole model;
 * ``rule``: the Features Replay authors' ceil(n/K) rule (`split.k`, the zoo's presets);
 * ``costs``: FLOPs (torch's FlopCounterMode), seconds and bytes of pieces of a model;
@@ -17,7 +20,7 @@ cutting the chain of children and cutting the traced forward. Modules:
 from .balance import Balance, balance, balanced_points, flops_shares
 from .chain import all_cut_points
 from .check import EquivalenceReport, check_equivalence
-from .fx import profile_blocks
+from .profile import profile_blocks
 from .plan import WHOLE_MODEL, Partition, SplitPart
 from .resolve import Split, original_key, resolve
 from .rule import fr_split_points, points_for_k

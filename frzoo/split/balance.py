@@ -10,7 +10,7 @@ separately, per block. The best contiguous split for a cost is found exactly by 
 programming.
 
 The blocks. `flops`, `time` and `memory` balance over the candidates of the traced forward
-(frzoo.split.fx: a block from each valid cut to the next, inside residual blocks too), so a part
+(frzoo.split.profile: a block from each valid cut to the next, inside residual blocks too), so a part
 boundary may fall inside a block and the parts come out within a few percent of each other;
 `params` does too where the forward chain has fewer than K units. `time` and `memory` measure
 stretches of the traced forward, each from a candidate holding FLOPs to the next (a convolution
@@ -38,7 +38,9 @@ from ..errors import FrzooError
 from .chain import block_list
 from .costs import (median_and_spread, module_flops, sample_stages, sample_units, stage_memory,
                     unit_flops, unit_memory)
-from .fx import Block, build_fx_parts, fx_partition, profile_blocks
+from .fx import fx_partition
+from .fx_parts import build_fx_parts
+from .profile import Block, profile_blocks
 
 REPEATS = 5  # measurements per block for split.auto=time, after a warm-up run
 

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..activation import as_activation
 from .chain import Part
-from .fx import FxPart, traced_values
+from .fx_parts import FxPart
+from .profile import traced_values
 from .plan import SplitPart
 
 

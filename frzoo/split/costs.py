@@ -95,7 +95,7 @@ def sample_stages(stages: Sequence[nn.Module], sample: torch.Tensor,
     of a few stages, which their medians discard, rather than every measurement of one stage.
 
     A stage takes tensors and returns a tensor or a tuple of them: a chain of modules, or a
-    stretch of the traced forward whose cuts several tensors cross (frzoo.split.fx.FxPart), so
+    stretch of the traced forward whose cuts several tensors cross (frzoo.split.fx_parts.FxPart), so
     cuts inside residual blocks are measured like cuts between them. The update is measured
     too: a part holding most of the parameters (resnet18's layer4) spends tens of ms in it per
     iteration. Several measurements, not one, because a block's time on a shared machine varies

@@ -45,12 +45,12 @@ def fr_split_points(blocks: Sequence[str], num_parts: int) -> List[str]:
 def points_for_k(model: nn.Module, k: int) -> List[str]:
     """The authors' rule on the model's blocks (:func:`frzoo.split.chain.block_list`); where the
     forward chain has fewer than K, on the blocks of the traced forward
-    (:func:`frzoo.split.fx.graph_blocks`), so any traceable model splits by K alone."""
+    (:func:`frzoo.split.profile.graph_blocks`), so any traceable model splits by K alone."""
     if k == 1:
         return []
     _, blocks, _ = block_list(model)
     if len(blocks) < k:
-        from .fx import graph_blocks  # only models that are not chains pay for the trace
+        from .profile import graph_blocks  # only models that are not chains pay for the trace
         try:
             traced = graph_blocks(model)
         except FrzooError:  # not traceable: the chain's count is all there is

@@ -10,7 +10,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import metrics
 from ..errors import FrzooError
@@ -97,26 +97,10 @@ class LocalSweep:
         return self.dir / "state.json"
 
     def _load_state(self) -> None:
-        if not self.state_path.is_file():
-            self.trials = []
-            return
-        state = json.loads(self.state_path.read_text())
-        saved = state["sweep"]
-        now = json.loads(json.dumps(self.spec.identity()))
-        if saved != now:
-            diff = [k for k in now if saved.get(k) != now[k]]
-            raise FrzooError(
-                f"'{self.dir}' holds sweep '{self.spec.name}' started with a different "
-                f"{' and '.join(diff)}; continue it with the same sweep file and overrides, or "
-                f"start a new one with --name NEW_NAME (or delete {self.dir}).")
-        self.trials = [Trial(**t) for t in state["trials"]]
+        self.trials = read_state(self.state_path, self.spec, self.dir)
 
     def _save_state(self) -> None:
-        state = {"version": 1, "sweep": self.spec.identity(),
-                 "trials": [asdict(t) for t in self.trials]}
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1, default=str) + "\n")
-        os.replace(tmp, self.state_path)  # a kill mid-write never leaves half a state
+        write_state(self.state_path, self.spec, self.trials)
 
     # -- the loop
     def run(self, count: Optional[int] = None) -> LocalSweepResult:
@@ -142,7 +126,7 @@ class LocalSweep:
                 else:
                     if run_cap is not None and len(self.trials) >= run_cap:
                         break
-                    params = self._propose()
+                    params = propose(self.spec, self.trials)
                     if params is None:
                         break  # the grid is exhausted
                     trial = Trial(name=f"t{len(self.trials) + 1:03d}", params=params)
@@ -174,16 +158,6 @@ class LocalSweep:
             return min(cap, grid)
         return cap if cap is not None else grid
 
-    def _propose(self) -> Optional[Dict[str, Any]]:
-        sweeps = import_sweeps()
-        runs = [t.sweep_run(self.spec.metric) for t in self.trials]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proposal = sweeps.next_run(self.spec.config, runs, validate=True)
-        if proposal is None:
-            return None
-        return {key: plain_value(value["value"]) for key, value in proposal.config.items()}
-
     def _should_stop(self, trial: Trial, history: List[float]) -> bool:
         """Hyperband (W&B's `early_terminate`) against the trials before this one."""
         if "early_terminate" not in self.spec.config:
@@ -201,19 +175,9 @@ class LocalSweep:
             return True
         return False
 
-    def _trial_recipe(self, trial: Trial, out_dir: Path) -> Any:
-        from omegaconf import OmegaConf  # noqa: PLC0415
-        cfg = validate_trial(self.spec, trial.params)
-        tags = [*cfg.logging.tags, *(t for t in ("sweep", f"sweep:{self.spec.name}")
-                                     if t not in cfg.logging.tags)]
-        return OmegaConf.merge(cfg, {
-            "run": {"out_dir": str(out_dir), "resume": None},
-            "logging": {"wandb": self.wandb_mode != "disabled", "mode": self.wandb_mode,
-                        "group": self.spec.name, "name": f"{self.spec.name}-{trial.name}",
-                        "tags": tags}})
-
     def _run_trial(self, trial: Trial) -> str:
-        """Train one trial in this process.
+        """Train one trial in this process; its outcome ("finished", "stopped", "failed" or
+        "interrupted") is recorded in `trial`.
 
         In-process, not a `frzoo run` subprocess: a subprocess pays ~8 s of imports (torch,
         timm, wandb) per trial, more than a small trial trains; the trainer keeps no global state
@@ -222,8 +186,21 @@ class LocalSweep:
         starts. Ctrl-C reaches the trainer's own handler: the trial checkpoints and the sweep
         stops; running the command again resumes that trial from its checkpoint.
         """
+        out_dir, resume = self._trial_folder(trial)
+        try:
+            cfg = trial_recipe(self.spec, trial, out_dir, self.wandb_mode)
+        except FrzooError as exc:
+            trial.state, trial.error = "failed", str(exc)
+            self.echo(f"trial {trial.name} failed: {exc}")
+            return "failed"
+        watcher = TrialWatcher(out_dir, self.spec.metric,
+                               lambda history: self._should_stop(trial, history))
+        summary = self._train(trial, cfg, out_dir, resume, watcher)
+        return "failed" if summary is None else self._outcome(trial, watcher, summary)
+
+    def _trial_folder(self, trial: Trial) -> Tuple[Path, bool]:
+        """The trial's run folder and whether it resumes from its checkpoint; said on screen."""
         from ..rundir import checkpoint_path  # noqa: PLC0415
-        from ..run import train  # noqa: PLC0415
         out_dir = self.dir / "trials" / trial.name
         resume = checkpoint_path(out_dir).exists()
         if not resume and out_dir.exists():
@@ -232,22 +209,22 @@ class LocalSweep:
         position = f"{self.trials.index(trial) + 1}" + (f"/{planned}" if planned else "")
         self.echo(f"trial {trial.name} ({position}){' resumed' if resume else ''}: "
                   f"{' '.join(param_overrides(trial.params))}")
-        try:
-            cfg = self._trial_recipe(trial, out_dir)
-        except FrzooError as exc:
-            trial.state, trial.error = "failed", str(exc)
-            self.echo(f"trial {trial.name} failed: {exc}")
-            return "failed"
-        trackers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume,
-                                 echo=lambda msg: self.echo(f"trial {trial.name}: {msg}"))
-        watcher = TrialWatcher(out_dir, self.spec.metric,
-                               lambda history: self._should_stop(trial, history))
+        return out_dir, resume
+
+    def _train(self, trial: Trial, cfg: Any, out_dir: Path, resume: bool,
+               watcher: TrialWatcher) -> Optional[Dict[str, Any]]:
+        """The trainer's summary, or None when the trial failed (the error recorded in it)."""
+        from ..run import train  # noqa: PLC0415
+
+        def echo(msg: str) -> None:
+            self.echo(f"trial {trial.name}: {msg}")
+
+        trackers = build_loggers(cfg.logging, out_dir=out_dir, resume=resume, echo=echo)
         extra = self.extra_loggers(trial.name) if self.extra_loggers else []
         start = time.perf_counter()
         try:
             summary = train(cfg, out_dir, resume=resume, loggers=[*trackers, watcher, *extra],
-                            echo=lambda msg: self.echo(f"trial {trial.name}: {msg}"),
-                            should_stop=lambda: watcher.stop_requested)
+                            echo=echo, should_stop=lambda: watcher.stop_requested)
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but a record
             close_loggers(trackers, failed=True)
             trial.seconds += time.perf_counter() - start
@@ -260,8 +237,13 @@ class LocalSweep:
             trial.seconds += time.perf_counter() - start
             detail = "" if isinstance(exc, FrzooError) else "\n" + traceback.format_exc()
             self.echo(f"trial {trial.name} failed: {trial.error}{detail}")
-            return "failed"
+            return None
         trial.seconds += time.perf_counter() - start
+        return summary
+
+    def _outcome(self, trial: Trial, watcher: TrialWatcher, summary: Dict[str, Any]) -> str:
+        """Record a trained trial's history, summary and metric; finished, stopped early by
+        the sweep, or interrupted by the user."""
         trial.history = list(watcher.history)
         trial.summary = watcher.summary_metrics()
         value = trial.summary.get(self.spec.metric)
@@ -293,3 +275,54 @@ def _sweep_lock(sweep_dir: Path) -> Any:
     return folder_lock(sweep_dir, f"sweep folder '{sweep_dir}' is in use by another frzoo sweep "
                                   f"(pid {{pid}}); wait for it, or start this one with --name "
                                   f"NEW_NAME.")
+
+
+def read_state(path: Path, spec: SweepSpec, sweep_dir: Path) -> List[Trial]:
+    """The trials recorded in a sweep's state.json (none before the first); refused when the
+    folder holds a sweep started with another sweep file or overrides."""
+    if not path.is_file():
+        return []
+    state = json.loads(path.read_text())
+    saved = state["sweep"]
+    now = json.loads(json.dumps(spec.identity()))
+    if saved != now:
+        diff = [k for k in now if saved.get(k) != now[k]]
+        raise FrzooError(
+            f"'{sweep_dir}' holds sweep '{spec.name}' started with a different "
+            f"{' and '.join(diff)}; continue it with the same sweep file and overrides, or "
+            f"start a new one with --name NEW_NAME (or delete {sweep_dir}).")
+    return [Trial(**t) for t in state["trials"]]
+
+
+def write_state(path: Path, spec: SweepSpec, trials: List[Trial]) -> None:
+    """state.json: the sweep's identity and every trial, replaced atomically."""
+    state = {"version": 1, "sweep": spec.identity(), "trials": [asdict(t) for t in trials]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str) + "\n")
+    os.replace(tmp, path)  # a kill mid-write never leaves half a state
+
+
+def propose(spec: SweepSpec, trials: List[Trial]) -> Optional[Dict[str, Any]]:
+    """The next trial's parameters from W&B's sweep engine, given the trials so far; None when
+    a grid is exhausted."""
+    sweeps = import_sweeps()
+    runs = [t.sweep_run(spec.metric) for t in trials]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proposal = sweeps.next_run(spec.config, runs, validate=True)
+    if proposal is None:
+        return None
+    return {key: plain_value(value["value"]) for key, value in proposal.config.items()}
+
+
+def trial_recipe(spec: SweepSpec, trial: Trial, out_dir: Path, wandb_mode: str) -> Any:
+    """The recipe one trial trains: the sweep's recipe with the trial's parameters, its own run
+    folder, and W&B names and tags that group it under the sweep."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    cfg = validate_trial(spec, trial.params)
+    tags = [*cfg.logging.tags, *(t for t in ("sweep", f"sweep:{spec.name}")
+                                 if t not in cfg.logging.tags)]
+    return OmegaConf.merge(cfg, {
+        "run": {"out_dir": str(out_dir), "resume": None},
+        "logging": {"wandb": wandb_mode != "disabled", "mode": wandb_mode,
+                    "group": spec.name, "name": f"{spec.name}-{trial.name}", "tags": tags}})

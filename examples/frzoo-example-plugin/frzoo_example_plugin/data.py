@@ -1,7 +1,7 @@
 """``example_stripes``: 4 classes of striped 16x16 RGB images, generated, no download.
 
 A data set builder takes the recipe's ``data`` section and returns a ``DatasetSplits`` (see the
-docstring of frzoo/data.py). It gets no run seed on purpose: the content and the train/test split
+docstring of frzoo/data/__init__.py). It gets no run seed on purpose: the content and the train/test split
 must be the same for every run, so the images come from a generator with a fixed seed. frzoo
 then resizes (``data.image_size``), normalizes, applies ``data.limit_train``/``limit_test``,
 shuffles and batches; the builder does none of that.
