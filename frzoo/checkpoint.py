@@ -164,8 +164,9 @@ def _refuse(diff: Dict[str, tuple], path: Path) -> None:
     if diff:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, b_a in
                           list(diff.items())[:6] for a, b in [b_a])
+        split = " and so another partition" if any(k.startswith("split.") for k in diff) else ""
         raise FrzooError(f"cannot resume from '{path}': it was made with a different recipe "
-                         f"({lines}). Resume with the run's own recipe ({path.parent.parent}/"
+                         f"({lines}){split}. Resume with the run's own recipe ({path.parent.parent}/"
                          f"recipe.yaml) or start a new run.")
 
 

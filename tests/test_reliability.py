@@ -275,6 +275,31 @@ def test_sigterm_stops_with_a_checkpoint_of_the_stop_step_and_resumes_exactly(
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
 
 
+def test_sigterm_to_torchrun_stops_the_job_with_a_checkpoint_and_it_resumes_exactly(tmp_path):
+    """torchrun's agent, sent SIGTERM, sends it once to each worker (and SIGKILL after its
+    --shutdown-timeout): part 1 stops the job at the next run of steps with a checkpoint of
+    that step, the others ignore theirs."""
+    reference = straight(tmp_path)
+    out = tmp_path / "r"
+    mark = tmp_path / "mark"
+    env = {**os.environ, "FRZOO_FAULT": "mark:3", "FRZOO_FAULT_MARK": str(mark),
+           "FRZOO_FAULT_SLOW": "0.3", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+         "--monitor-interval", "0.2", "-m", "frzoo.cli", "run", *TINY,
+         f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(mark, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    ours = "\n".join(line for line in stderr.splitlines() if line.startswith("frzoo:"))
+    assert 3 <= stopped_at(ours, out) < 18, stderr
+    assert "lost a neighbour" not in stderr and not descendants(proc.pid)
+    done = finish(out)
+    assert done.returncode == 0, done.stderr
+    assert_same(reference, torch.load(out / "final.pt", weights_only=True))
+
+
 @pytest.mark.parametrize("executor", ["local", "distributed"])
 def test_a_second_signal_stops_at_once_with_one_line_naming_the_last_checkpoint(tmp_path, executor):
     """Ctrl-C, then SIGTERM while the step in progress hangs (the middle part pauses in step 7,
