@@ -103,8 +103,8 @@ def check_resume(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> No
         rows = cfg.data.batch_size
         echo(f"resuming with distributed.replicas={now} (was {was}) without "
              f"distributed.sync_bn: BatchNorm now normalises over {rows // now} rows per "
-             f"replica instead of {rows // was}, so the run continues close to, not exactly "
-             f"as, one that kept {was} (docs/distributed.md).")
+             f"replica instead of {rows // was}, so the run departs from one that kept {was} "
+             f"by more than float rounding (docs/distributed.md).")
 
 
 def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None) -> None:

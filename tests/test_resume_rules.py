@@ -128,7 +128,8 @@ def test_another_replica_count_without_sync_bn_is_said_in_one_line(tmp_path):
     preflight.check_resume(cfg, out, True, said.append)
     assert said == ["resuming with distributed.replicas=2 (was 1) without distributed.sync_bn: "
                     "BatchNorm now normalises over 4 rows per replica instead of 8, so the run "
-                    "continues close to, not exactly as, one that kept 1 (docs/distributed.md)."]
+                    "departs from one that kept 1 by more than float rounding "
+                    "(docs/distributed.md)."]
     said.clear()
     preflight.check_resume(load_recipe(None, [*TINY, f"run.out_dir={out}"]), out, True, said.append)
     assert said == []  # the same R: nothing to say
