@@ -1,5 +1,6 @@
-"""Reliability: whole-job kills and resumption, Ctrl-C, a stalled worker, full disks, two runs on
-one folder. What each test proves is listed in docs/reliability.md.
+"""Reliability: whole-job kills and resumption, Ctrl-C and SIGTERM (once: a checkpoint; twice: at
+once), a stalled worker, full disks, two runs on one folder. What each test proves is listed in
+docs/reliability.md.
 
 Kills are made deterministic with a fault plugin (a `.py` file listed in the recipe's
 `plugins:`, as any user plugin): driven by FRZOO_FAULT=<where>:<n>, it writes a marker file and
