@@ -37,11 +37,10 @@ _BATCHNORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm
 
 
 class _Facts:
-    """What the checks need of the data and the model, each found once and only if asked."""
+    """What the checks need of the data and the model, found only if asked (the data once)."""
 
     def __init__(self, cfg: DictConfig, info: Optional[DataInfo]) -> None:
         self.cfg, self._info = cfg, info
-        self._batchnorm: Optional[bool] = None
 
     def info(self) -> DataInfo:
         if self._info is None:
