@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from .config import recipe_diff
 from .errors import FrzooError
 from .split import original_key
 
 FORMAT_VERSION = 1
-# Recipe keys that may change between a run and its resumption without changing the maths.
+# Recipe keys that may change between a run and its resumption without changing the maths
+# (docs/recipes.md lists them with the reason): how long, how often to log, evaluate and save,
+# where the files are, which process runs which part and how they connect.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "train.threads", "train.progress", "run.",
                      "logging.", "devices", "data.root", "data.download", "data.num_workers",
                      "data.eval_batch_size", "data.limit_test", "plugins", "executor",
                      # a checkpoint holds one pipeline's state whatever R wrote it: the global
                      # batch stays data.batch_size, only float summation order changes
-                     "distributed.replicas")
+                     "distributed.replicas",
+                     # how the processes reach each other, and how long they wait: the fix a
+                     # stall's or a busy port's message recommends must be allowed on resume
+                     "distributed.timeout_s", "distributed.master_addr",
+                     "distributed.master_port", "distributed.backend")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -91,11 +98,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_file(path: Path) -> Dict[str, Any]:
+def load_file(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """The checkpoint at `path`, checked; `mmap`: its tensors mapped from the file, not read
+    (to look at its recipe and progress before anything is built)."""
     if not path.is_file():
         raise FrzooError(f"checkpoint '{path}' does not exist.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
         raise FrzooError(f"checkpoint '{path}' is unreadable ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); "
                          f"it may be truncated or not a frzoo checkpoint.") from None
@@ -121,17 +130,43 @@ def checkpoint_state(*, recipe: Dict[str, Any], partition: List[List[str]],
 def check_compatible(state: Dict[str, Any], recipe: Dict[str, Any],
                      partition: List[List[str]], path: Path) -> None:
     """Refuse to resume with a different model, split, algorithm or data, saying what differs."""
-    taken = recipe.get("algorithm") or {}
-    diff = {k: v for k, v in recipe_diff(state["recipe"], recipe).items()
-            if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
-            and not _untaken_option(k, taken) and not _unused_loss_scale(k, recipe)}
+    diff = recipe_changes(state["recipe"], recipe, path)
     if state["partition"] != partition:
         diff["partition"] = (state["partition"], partition)
+    _refuse(diff, path)
+
+
+def recipe_changes(saved: Dict[str, Any], recipe: Dict[str, Any],
+                   path: Path) -> Dict[str, tuple]:
+    """{key: (saved, now)} for each recipe key that differs and may not change on resume. The
+    algorithm is refused first, on its own: its options and state belong to it."""
+    old, new = (saved.get("algorithm") or {}).get("name"), (recipe.get("algorithm") or {}).get("name")
+    if old != new:
+        raise FrzooError(f"cannot resume from '{path}': the algorithm cannot change on resume "
+                         f"(algorithm.name: {old!r} in the checkpoint, {new!r} now; its state and "
+                         f"options belong to it). Resume with algorithm.name={old}, or start a "
+                         f"new run.")
+    taken = recipe.get("algorithm") or {}
+    return {k: v for k, v in recipe_diff(saved, recipe).items()
+            if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
+            and not _untaken_option(k, taken) and not _unused_loss_scale(k, recipe)}
+
+
+def check_recipe(saved: Dict[str, Any], recipe: Dict[str, Any], path: Path, *,
+                 skip: Sequence[str] = ()) -> None:
+    """The recipe half of :func:`check_compatible`, for the check before any process starts
+    (frzoo.preflight); keys starting with one of `skip` are left to the full check."""
+    diff = recipe_changes(saved, recipe, path)
+    _refuse({k: v for k, v in diff.items() if not k.startswith(tuple(skip))}, path)
+
+
+def _refuse(diff: Dict[str, tuple], path: Path) -> None:
     if diff:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, b_a in
                           list(diff.items())[:6] for a, b in [b_a])
+        split = " and so another partition" if any(k.startswith("split.") for k in diff) else ""
         raise FrzooError(f"cannot resume from '{path}': it was made with a different recipe "
-                         f"({lines}). Resume with the run's own recipe ({path.parent.parent}/"
+                         f"({lines}){split}. Resume with the run's own recipe ({path.parent.parent}/"
                          f"recipe.yaml) or start a new run.")
 
 
@@ -150,6 +185,26 @@ def _unused_loss_scale(key: str, recipe: Dict[str, Any]) -> bool:
     """A `train.loss_scale` key of a run that is not fp16: it changes nothing (and checkpoints
     from before the key existed lack it)."""
     return key.startswith("train.loss_scale") and recipe["train"].get("precision") != "fp16"
+
+
+def run_recipe(run_dir: Path, echo: Callable[[str], None]) -> Path:
+    """The recipe `frzoo run --resume RUN_DIR` starts from: RUN_DIR/recipe.yaml. The checkpoint
+    holds the same recipe, so where the file is gone (deleted, or only checkpoints/ copied) it is
+    written back from the checkpoint, and the user is told."""
+    path = run_dir / "recipe.yaml"
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if path.is_file():
+        return path
+    if not checkpoint.is_file():
+        raise FrzooError(f"nothing to resume in '{run_dir}': neither {path} nor {checkpoint} "
+                         f"exists.")
+    state = load_file(checkpoint, mmap=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # rundir.remove_partial_files' form
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(state["recipe"])))
+    os.replace(tmp, path)
+    echo(f"{path} is missing; the checkpoint holds the run's recipe, so it was written back "
+         f"from {checkpoint} (step {state['progress']['step']}) and the run resumes with it.")
+    return path
 
 
 def export_state_dict(parts_states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -32,8 +32,9 @@ def _split_args(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
 def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]:
     from .config import load_recipe
     recipe, overrides = _split_args(items)
-    if recipe is None and resume:
-        recipe = str(Path(resume) / "recipe.yaml")
+    if recipe is None and resume:  # the run's own recipe (the checkpoint holds it too)
+        from .checkpoint import run_recipe
+        recipe = str(run_recipe(Path(resume), lambda msg: print(f"frzoo: {msg}", file=sys.stderr)))
     # No recipe file: the schema defaults plus the overrides (handy for quick experiments).
     return recipe or "run", load_recipe(recipe, overrides)
 
@@ -42,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from .logging import build_loggers, close_loggers
     from .run import train
+    from .stop import explained, sigterm_as_ctrl_c
+    sigterm_as_ctrl_c()  # a scheduler's SIGTERM is a Ctrl-C (frzoo.stop)
     recipe_path, cfg = _load(args.args, args.resume)
     resume = args.resume or cfg.run.resume
     if resume:
@@ -56,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
     loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=bool(resume), echo=echo)
     try:
-        summary = train(cfg, out_dir, resume=bool(resume), loggers=loggers, echo=echo)
+        with explained(out_dir):  # a stop without a checkpoint: one line naming the last one
+            summary = train(cfg, out_dir, resume=bool(resume), loggers=loggers, echo=echo)
     except BaseException:
         close_loggers(loggers, failed=True)  # the trainer closes them only when it returns
         raise
@@ -346,8 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FrzooError as exc:
         print(f"frzoo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("frzoo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # frzoo.stop.StoppedAtOnce says what survives
+        print(f"frzoo: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 

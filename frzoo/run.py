@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import rundir
+from . import preflight, rundir
 from .data import DataModule, build_data
 from .errors import FrzooError
 from .executors.base import Executor
@@ -126,6 +126,7 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     process group must be up)."""
     load_plugins(cfg.plugins)  # before the data: a recipe plugin may register the data set
     data = build_data(cfg.data, cfg.train.seed)
+    preflight.check_shards(cfg, data.info)  # here: the local executor; workers: checked again
     k_parts = num_parts_requested(cfg) or 1
     if rank is not None and cfg.distributed.replicas > 1:  # this replica's K devices
         cfg = _replica_cfg(cfg, rank, k_parts)
@@ -145,7 +146,6 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
         torch.cuda.set_device(device)
     replica = None
     if replicas > 1:
-        _check_shards(data, replicas)
         replica = Replica.join(pipeline.algorithms[0], layout,
                                part_groups(layout, cfg.distributed.timeout_s),
                                sync_bn=cfg.distributed.sync_bn)
@@ -160,16 +160,6 @@ def _replica_cfg(cfg: DictConfig, rank: int, num_parts: int) -> DictConfig:
     out = OmegaConf.merge(cfg, {"devices": devices})
     OmegaConf.set_readonly(out, True)
     return out  # type: ignore[return-value]
-
-
-def _check_shards(data: DataModule, replicas: int) -> None:
-    """Every replica needs rows in every step: the epoch's last, smaller batch too."""
-    last = data.info.num_train % data.batch_size
-    if not data.drop_last and 0 < last < replicas:
-        raise FrzooError(f"the last batch of each epoch has {last} samples ({data.info.num_train} "
-                         f"training samples, data.batch_size={data.batch_size}), fewer than "
-                         f"distributed.replicas={replicas}: every replica needs at least one. "
-                         f"Set data.drop_last=true or change data.batch_size.")
 
 
 def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
@@ -188,12 +178,14 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     if name != cfg.executor:
         cfg = OmegaConf.merge(cfg, {"executor": name})  # type: ignore[assignment]
         OmegaConf.set_readonly(cfg, True)
+    preflight.check_resume(cfg, out_dir, resume, echo)  # before the options: the algorithm
     cfg = resolve_algorithm(cfg)  # its options are checked before anything starts
     cfg = resolve_split(cfg, out_dir, resume, echo)
     if name == "distributed":
         num_parts = num_parts_requested(cfg) or 1
         for devices in replica_devices(cfg.devices, num_parts, cfg.distributed.replicas):
             resolve_devices(devices, num_parts)  # fail before starting anything: count, existence
+        preflight.check_shards(cfg)  # every batch fits every replica: before any process
         return launch(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
     rundir.prepare(out_dir, resume)
     with rundir.lock(out_dir):

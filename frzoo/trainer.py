@@ -7,7 +7,6 @@ it. That is what makes a resumed run equal, bit for bit, to one that never stopp
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -26,38 +25,7 @@ from .executors.base import Executor
 from .logging import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import lr_multiplier, set_lr
 from .sigma import SigmaProbe
-
-
-class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes the current step, checkpoints and stops.
-
-    Where the process does not decide when to stop (a distributed worker that does not feed the
-    first part) Ctrl-C is ignored: the stop reaches it through the pipeline instead.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.requested = False
-        self.enabled = enabled
-        self._previous: Any = None
-
-    def __enter__(self) -> "StopRequest":
-        try:
-            if not self.enabled:
-                self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-                return self
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, *_: Any) -> None:
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+from .stop import StopRequest
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,

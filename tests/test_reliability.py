@@ -1,5 +1,6 @@
-"""Reliability: whole-job kills and resumption, Ctrl-C, a stalled worker, full disks, two runs on
-one folder. What each test proves is listed in docs/reliability.md.
+"""Reliability: whole-job kills and resumption, Ctrl-C and SIGTERM (once: a checkpoint; twice: at
+once), a stalled worker, full disks, two runs on one folder. What each test proves is listed in
+docs/reliability.md.
 
 Kills are made deterministic with a fault plugin (a `.py` file listed in the recipe's
 `plugins:`, as any user plugin): driven by FRZOO_FAULT=<where>:<n>, it writes a marker file and
@@ -227,6 +228,109 @@ def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactl
     done = finish(out)
     assert done.returncode == 0, done.stderr
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
+
+
+# ---------------------------------------------------------------- SIGTERM (preemption)
+def stopped_at(stderr: str, out: Path) -> int:
+    """The step the stop line names; the checkpoint must hold exactly that step."""
+    lines = [line for line in stderr.splitlines() if "interrupted at step" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert f"interrupted at step {step}; checkpoint saved. Resume with " \
+           f"`frzoo run --resume {out}`" in lines[0]
+    assert checkpoint_step(out) == step
+    return step
+
+
+def signal_job(proc: subprocess.Popen, everyone: bool) -> None:
+    """SIGTERM as Kubernetes sends it (the main process) or as systemd and Slurm do (every
+    process of the job at once)."""
+    for pid in [proc.pid, *(descendants(proc.pid) if everyone else [])]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("executor, everyone", [("local", False), ("distributed", True)])
+def test_sigterm_stops_with_a_checkpoint_of_the_stop_step_and_resumes_exactly(
+        tmp_path, executor, everyone):
+    """Preemption: SIGTERM is Ctrl-C. The local run stops after the step in progress; the
+    distributed job, signalled in every process, stops once (the launcher relays it to part 1,
+    the workers ignore their own copy) at the next run of steps. Both checkpoint the step they
+    stop at, say how to resume, exit 130, and the resumed run equals an uninterrupted one."""
+    reference = straight(tmp_path)
+    out = tmp_path / "r"
+    mark = tmp_path / "mark"
+    proc = start([*TINY, f"executor={executor}", f"plugins=[{fault_plugin(tmp_path)}]",
+                  f"run.out_dir={out}"],
+                 {"FRZOO_FAULT": "mark:3", "FRZOO_FAULT_MARK": str(mark), "FRZOO_FAULT_SLOW": "0.3"})
+    wait_for(mark, proc)
+    signal_job(proc, everyone)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert 3 <= stopped_at(stderr, out) < 18
+    assert not (out / ".lock").exists() and not descendants(proc.pid)
+    done = finish(out)
+    assert done.returncode == 0, done.stderr
+    assert_same(reference, torch.load(out / "final.pt", weights_only=True))
+
+
+def test_sigterm_to_torchrun_stops_the_job_with_a_checkpoint_and_it_resumes_exactly(tmp_path):
+    """torchrun's agent, sent SIGTERM, sends it once to each worker (and SIGKILL after its
+    --shutdown-timeout): part 1 stops the job at the next run of steps with a checkpoint of
+    that step, the others ignore theirs."""
+    reference = straight(tmp_path)
+    out = tmp_path / "r"
+    mark = tmp_path / "mark"
+    env = {**os.environ, "FRZOO_FAULT": "mark:3", "FRZOO_FAULT_MARK": str(mark),
+           "FRZOO_FAULT_SLOW": "0.3", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+         "--monitor-interval", "0.2", "-m", "frzoo.cli", "run", *TINY,
+         f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(mark, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    ours = "\n".join(line for line in stderr.splitlines() if line.startswith("frzoo:"))
+    assert 3 <= stopped_at(ours, out) < 18, stderr
+    assert "lost a neighbour" not in stderr and not descendants(proc.pid)
+    done = finish(out)
+    assert done.returncode == 0, done.stderr
+    assert_same(reference, torch.load(out / "final.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("executor", ["local", "distributed"])
+def test_a_second_signal_stops_at_once_with_one_line_naming_the_last_checkpoint(tmp_path, executor):
+    """Ctrl-C, then SIGTERM while the step in progress hangs (the middle part pauses in step 7,
+    after the checkpoint of step 6): the second signal ends the job at once, exit 130, with one
+    line naming the checkpoint that survives; no traceback, no process left."""
+    out = tmp_path / "r"
+    mark = tmp_path / "mark"
+    proc = start([*TINY, f"executor={executor}", f"plugins=[{fault_plugin(tmp_path)}]",
+                  f"run.out_dir={out}"], {"FRZOO_FAULT": "step:7", "FRZOO_FAULT_MARK": str(mark)})
+    wait_for(mark, proc)
+    deadline = time.time() + 60
+    while checkpoint_step(out) != 6:  # distributed: the leader may still be writing it
+        assert time.time() < deadline
+        time.sleep(0.1)
+    workers = descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first signal waits for the step, which hangs
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if "stopped" in line or "interrupted" in line]
+    assert lines == [f"frzoo: stopped at once by a second SIGTERM; the steps since the last "
+                     f"checkpoint are lost. The last good checkpoint is {out}/checkpoints/last.pt "
+                     f"(step 6); resume with `frzoo run --resume {out}`."], stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    time.sleep(1.0)  # a worker notices within 0.5 s that its launcher is gone
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]]
+    assert checkpoint_step(out) == 6
 
 
 STALL_PLUGIN = '''

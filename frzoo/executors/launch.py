@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .. import rundir
+from .. import rundir, stop
 from ..config import check_master_addr
 from ..errors import FrzooError
 from . import elastic
@@ -72,6 +72,7 @@ def _spawned_worker(worker: Worker, rank: int, world_size: int, cfg_dict: Dict[s
                     out_dir: str, resume: bool, port: int, parent: int, errors: Any) -> None:
     """Entry of a process started by :func:`launch`."""
     os.setpgrp()  # Ctrl-C in the terminal reaches the launcher only; it forwards it to rank 0
+    stop.relayed_only(decides=rank == 0)  # a SIGTERM to every process counts once: relayed
     _watch_parent(parent)
     os.environ.update(MASTER_ADDR=cfg_dict["distributed"]["master_addr"], MASTER_PORT=str(port))
     cfg = OmegaConf.create(cfg_dict)
@@ -129,11 +130,10 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
                  for r in range(world)]
         for proc in procs:
             proc.start()
-        previous = signal.signal(signal.SIGINT, lambda *_: _forward_sigint(procs[0]))
-        try:
-            failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
+        try:  # Ctrl-C or SIGTERM: rank 0 stops the job with a checkpoint; a second: at once
+            with stop.relayed(lambda: _forward_sigint(procs[0])):
+                failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
         finally:
-            signal.signal(signal.SIGINT, previous)
             _terminate(procs)
     if failure:
         raise failure
@@ -229,9 +229,9 @@ def _peer_loss(detail: str) -> bool:
 
 
 def _terminate(procs: List[Any]) -> None:
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
+    for proc in procs:  # SIGKILL: a worker ignores SIGTERM (the launcher relays it), and
+        if proc.is_alive():  # a stopped job has nothing left to save
+            proc.kill()
     deadline = time.time() + 5.0
     for proc in procs:
         proc.join(timeout=max(0.0, deadline - time.time()))
