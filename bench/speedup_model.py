@@ -1,6 +1,7 @@
 """A MODEL (not a measurement) of Features Replay's speedup on K devices for the paper's ResNets.
 
     python bench/speedup_model.py [--batch 32] [--bandwidth-gbs 10] [--device cpu|cuda] [--out FILE]
+        [--schedule-ks 2,3,4,5,6,7,8] [--microbatches-per-part 1,4]
 
 Inputs, measured here: each block's forward and backward seconds (train mode, CIFAR-shaped input
 at --batch; on one CPU thread, or on the GPU with --device cuda) and each cut's activation size.
@@ -14,7 +15,7 @@ best split for this cost (frzoo's `split.auto=time`). The paper's measured speed
 beside (docs/algorithm.md, "Reported numbers", from the paper's Fig. 4).
 
 The same measured times also model, at K = 2..8 (--schedule-ks) and M = K and 4K micro-batches
-(--microbatches), the synchronous pipelines beside fr and ddg: gpipe, 1f1b and zb1 (ZB-H1), each
+(--microbatches-per-part), the synchronous pipelines beside fr and ddg: gpipe, 1f1b and zb1 (ZB-H1), each
 on the best split for its own cost, with the activation memory each part holds. Each unit's
 backward is split into its input gradient and its weight gradient by a second measurement (the
 input-gradient share, see :func:`input_gradient_share`); the formulas are the small functions
@@ -429,10 +430,11 @@ def model_entry(name: str, args: argparse.Namespace, device: torch.device) -> Di
     sizes = activation_bytes(model, units, sample)
     bandwidth = args.bandwidth_gbs * 1e9
     first = [u[0] for u in units]
-    entry: Dict[str, object] = {"units": len(units),
-                                "backward_over_forward": sum(b for _, b in costs) / sum(f for f, _ in costs),
-                                "input_gradient_share": sum(b * s for (_, b), s in zip(costs, shares))
-                                / sum(b for _, b in costs), "k": {}, "schedules": {}}
+    backward = sum(b for _, b in costs)
+    entry: Dict[str, object] = {
+        "units": len(units), "backward_over_forward": backward / sum(f for f, _ in costs),
+        "input_gradient_share": sum(b * s for (_, b), s in zip(costs, shares)) / backward,
+        "k": {}, "schedules": {}}
     for k in (2, 3, 4):
         rule = [first.index(p) if p in first else next(i for i, u in enumerate(units) if p in u)
                 for p in points_for_k(model, k)]
@@ -501,7 +503,8 @@ def markdown_tables(results: Dict[str, object]) -> str:
                 cell(at[f][s]) for f in ms for s in PIPELINES]
             lines.append("| " + " | ".join(cells) + " |")
         bp = rows[0]["bp"]
-        lines += ["", f"bp on one device: {bp['peak_activation_bytes'] / 2 ** 20:.0f} MB of activations.", ""]
+        lines += ["", f"bp on one device: {bp['peak_activation_bytes'] / 2 ** 20:.0f} MB of "
+                  "activations.", ""]
     return "\n".join(lines)
 
 
