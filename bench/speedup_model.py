@@ -15,12 +15,12 @@ best split for this cost (frzoo's `split.auto=time`). The paper's measured speed
 beside (docs/algorithm.md, "Reported numbers", from the paper's Fig. 4).
 
 The same measured times also model, at K = 2..8 (--schedule-ks) and M = K and 4K micro-batches
-(--microbatches-per-part), the synchronous pipelines beside fr and ddg: gpipe, 1f1b and zb1 (ZB-H1), each
-on the best split for its own cost, with the activation memory each part holds. Each unit's
-backward is split into its input gradient and its weight gradient by a second measurement (the
-input-gradient share, see :func:`input_gradient_share`); the formulas are the small functions
-below (:func:`gpipe_seconds`, :func:`zb1_seconds`, :func:`activations_held`). A markdown table
-of all of them is printed at the end.
+(--microbatches-per-part), the synchronous pipelines beside fr and ddg: gpipe, 1f1b and zb1
+(ZB-H1), each on the best split for its own cost, with the activation memory each part holds.
+Each unit's backward is split into its input gradient and its weight gradient by a second
+measurement (see :func:`input_gradient_share`); the formulas are the small functions below
+(:func:`gpipe_seconds`, :func:`zb1_seconds`, :func:`activations_held`). A markdown table of
+all of them is printed at the end.
 
     python bench/speedup_model.py --scale-out [--devices 4,8,16] [--intra-gbs 150]
         [--inter-gbs 25] [--gpus-per-node 8] [--sustained-tflops 0,100] [--out FILE]
