@@ -10,11 +10,13 @@ knows processes, not what they train.
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -118,14 +120,14 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    with rundir.lock(out_dir):
+    with rundir.lock(out_dir), tempfile.TemporaryDirectory(
+            prefix="frzoo-workers-", ignore_cleanup_errors=True) as scratch:
         procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r % num_parts + 1}"
                              + (f"-replica{r // num_parts}" if world > num_parts else ""),
                              args=(worker, r, world, cfg_dict, str(out_dir), resume, port,
                                    os.getpid(), errors))
                  for r in range(world)]
-        for proc in procs:
-            proc.start()
+        _start(procs, scratch)
         previous = signal.signal(signal.SIGINT, lambda *_: _forward_sigint(procs[0]))
         try:
             failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
@@ -186,6 +188,26 @@ def _namer(num_parts: int, world: int) -> Callable[[int], str]:
     return lambda rank: Layout(rank, num_parts, world // num_parts).name()
 
 
+def _start(procs: List[Any], scratch: str) -> None:
+    """Start the workers with `scratch` as their temporary folder (TMPDIR), which the launcher
+    removes when the job ends: a worker ends with os._exit, which skips the clean-up of what it
+    made there (`import timm` imports wandb, which makes two temporary folders per process,
+    W&B off or on). torch.compile's cache stays where it was, shared between runs."""
+    saved = {key: os.environ.get(key) for key in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    inductor = saved["TORCHINDUCTOR_CACHE_DIR"] or os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    os.environ.update(TMPDIR=scratch, TORCHINDUCTOR_CACHE_DIR=inductor)
+    try:
+        for proc in procs:
+            proc.start()  # a spawned process inherits the environment as it is now
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _terminate(procs: List[Any]) -> None:
     for proc in procs:
         if proc.is_alive():
@@ -225,7 +247,7 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
             try:
                 worker(cfg, out_dir, resume, rank, world)
             except Exception as exc:  # noqa: BLE001 - a lost peer becomes one clear line
-                raise _torchrun_failure(exc, Layout(rank, num_parts, replicas),
+                raise lost_neighbour(exc, Layout(rank, num_parts, replicas),
                                         out_dir) from exc
             dist.barrier()
     finally:
@@ -234,7 +256,7 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
     return json.loads(summary.read_text()) if summary.exists() else {}
 
 
-def _torchrun_failure(exc: BaseException, layout: Layout, out_dir: Path) -> BaseException:
+def lost_neighbour(exc: BaseException, layout: Layout, out_dir: Path) -> BaseException:
     """Under torchrun no frzoo launcher explains a failure: a part that lost its neighbour (a
     worker killed, a node gone) says so in one line, with the checkpoint that survives and what
     torchrun does next. Any other error is kept as it is."""
