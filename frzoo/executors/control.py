@@ -46,11 +46,11 @@ class ControlGroup:
         flag = torch.tensor([int(requested)], dtype=torch.int64)
         if self.group is not None:
             self.retire()
-            if self.layout.rank == 0:
-                self.works.append((dist.broadcast(flag, src=0, group=self.group, async_op=True),
-                                   flag))
-            else:
-                with self.waiting(None, "rank 0 to start a run of steps"):
+            with self.waiting(None, "rank 0 to start a run of steps"):
+                if self.layout.rank == 0:
+                    self.works.append((dist.broadcast(flag, src=0, group=self.group,
+                                                      async_op=True), flag))
+                else:
                     dist.broadcast(flag, src=0, group=self.group)
         return bool(flag.item())
 
@@ -64,13 +64,14 @@ class ControlGroup:
             rows = [row]
         else:
             self.retire()
-            if self.layout.rank != self.layout.leader:
-                self.works.append((dist.gather(row, None, dst=self.layout.leader,
-                                               group=self.group, async_op=True), row))
-                return None
-            rows = [torch.empty_like(row) for _ in range(self.layout.world)]
+            leader = self.layout.rank == self.layout.leader
+            rows = [torch.empty_like(row) for _ in range(self.layout.world)] if leader else None
             with self.waiting(None, "the other parts' timings"):
-                dist.gather(row, rows, dst=self.layout.leader, group=self.group)
+                work = dist.gather(row, rows, dst=self.layout.leader, group=self.group,
+                                   async_op=not leader)
+            if not leader:
+                self.works.append((work, row))
+                return None
         return [{k: v for k, v in zip(keys, r.tolist()) if not math.isnan(v)} for r in rows]
 
     def retire(self, wait: bool = False) -> None:

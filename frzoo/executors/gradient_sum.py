@@ -174,8 +174,9 @@ class GradientSum:
         flat = _flatten_dense_tensors(tensors)
         if len(tensors) == 1:  # that is a view of the gradient: the sum must not land in it
             flat = flat.clone()  # while the backward may still write it (see `changed`)
-        return Launched(params, grads, [g._version for g in grads], flat,
-                         dist.all_reduce(flat, group=self.group, async_op=True))
+        with self.waiting("the other replicas' gradient sums"):  # a closed pair fails here
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        return Launched(params, grads, [g._version for g in grads], flat, work)
 
     def __call__(self, algo: Any) -> bool:
         """Before the step: launch what the backward did not, wait, copy the sums back. Returns

@@ -194,7 +194,9 @@ class Wire:
             self._post_send(peer, torch.tensor([side], dtype=torch.float64, device=self.on), tick)
 
     def _post_send(self, peer: int, tensor: Tensor, tick: int) -> None:
-        self.sends.append((tick, peer, dist.isend(tensor, peer), tensor))
+        with self.waiting(peer, "a message it sent to be taken", by=True):  # a closed pair fails here
+            work = dist.isend(tensor, peer)
+        self.sends.append((tick, peer, work, tensor))
 
     def expect(self, kind: int, peer: int, rows: int, side: bool = False) -> Incoming:
         """Post the receive of the next message of `kind` from `peer`, of `rows` rows (and, with
@@ -203,7 +205,9 @@ class Wire:
         what = f"a {KIND_NAMES[kind]}"
         if kind not in self.recv_specs:
             header = torch.zeros(codec.HEADER_LEN, dtype=torch.int64, device=self.on)
-            Incoming(self, dist.irecv(header, peer), header, peer, what).wait()
+            with self.waiting(peer, what):
+                work = dist.irecv(header, peer)
+            Incoming(self, work, header, peer, what).wait()
             self.recv_specs[kind] = codec.decode_header(header)
         spec = self.recv_specs[kind]
         if codec.packed(spec):
@@ -213,11 +217,12 @@ class Wire:
             dtype, trailing = spec[0]  # type: ignore[misc]
             buffer = torch.empty((rows, *trailing), dtype=dtype, device=self.on,
                                  pin_memory=self.pinned)
-        work = dist.irecv(buffer, peer)
         number = None
-        if side:
-            value = torch.empty(1, dtype=torch.float64, device=self.on)
-            number = (dist.irecv(value, peer), value)
+        with self.waiting(peer, what):  # posting on a closed pair fails at once
+            work = dist.irecv(buffer, peer)
+            if side:
+                value = torch.empty(1, dtype=torch.float64, device=self.on)
+                number = (dist.irecv(value, peer), value)
         return Incoming(self, work, buffer, peer, what, spec, rows, number)
 
     def retire(self, upto: float) -> None:
