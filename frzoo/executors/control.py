@@ -72,6 +72,7 @@ class ControlGroup:
             if not leader:
                 self.works.append((work, row))
                 return None
+            assert rows is not None
         return [{k: v for k, v in zip(keys, r.tolist()) if not math.isnan(v)} for r in rows]
 
     def retire(self, wait: bool = False) -> None:

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..activation import Deltas, detached
 from ..algorithms.base import PartAlgorithm
@@ -231,7 +231,7 @@ class PairSchedule:
         self.wire.retire(math.inf)
         return totals
 
-    def _evaluate_received(self, sizes: Any, totals: EvalTotals) -> None:
+    def _evaluate_received(self, sizes: Sequence[int], totals: EvalTotals) -> None:
         posted = 0
         for b in range(len(sizes)):
             while posted < min(b + 2, len(sizes)):  # the next batch's receives, ahead
@@ -249,7 +249,7 @@ class PairSchedule:
             self.advance()
 
     # -- checkpoints: the outbox is the previous part's mailbox
-    def unused_deltas(self, next_step: int) -> Tuple[list, list]:
+    def unused_deltas(self, next_step: int) -> Tuple[List[Deltas], List[float]]:
         """The deltas this part made that the previous part has not used (sent or not: they are
         the state its next steps depend on), and in fp16 their scales."""
         unused = [d for slot, d in self.outbox if slot >= next_step]
@@ -257,7 +257,8 @@ class PairSchedule:
             if self.scaled else []
         return unused, scales
 
-    def load_mailbox(self, next_step: int, mailbox: list, scales: list) -> None:
+    def load_mailbox(self, next_step: int, mailbox: Sequence[Deltas],
+                     scales: Sequence[float]) -> None:
         """The previous part's mailbox, to send again: it uses them at its next steps."""
         self.outbox = deque((next_step + i, d) for i, d in enumerate(mailbox))
         if self.scaled:
