@@ -26,7 +26,8 @@ from .executors.base import Executor
 from .executors.launch import choose_backend, launch, under_torchrun
 from .executors.local import LocalExecutor
 from .executors.p2p import DistributedExecutor
-from .executors.replicas import Layout, Replica, part_groups
+from .executors.replicas import Replica
+from .executors.topology import Layout, part_groups
 from .logging import Logger, build_loggers, close_loggers
 from .pipeline import (Pipeline, build_pipeline, load_plugins, num_parts_requested,
                        replica_devices, resolve_algorithm, resolve_auto_split, resolve_devices)
@@ -148,7 +149,8 @@ def build(cfg: DictConfig, *, rank: Optional[int] = None, world_size: int = 1) -
     if replicas > 1:
         replica = Replica.join(pipeline.algorithms[0], layout,
                                part_groups(layout, cfg.distributed.timeout_s),
-                               sync_bn=cfg.distributed.sync_bn)
+                               sync_bn=cfg.distributed.sync_bn,
+                               timeout_s=cfg.distributed.timeout_s)
     executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg),
                                    replica, timeout_s=cfg.distributed.timeout_s)
     return Assembly(data, pipeline, executor)

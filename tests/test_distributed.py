@@ -6,8 +6,13 @@ reference, not a tolerance.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -17,6 +22,10 @@ import torch
 
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
+from frzoo.executors.failures import Report, WorkerDied, blame, explain, shorten
+from frzoo.executors.launch import lost_neighbour
+from frzoo.executors.topology import Layout
+from frzoo.executors.wire import PeerLost, PeerStalled
 from frzoo.run import train
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
@@ -37,9 +46,14 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.parametrize("algo,k", [("fr", 2), ("bp", 2), ("fr", 3), ("bp", 3)])
-def test_distributed_equals_local_bit_for_bit(tmp_path, algo, k):
+def test_distributed_equals_local_bit_for_bit(tmp_path, algo, k, monkeypatch):
     run(tmp_path / "local", SPLITS[k], f"algorithm.name={algo}")
+    scratch = tmp_path / "tmp"  # the temporary folder the job is given: it leaves nothing there
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))  # what the workers would inherit
     summary = run(tmp_path / "dist", SPLITS[k], f"algorithm.name={algo}", "executor=distributed")
+    assert list(scratch.iterdir()) == []  # the workers' wandb-media/-artifacts folders included
     assert same_weights(tmp_path / "local", tmp_path / "dist")
     # same outputs as a local run: checkpoint (with the delta in flight), metrics, summary
     a = torch.load(tmp_path / "local" / "checkpoints" / "last.pt", weights_only=True)
@@ -72,7 +86,7 @@ import os, signal
 from frzoo.plugins import register_algorithm
 from frzoo.algorithms.fr import FeaturesReplay
 
-@register_algorithm("fr_breaks_{index}")
+@register_algorithm("fr_{name}")
 class Breaks(FeaturesReplay):
     def backward(self, delta, step):
         if step == 5 and self.index == {index}:
@@ -81,9 +95,12 @@ class Breaks(FeaturesReplay):
 '''
 
 
-def plugin(tmp_path: Path, index: int, action: str) -> str:
-    path = tmp_path / f"breaks_{index}.py"
-    path.write_text(textwrap.dedent(FAILING_PLUGIN.format(index=index, action=action)))
+def plugin(tmp_path: Path, index: int, action: str, name: str = "") -> str:
+    """A plugin whose algorithm `fr_NAME` (default `fr_breaks_INDEX`) runs `action` in part
+    INDEX + 1 at step 5."""
+    name = name or f"breaks_{index}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(FAILING_PLUGIN.format(index=index, action=action, name=name)))
     return str(path)
 
 
@@ -100,11 +117,15 @@ def test_a_worker_that_raises_stops_the_job_and_names_part_rank_and_error(tmp_pa
 
 
 def test_a_killed_worker_stops_the_job_within_seconds(tmp_path):
-    path = plugin(tmp_path, 0, "os.kill(os.getpid(), signal.SIGKILL)")
+    """The middle part of three is killed: both its neighbours lose their connection to it and
+    fail at once, yet the report names the killed part, in one line."""
+    path = plugin(tmp_path, 1, "os.kill(os.getpid(), signal.SIGKILL)", name="killed_1")
     start = time.time()
-    with pytest.raises(RuntimeError, match=r"part 1 \(rank 0\) was killed by signal SIGKILL"):
-        run(tmp_path / "r", SPLITS[2], f"plugins=[{path}]", "algorithm.name=fr_breaks_0",
+    with pytest.raises(RuntimeError, match=r"^part 2 \(rank 1\) was killed by signal SIGKILL") \
+            as info:
+        run(tmp_path / "r", SPLITS[3], f"plugins=[{path}]", "algorithm.name=fr_killed_1",
             "executor=distributed", "train.checkpoint_every=2")
+    assert isinstance(info.value, FrzooError) and "\n" not in str(info.value)  # no traceback
     assert time.time() - start < 60
     assert not multiprocessing.active_children()
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 5
@@ -136,3 +157,105 @@ def test_torchrun_world_size_must_match_the_parts(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(FrzooError, match=r"torchrun started 3 processes.*recipe has 2 parts"):
         run(tmp_path / "r", SPLITS[2], "executor=distributed")
+
+
+# ---------------------------------------------------------------- who is blamed for a failure
+def test_blame_prefers_a_killed_rank_over_the_neighbours_that_lost_it():
+    """Exit codes and reports as the launcher records them, whatever order they came in."""
+    lost = lambda rank, peer: Report(rank, "h", True, f"lost part of rank {peer}", peer)
+    # K=3, the middle rank SIGKILLed, both neighbours lost it (and exited 2)
+    assert blame([2, -9, 2], [lost(0, 1), lost(2, 1)]) == ("died", 1)
+    assert blame([None, -9, 2], [lost(2, 1)]) == ("died", 1)  # rank 0 not yet exited
+    # R=2 x K=2, rank 2 killed: rank 3 lost it, rank 0 failed in the gradient sum with a raw
+    # gloo error (no PeerFailure): still the killed rank
+    raw = Report(0, "h", False, "RuntimeError: Connection reset by peer", None)
+    assert blame([1, None, -9, 2], [raw, lost(3, 2)]) == ("died", 2)
+    assert blame([0, 0, 1, 0], []) == ("died", 2)  # exited non-zero without a report
+    assert blame([2, -9, -15], [lost(0, 1)]) == ("died", 1)  # the signal first, then the rank
+    assert blame([2, -9, -15][::-1], [lost(2, 1)]) == ("died", 0)
+
+
+def test_blame_an_own_error_then_a_stalled_rank():
+    lost = lambda rank, peer: Report(rank, "h", True, "...", peer)
+    bug = Report(1, "h", False, "ValueError: boom", None)
+    user = Report(2, "h", True, "loss is nan", None)
+    assert blame([2, 1, 2], [lost(0, 1), bug, lost(2, 1)]) == ("error", 1)
+    assert blame([None, 1, 2], [bug, user]) == ("error", 2)  # the user error says it all
+    assert blame([2, None], [lost(0, 1)], stuck=[1]) == ("stalled", 1)
+    assert blame([2, 2, None], [lost(0, 1), lost(1, -1)], stuck=[2]) == ("stalled", 2)
+
+
+def test_explain_names_part_and_replica_in_one_line():
+    name = lambda rank: Layout(rank, 2, 2).name()
+    error = explain([2, None, -9, 2], [Report(3, "h", True, "...", 2)], [], 20.0, name)
+    assert isinstance(error, WorkerDied) and isinstance(error, RuntimeError)
+    assert str(error).startswith("part 1 of replica 1 (rank 2) was killed by signal SIGKILL; ")
+    assert "\n" not in str(error)
+    stalled = explain([2, None], [Report(0, "h", True, "...", 1)], [1], 5.0,
+                      lambda rank: Layout(rank, 2).name())
+    assert str(stalled).startswith("part 2 (rank 1) stalled: part 1 waited more than 5 s")
+
+
+def test_torchrun_lost_neighbour_names_part_and_replica_and_cuts_at_a_word(tmp_path):
+    cause = PeerLost("part 2 of replica 1 (rank 3) lost part 1 of replica 1 (rank 2) while "
+                     "waiting for a delta from it " + "word " * 60, 2)
+    error = lost_neighbour(cause, Layout(3, 2, 2), tmp_path)
+    text = str(error)
+    assert isinstance(error, FrzooError)
+    assert text.startswith("part 2 of replica 1 (rank 3, host ") and "lost a neighbour" in text
+    assert "word ...)" in text and "\n" not in text
+    assert lost_neighbour(ValueError("x"), Layout(0, 2), tmp_path).args == ("x",)
+    assert shorten("abc defgh ijk", 8) == "abc ..." and shorten("a\nb") == "a"
+
+
+FAILED_WAITS = """
+import json, os, sys, time
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from frzoo.executors.wire import Waiting, waited_for
+
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3,
+                        timeout=timedelta(seconds=2))
+dist.barrier()
+if rank != 1:
+    time.sleep(1 if rank == 2 else 5)  # rank 2 goes away after 1 s; rank 0 stays, silent
+    os._exit(0)
+found = []
+for peer in (2, 0):  # lost, then stalled
+    try:
+        with Waiting("rank 1", f"rank {peer}", peer, "a message", 2.0):
+            try:
+                dist.irecv(torch.zeros(4), peer).wait()
+            except BaseException as exc:
+                raw = type(exc)
+                raise
+    except BaseException as exc:
+        found.append({"raw": raw.__name__, "dist_error": issubclass(raw, dist.DistError),
+                      "raised": type(exc).__name__, "waited_for": waited_for(exc)})
+print(json.dumps(found))
+os._exit(0)
+"""
+
+
+def test_gloo_failed_waits_are_told_apart_without_their_text(tmp_path):
+    """What gloo (torch 2.14) raises for a peer gone and for a peer silent past the timeout: the
+    same plain RuntimeError, no torch.distributed.DistError; the wire's Waiting turns each
+    into PeerLost / PeerStalled naming the rank waited for (three real processes)."""
+    script = tmp_path / "failed_waits.py"
+    script.write_text(FAILED_WAITS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, str(script)]
+    others = [subprocess.Popen([*cmd, str(r), str(tmp_path / "store")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for r in (0, 2)]
+    out = subprocess.run([*cmd, "1", str(tmp_path / "store")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    for proc in others:
+        proc.wait(timeout=60)
+    lost, stalled = json.loads(out.stdout.strip().splitlines()[-1])
+    assert lost == {"raw": "RuntimeError", "dist_error": False, "raised": PeerLost.__name__,
+                    "waited_for": 2}
+    assert stalled == {"raw": "RuntimeError", "dist_error": False,
+                       "raised": PeerStalled.__name__, "waited_for": 0}

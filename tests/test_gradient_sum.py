@@ -1,4 +1,4 @@
-"""The replicas' gradient sum (frzoo.executors.replicas.GradientSum) in two gloo processes, on a
+"""The replicas' gradient sum (frzoo.executors.gradient_sum.GradientSum) in two gloo processes, on a
 small model with a bucket cap small enough for several buckets: fast, direct checks of what the
 R=2 x K=2 runs of tests/test_replicas.py check end to end.
 
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from frzoo.executors import replicas
-from frzoo.executors.replicas import GradientSum, plan_buckets
+from frzoo.executors.gradient_sum import GradientSum, plan_buckets
 from frzoo.loss_scale import LossScaler
 
 CAP = 1024  # bytes: the model below needs 6 buckets

@@ -33,7 +33,7 @@ import torch
 from frzoo.config import load_recipe
 from frzoo.data import build_data, shard_rows
 from frzoo.errors import FrzooError, RecipeError
-from frzoo.executors.replicas import Layout
+from frzoo.executors.topology import Layout
 from frzoo.run import choose_executor, train
 
 EMULATION = Path(__file__).with_name("nccl_emulation.py")
@@ -261,7 +261,7 @@ def test_fp16_replicas_step_or_skip_together_with_one_scale(tmp_path, monkeypatc
 def test_checkpoint_shards_of_multi_tensor_cuts_concatenate_and_split_back():
     """A history or mailbox entry of a cut crossed by several tensors is saved as a list (None
     where a tensor has no delta): the replicas' rows join tensor by tensor and split back."""
-    from frzoo.executors.replicas import Layout, concat_shards, shard_tensors
+    from frzoo.executors.shards import concat_shards, shard_tensors
     g = torch.Generator().manual_seed(0)
     whole = [[torch.randn(7, 3, generator=g), None, torch.randn(7, 2, 2, generator=g)],
              torch.randn(7, 4, generator=g)]

@@ -110,6 +110,38 @@ class DataModule:
         n = self.info.num_train
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    # -------------------------------------------------------- batch sizes
+    # Every question about how many rows a batch (or a replica's share of one) has is answered
+    # in this block: the distributed executor predicts each message's shape from it before the
+    # message exists (frzoo.executors.schedule), the replicas split and gather by it, and the
+    # run checks the replicas' shards with it before any process starts (frzoo.run).
+    def batch_rows(self, step: int) -> int:
+        """The rows of training step `step`'s global batch (every epoch has the same batches;
+        only an epoch's last one may be smaller)."""
+        if self.drop_last:
+            return self.batch_size
+        index = step % self.steps_per_epoch()
+        return min(self.batch_size, self.info.num_train - index * self.batch_size)
+
+    def shard_size(self, step: int, replica: int = 0, replicas: int = 1) -> int:
+        """The rows replica `replica` of `replicas` takes of step `step`'s batch (:func:`shard_rows`)."""
+        lo, hi = shard_rows(self.batch_rows(step), replica, replicas)
+        return hi - lo
+
+    def shard_sizes(self, step: int, replicas: int) -> List[int]:
+        """Every replica's rows of step `step`'s batch, in replica order (they add up to it)."""
+        return [self.shard_size(step, r, replicas) for r in range(replicas)]
+
+    def last_batch_rows(self) -> int:
+        """The rows of each epoch's last batch when it is smaller than data.batch_size, else 0."""
+        return 0 if self.drop_last else self.info.num_train % self.batch_size
+
+    def test_batch_rows(self, replica: int = 0, replicas: int = 1) -> List[int]:
+        """The rows of each test batch replica `replica` of `replicas` evaluates, in order: the
+        batches :meth:`test_batches` yields to it."""
+        n, size = self.info.num_test, self.eval_batch_size
+        return [min(size, n - i) for i in range(0, n, size)][replica::replicas]
+
     def train_order(self, epoch: int) -> Tensor:
         """The sample indices of epoch `epoch`, in order: a pure function of (seed, epoch)."""
         n = self.info.num_train

@@ -10,17 +10,19 @@ knows processes, not what they train.
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,8 +32,9 @@ from .. import rundir, stop
 from ..config import check_master_addr
 from ..errors import FrzooError
 from . import elastic
-from .p2p import PeerStalled, _is_timeout
-from .replicas import Layout
+from .failures import Report, explain, shorten
+from .topology import Layout
+from .wire import PeerFailure, waited_for
 
 # worker(cfg, out_dir, resume, rank, world_size): one process's whole job
 Worker = Callable[[DictConfig, Path, bool, int, int], None]
@@ -84,9 +87,7 @@ def _spawned_worker(worker: Worker, rank: int, world_size: int, cfg_dict: Dict[s
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then exit non-zero
         user = isinstance(exc, FrzooError)
         detail = str(exc) if user else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        stalled = (-1 if exc.peer is None else exc.peer) if isinstance(exc, PeerStalled) \
-            else (-1 if _is_timeout(exc) else None)  # the rank it waited for; -1: unknown
-        errors.put((rank, socket.gethostname(), user, detail, stalled))
+        errors.put(Report(rank, socket.gethostname(), user, detail, waited_for(exc)))
         code = 2 if user else 1
     finally:
         if dist.is_initialized() and code == 0:
@@ -122,14 +123,14 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    with rundir.lock(out_dir):
+    with rundir.lock(out_dir), tempfile.TemporaryDirectory(
+            prefix="frzoo-workers-", ignore_cleanup_errors=True) as scratch:
         procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r % num_parts + 1}"
                              + (f"-replica{r // num_parts}" if world > num_parts else ""),
                              args=(worker, r, world, cfg_dict, str(out_dir), resume, port,
                                    os.getpid(), errors))
                  for r in range(world)]
-        for proc in procs:
-            proc.start()
+        _start(procs, scratch)
         try:  # Ctrl-C or SIGTERM: rank 0 stops the job with a checkpoint; a second: at once
             with stop.relayed(lambda: _forward_sigint(procs[0])):
                 failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
@@ -147,75 +148,41 @@ def _forward_sigint(proc: Any) -> None:
 
 def _supervise(procs: List[Any], errors: Any, timeout_s: float,
                num_parts: int = 0) -> Optional[BaseException]:
-    """Wait for every worker; on the first failure stop the others and explain it."""
+    """Wait for every worker; on the first failure stop the others and explain it
+    (frzoo.executors.failures: the exit codes are recorded before anything is stopped)."""
     while True:
         codes = [p.exitcode for p in procs]
         if all(c == 0 for c in codes):
             return None
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            # give the others a moment to report their own errors, then stop them
+        if any(c not in (None, 0) for c in codes):
+            # give the others a moment to report their own errors
             deadline = time.time() + 2.0
             while time.time() < deadline and any(p.is_alive() for p in procs) and errors.empty():
                 time.sleep(0.05)
             reports = _drain(errors)
             stuck: List[int] = []
-            if any(report[4] is not None for report in reports):
-                # A part timed out waiting: the parts that merely waited exit within moments
-                # (their peers are gone); a part still running after that is the stuck one.
+            if any(report.waited_for is not None for report in reports):
+                # A part lost a neighbour or timed out waiting: the parts that merely waited
+                # exit within moments (their peers are gone); a part still running after that
+                # is the stuck one.
                 deadline = time.time() + 5.0
                 while time.time() < deadline and sum(p.is_alive() for p in procs) > 1:
                     time.sleep(0.05)
                 stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+            reports += _drain(errors)
+            codes = [p.exitcode for p in procs]  # before _terminate adds its own SIGTERMs
             _terminate(procs)
             reports += _drain(errors)
-            return _explain(procs, failed, reports, stuck, timeout_s, num_parts)
+            return explain(codes, reports, stuck, timeout_s, _namer(num_parts or len(procs),
+                                                                    len(procs)))
         time.sleep(0.1)
 
 
-def _drain(errors: Any) -> List[Tuple[int, str, bool, str, Optional[int]]]:
+def _drain(errors: Any) -> List[Report]:
     reports = []
     while not errors.empty():
-        reports.append(errors.get())
+        reports.append(Report(*errors.get()))
     return reports
-
-
-def _explain(procs: List[Any], failed: List[int],
-             reports: List[Tuple[int, str, bool, str, Optional[int]]],
-             stuck: Sequence[int] = (), timeout_s: float = 0.0,
-             num_parts: int = 0) -> BaseException:
-    """The error to raise: the first worker's own error, naming its part and rank."""
-    who = _namer(num_parts or len(procs), len(procs))
-    by_rank = {rank: (host, user, detail) for rank, host, user, detail, _ in reports}
-    waited = {rank: peer for rank, _, _, _, peer in reports if peer is not None}
-    if waited:
-        # The stalled part: one that others waited for and that was not itself waiting; else the
-        # one still running when the others had stopped.
-        blamed = sorted({p for p in waited.values() if p >= 0 and p not in waited})
-        culprit = blamed[0] if blamed else (stuck[0] if stuck else None)
-        if culprit is not None and culprit not in by_rank and (culprit in stuck
-                                                                or culprit not in failed):
-            rank = min((r for r, peer in waited.items() if peer == culprit), default=min(waited))
-            return FrzooError(
-                f"{who(culprit)} stalled: {who(rank).split(' (')[0]} waited more than "
-                f"{timeout_s:g} s (distributed.timeout_s) for it, so the job was stopped (no "
-                f"process is left running). The last complete checkpoint is "
-                f"kept; resume with `frzoo run --resume`. If the part is only slow, raise "
-                f"distributed.timeout_s.")
-    # The root cause is the report of a worker that did not just lose a peer.
-    origin = next((r for r in sorted(by_rank) if by_rank[r][1] and r not in waited), None)
-    if origin is None:
-        origin = next((r for r in failed if r in by_rank and not _peer_loss(by_rank[r][2])
-                       and r not in waited), failed[0])
-    if origin in by_rank:
-        host, user, detail = by_rank[origin]
-        message = f"{who(origin)[:-1]}, host {host}) failed: {detail}"
-        return FrzooError(message) if user else RuntimeError(message)
-    code = procs[origin].exitcode
-    how = (f"was killed by signal {signal.Signals(-code).name}" if code and code < 0
-           else f"exited with status {code}")
-    return RuntimeError(f"{who(origin)} {how}; the other parts were stopped. "
-                        f"The last complete checkpoint is kept; resume with `frzoo run --resume`.")
 
 
 def _namer(num_parts: int, world: int) -> Callable[[int], str]:
@@ -223,9 +190,24 @@ def _namer(num_parts: int, world: int) -> Callable[[int], str]:
     return lambda rank: Layout(rank, num_parts, world // num_parts).name()
 
 
-def _peer_loss(detail: str) -> bool:
-    return any(s in detail for s in ("Connection closed by peer", "Connection reset",
-                                     "Timed out", "timed out", "Broken pipe"))
+def _start(procs: List[Any], scratch: str) -> None:
+    """Start the workers with `scratch` as their temporary folder (TMPDIR), which the launcher
+    removes when the job ends: a worker ends with os._exit, which skips the clean-up of what it
+    made there (`import timm` imports wandb, which makes two temporary folders per process,
+    W&B off or on). torch.compile's cache stays where it was, shared between runs."""
+    saved = {key: os.environ.get(key) for key in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    inductor = saved["TORCHINDUCTOR_CACHE_DIR"] or os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    os.environ.update(TMPDIR=scratch, TORCHINDUCTOR_CACHE_DIR=inductor)
+    try:
+        for proc in procs:
+            proc.start()  # a spawned process inherits the environment as it is now
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _terminate(procs: List[Any]) -> None:
@@ -267,7 +249,8 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
             try:
                 worker(cfg, out_dir, resume, rank, world)
             except Exception as exc:  # noqa: BLE001 - a lost peer becomes one clear line
-                raise _torchrun_failure(exc, rank, out_dir) from exc
+                raise lost_neighbour(exc, Layout(rank, num_parts, replicas),
+                                        out_dir) from exc
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -275,15 +258,13 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
     return json.loads(summary.read_text()) if summary.exists() else {}
 
 
-def _torchrun_failure(exc: BaseException, rank: int, out_dir: Path) -> BaseException:
+def lost_neighbour(exc: BaseException, layout: Layout, out_dir: Path) -> BaseException:
     """Under torchrun no frzoo launcher explains a failure: a part that lost its neighbour (a
     worker killed, a node gone) says so in one line, with the checkpoint that survives and what
     torchrun does next. Any other error is kept as it is."""
-    if isinstance(exc, FrzooError) and not isinstance(exc, PeerStalled):
+    if waited_for(exc) is None:
         return exc
-    if not (isinstance(exc, PeerStalled) or _is_timeout(exc) or _peer_loss(str(exc))):
-        return exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return FrzooError(f"part {rank + 1} (rank {rank}, host {socket.gethostname()}) lost a "
-                      f"neighbour: another process of this job stopped ({first[:200]}). "
+    cause = str(exc) if isinstance(exc, PeerFailure) else f"{type(exc).__name__}: {exc}"
+    return FrzooError(f"{layout.name()[:-1]}, host {socket.gethostname()}) lost a "
+                      f"neighbour: another process of this job stopped ({shorten(cause)}). "
                       f"{rundir.last_good_checkpoint(out_dir)}.{elastic.restart_hint()}")
