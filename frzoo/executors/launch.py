@@ -146,6 +146,10 @@ def _forward_sigint(proc: Any) -> None:
         os.kill(proc.pid, signal.SIGINT)
 
 
+#: After the first failure, how long the other workers get to exit by themselves (seconds).
+FAILURE_GRACE_S = 5.0
+
+
 def _supervise(procs: List[Any], errors: Any, timeout_s: float,
                num_parts: int = 0) -> Optional[BaseException]:
     """Wait for every worker; on the first failure stop the others and explain it
@@ -155,21 +159,16 @@ def _supervise(procs: List[Any], errors: Any, timeout_s: float,
         if all(c == 0 for c in codes):
             return None
         if any(c not in (None, 0) for c in codes):
-            # give the others a moment to report their own errors
-            deadline = time.time() + 2.0
-            while time.time() < deadline and any(p.is_alive() for p in procs) and errors.empty():
+            # The others exit within moments by themselves (their neighbours are gone) and
+            # report why; waiting for that, rather than stopping them at the first report, lets
+            # the leader finish a checkpoint that every part has already handed to it.
+            deadline = time.time() + FAILURE_GRACE_S
+            while time.time() < deadline and any(p.is_alive() for p in procs):
                 time.sleep(0.05)
             reports = _drain(errors)
-            stuck: List[int] = []
-            if any(report.waited_for is not None for report in reports):
-                # A part lost a neighbour or timed out waiting: the parts that merely waited
-                # exit within moments (their peers are gone); a part still running after that
-                # is the stuck one.
-                deadline = time.time() + 5.0
-                while time.time() < deadline and sum(p.is_alive() for p in procs) > 1:
-                    time.sleep(0.05)
-                stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-            reports += _drain(errors)
+            # A part that others waited for and that is still running after that is the stuck one.
+            stuck = ([r for r, p in enumerate(procs) if p.is_alive()]
+                     if any(report.waited_for is not None for report in reports) else [])
             codes = [p.exitcode for p in procs]  # before _terminate adds its own SIGTERMs
             _terminate(procs)
             reports += _drain(errors)
