@@ -201,7 +201,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
             torch.set_num_threads(cfg.train.threads)
         run = build(cfg)
         return run_loop(cfg, out_dir, resume, pipeline=run.pipeline, data=run.data,
-                        executor=run.executor, loggers=loggers, echo=echo, probe=run.probe,
+                        executor=run.executor, loggers=loggers, probe=run.probe,
                         should_stop=should_stop)
 
 
@@ -215,7 +215,7 @@ def worker(cfg: DictConfig, out_dir: Path, resume: bool, rank: int, world_size: 
         if executor.is_leader else []
     try:
         run_loop(cfg, out_dir, resume, pipeline=run.pipeline, data=run.data, executor=executor,
-                 loggers=loggers, echo=echo)
+                 loggers=loggers)
     except BaseException:
         close_loggers(loggers, failed=True)  # mark the tracker's run failed, then report
         raise

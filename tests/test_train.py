@@ -229,3 +229,19 @@ def test_quickstart_from_the_cli_reaches_95_percent(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_acc1"] >= 95.0, summary
     assert summary["num_parts"] == 2 and summary["algorithm"] == "fr"
+
+
+def test_a_resume_with_more_steps_keeps_the_cosine_curve_and_says_so(tmp_path, caplog):
+    """issue 22 item 6: the lr schedule keeps the horizon of the run's first start; the steps
+    past it run at the curve's last value, not at a restarted (75x higher) rate."""
+    cosine = ["optimizer.schedule.name=cosine", "train.log_every=1"]
+    run(tmp_path / "r", *cosine, "train.max_steps=4")
+    caplog.set_level("INFO", logger="frzoo")
+    run(tmp_path / "r", *cosine, "train.max_steps=6", resume=True)
+    assert "keeps the horizon of this run's first start (4 steps); steps 4..5 run at its " \
+           "final lr 0" in caplog.text
+    records = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in records if r["kind"] == "train"}
+    assert lrs[1] == 0.05 and 0 < lrs[4] < lrs[3] < lrs[2] < lrs[1] and lrs[5] == lrs[6] == 0.0
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt",
+                      weights_only=True)["progress"]["lr_steps"] == 4
