@@ -9,7 +9,6 @@ thing happens (log points, evaluations, checkpoints, epoch ends) is a question t
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import time
 from pathlib import Path
@@ -25,14 +24,12 @@ from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export
 from .config import save_recipe, to_container
 from .data import DataModule
 from .errors import FrzooError, NonFiniteLossError
+from .messages import log
 from .executors.base import Executor
 from .logging import JsonlLogger, Logger, MultiLogger, NullLogger
 from .optim import set_lr
 from .schedule import Schedule
 from .sigma import SigmaProbe
-
-log = logging.getLogger("frzoo")
-
 
 class StopRequest:
     """Ctrl-C sets a flag; the loop finishes the current step, checkpoints and stops.

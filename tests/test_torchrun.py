@@ -59,7 +59,7 @@ def reference(tmp_path_factory, plugin) -> Path:
     per part: tests/test_distributed.py)."""
     out = tmp_path_factory.mktemp("reference")
     train(load_recipe(None, [*TINY, f"plugins=[{plugin}]", "executor=local", f"run.out_dir={out}"]),
-          out, echo=lambda *_: None)
+          out)
     return out
 
 
@@ -125,7 +125,7 @@ def test_without_restarts_left_the_job_fails_clearly_and_keeps_its_checkpoint(
     assert not (out / "final.pt").exists()
     # the checkpoint is intact: resuming it ends where the uninterrupted run ended
     train(load_recipe(None, [*TINY, f"plugins=[{plugin}]", "executor=local",
-                             f"run.out_dir={out}"]), out, resume=True, echo=lambda *_: None)
+                             f"run.out_dir={out}"]), out, resume=True)
     assert same_weights(out, reference)
 
 
@@ -173,9 +173,9 @@ def test_the_run_folder_lock_holds_under_torchrun(tmp_path, one_rank_group):
     out.mkdir()
     with rundir.lock(out):  # another job writes the folder
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
-            with elastic.join_run_folder(out, False, leader=0, echo=print):
+            with elastic.join_run_folder(out, False, leader=0):
                 pass
-    with elastic.join_run_folder(out, False, leader=0, echo=print) as (resume, where):
+    with elastic.join_run_folder(out, False, leader=0) as (resume, where):
         assert resume is False and where == out
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
             with rundir.lock(out):

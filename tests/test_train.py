@@ -27,7 +27,7 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=48", "d
 
 def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, resume=resume, echo=lambda *_: None)
+    return train(cfg, out, resume=resume)
 
 
 def test_outputs_of_a_run(tmp_path):
@@ -87,7 +87,7 @@ def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path):
     asked = []
     stopped = tmp_path / "stopped"
     cfg = load_recipe(None, [*TINY, "train.max_steps=9", f"run.out_dir={stopped}"])
-    summary = train(cfg, stopped, echo=lambda *_: None,
+    summary = train(cfg, stopped,
                     should_stop=lambda: asked.append(1) or len(asked) > 4)
     assert summary["interrupted"] and summary["steps"] == 4  # asked before each step
     assert torch.load(stopped / "checkpoints" / "last.pt",
@@ -213,7 +213,7 @@ def test_npz_end_to_end(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:8], y_test=y[:8])
     cfg = load_recipe(None, [*TINY, "data.name=npz", f"data.path={tmp_path}/d.npz",
                              "data.image_size=null", "train.max_steps=3"])
-    summary = train(cfg, tmp_path / "r", echo=lambda *_: None)
+    summary = train(cfg, tmp_path / "r")
     assert summary["steps"] == 3
     model = timm.create_model("test_resnet", num_classes=4)
     model.load_state_dict(torch.load(tmp_path / "r" / "final.pt", weights_only=True))

@@ -246,7 +246,6 @@ class LocalSweep:
         start = time.perf_counter()
         try:
             summary = train(cfg, out_dir, resume=resume, loggers=[*trackers, watcher, *extra],
-                            echo=lambda msg: self.echo(f"trial {trial.name}: {msg}"),
                             should_stop=lambda: watcher.stop_requested)
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but a record
             close_loggers(trackers, failed=True)
