@@ -245,3 +245,15 @@ def test_a_resume_with_more_steps_keeps_the_cosine_curve_and_says_so(tmp_path, c
     assert lrs[1] == 0.05 and 0 < lrs[4] < lrs[3] < lrs[2] < lrs[1] and lrs[5] == lrs[6] == 0.0
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt",
                       weights_only=True)["progress"]["lr_steps"] == 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the recipe's GPUs")
+def test_the_flagship_recipe_without_its_gpus_says_how_to_try_it_on_the_cpu(tmp_path, capsys):
+    """issue 22 item 14: one line with the fix, and no run folder left behind."""
+    out = tmp_path / "flagship"
+    code, _, err = cli("run", str(REPO / "recipes/cifar100_resnet101.yaml"), f"run.out_dir={out}",
+                       capsys=capsys)
+    assert code == 2 and "does not exist on this machine" in err, err
+    assert "To try the run on the CPU, set devices=[cpu,cpu,cpu,cpu]." in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert not out.exists()
