@@ -220,7 +220,9 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     return Pipeline(model, partition, parts, on, report, algos, algo_cls, scales)
 
 
-def _not_equivalent(model_name: str, report: EquivalenceReport, parts: List[SplitPart]) -> FrzooError:
+def _not_equivalent(model_name: str, report: EquivalenceReport,
+                    parts: List[SplitPart]) -> FrzooError:
+    """The one line that refuses a split whose parts do not compute what the model computes."""
     bad = report.first_bad_part()
     where = (report.problem if report.problem else
              f"part {bad + 1} ({parts[bad].names[0]} .. {parts[bad].names[-1]}) differs by "

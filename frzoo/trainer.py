@@ -184,7 +184,8 @@ class Run:
         cfg = self.cfg
         self.mult = self.schedule.lr_factor(step, cfg.optimizer.schedule)
         for algo in self.executor.algorithms:
-            set_lr(algo.optimizer, cfg.optimizer.lr * self.pipeline.lr_scales[algo.index] * self.mult)
+            scale = self.pipeline.lr_scales[algo.index]
+            set_lr(algo.optimizer, cfg.optimizer.lr * scale * self.mult)
         if self.probe is not None and batch is not None:  # sigma: true gradients at w^t
             self.probe.before_step(step, *batch)
         return self.executor.train_step(batch, step, stop=stop, horizon=self.schedule.horizon(step))
@@ -213,7 +214,8 @@ class Run:
             raise NonFiniteLossError(
                 f"the loss is {bad[1]} at step {bad[0]} (epoch "
                 f"{bad[0] // self.schedule.steps_per_epoch}); training stopped. "
-                f"{rundir.last_good_checkpoint(self.out_dir)}. Lower optimizer.lr or check the data.")
+                f"{rundir.last_good_checkpoint(self.out_dir)}. Lower optimizer.lr or check the "
+                f"data.")
 
     def log(self, step: int) -> None:
         """A log point: the timings (collective), then the leader's train record."""

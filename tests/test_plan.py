@@ -32,7 +32,8 @@ def count_calls(monkeypatch, module, name: str, counts: Counter) -> None:
         return original(*args, **kwargs)
 
     for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("frzoo") and getattr(mod, name, None) is original:
+        frzoo_module = str(getattr(mod, "__name__", "")).startswith("frzoo")
+        if frzoo_module and getattr(mod, name, None) is original:
             monkeypatch.setattr(mod, name, counted)
 
 
@@ -94,3 +95,26 @@ def test_frzoo_plan_prints_the_plan(capsys):
     assert "# replica 1 devices: cpu, cpu" in out
     assert "# split.auto=flops: points ['" in out
     assert "auto: null" in out and "partition: K=2 parts" in out
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_folders_writer_measures_split_auto_once_for_every_rank(tmp_path):
+    """torchrun starts every rank with the same command line; one rank (the one writing the run
+    folder) measures split.auto and every rank cuts the model at its points."""
+    import os
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "r"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(port), "-m", "frzoo.cli", "run", *TINY, "split.auto=flops", "devices=[cpu,cpu]",
+         "train.threads=1", f"run.out_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("frzoo: split.auto=flops: points ['layer1']") == 1, proc.stderr
+    recipe = (out / "recipe.yaml").read_text()
+    assert "- layer1" in recipe and "auto: null" in recipe

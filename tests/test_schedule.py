@@ -120,7 +120,8 @@ def test_the_owed_evaluation_of_an_epoch_end_checkpoint():
 def test_the_lr_horizon_is_kept_on_resume():
     """A resume that raises max_steps keeps the cosine curve of the first start: the rate at
     every step is the first start's, and past its end the curve's last value (no restart)."""
-    cosine = load_recipe(None, ["model.name=x", "optimizer.schedule.name=cosine"]).optimizer.schedule
+    recipe = load_recipe(None, ["model.name=x", "optimizer.schedule.name=cosine"])
+    cosine = recipe.optimizer.schedule
     first = schedule(max_steps=10)
     extended = schedule(max_steps=14, lr_steps=first.lr_steps)
     assert extended.total_steps == 14 and extended.lr_steps == 10

@@ -17,10 +17,10 @@ worker's parent) identify a job; a different job has different agents. Every oth
 decided as without torchrun: a fresh start on a folder with a checkpoint is refused, `--resume`
 resumes, and a restart before the first checkpoint starts afresh.
 
-The lock: the rank that writes the run folder takes it (`rundir.claim`) for its whole run, so one job
-at a time writes a folder, under torchrun as under frzoo's own launcher. A flock dies with its
-holder, and torchrun stops every old worker before the restarted ones rendezvous, so a restart is
-never refused by its own earlier lock.
+The lock: the rank that writes the run folder takes it (`rundir.claim`: created, checked,
+locked) for its whole run, so one job at a time writes a folder, under torchrun as under frzoo's
+own launcher. A flock dies with its holder, and torchrun stops every old worker before the
+restarted ones rendezvous, so a restart is never refused by its own earlier lock.
 
 The leader (the rank writing the folder) decides and checks; the others receive the decision or
 the error through a collective, so every rank of a refused job exits with the same one-line
@@ -42,6 +42,7 @@ import torch.distributed as dist
 from .. import rundir
 from ..errors import FrzooError
 from ..messages import log
+
 
 def restart_count() -> int:
     """This node's restarts so far, as torchrun tells its workers (0 outside torchrun)."""
@@ -126,8 +127,8 @@ def _write_record(out_dir: Path, agents: List[str]) -> None:
 
 
 def _decide(out_dir: Path, resume: bool, members: List[_Member]) -> bool:
-    """The leader's decision: resume or not (see the module docstring); the folder is checked
-    and taken next (rundir.claim)."""
+    """The leader's decision: resume or not (see the module docstring), the folder checked
+    (it is taken next: rundir.claim)."""
     restarts = max(m.restarts for m in members)
     checkpoint = rundir.checkpoint_path(out_dir)
     agents = [m.agent for m in members]
@@ -135,6 +136,7 @@ def _decide(out_dir: Path, resume: bool, members: List[_Member]) -> bool:
         step = torch.load(checkpoint, map_location="cpu", weights_only=True)["progress"]["step"]
         log.info(f"torchrun restart {restarts}: resuming from {checkpoint} (step {step})")
         resume = True
+    rundir.check(out_dir, resume)
     return resume
 
 
