@@ -111,6 +111,11 @@ class Materials:
         _set_rng_state(state)
         return model
 
+    def release(self) -> None:
+        """Drop what was built: a launcher that only planned keeps no model while its workers
+        train."""
+        self._data = self._model = None
+
 
 def make_plan(cfg: DictConfig, out_dir: Optional[Path] = None, *, resume: bool = False) -> Plan:
     """The plan of `cfg` (see the module docstring). `out_dir`: the run folder, checked here and
@@ -153,7 +158,6 @@ def _planned(cfg: DictConfig, line: str, out_dir: Optional[Path], resume: bool,
     algorithm_cls, options = algorithm or algorithm_of(cfg)
     num_parts = num_parts_requested(cfg) or 1
     devices = replica_devices(cfg.devices, num_parts, cfg.distributed.replicas)
-    materials.cfg = cfg
     return Plan(cfg, cfg.executor, line, algorithm_cls, options, num_parts,
                 cfg.distributed.replicas, tuple(tuple(d) for d in devices), out_dir, resume,
                 split_line, materials)

@@ -112,6 +112,8 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
     if plan.split_line:
         log.info(plan.split_line)
     if plan.executor == "distributed":
+        if plan.materials is not None:
+            plan.materials.release()
         return launch(plan.cfg, out_dir, resume=resume, num_parts=plan.num_parts, worker=worker)
     if plan.cfg.train.threads:
         torch.set_num_threads(plan.cfg.train.threads)
