@@ -78,7 +78,7 @@ def soak(executor: str, steps: int, log_every: int, root: Path) -> Dict[str, Any
                              f"train.log_every={log_every}", f"plugins=[{probe}]",
                              f"run.out_dir={out}"])
     start = time.time()
-    summary = train(cfg, out, echo=lambda *_: None)
+    summary = train(cfg, out)
     wall = time.time() - start
     memory: Dict[int, List[Dict[str, Any]]] = {}
     for path in sorted(root.glob("probe_rank*.jsonl")):

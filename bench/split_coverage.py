@@ -1,10 +1,10 @@
 """Which timm architectures frzoo can split, measured: one small variant of every timm family.
 
 For every (model, K) with `split.auto=flops`, in its own process with a time limit, through the
-functions `frzoo run` uses (frzoo.run, frzoo.pipeline):
+functions `frzoo run` uses (frzoo.plan, frzoo.run):
 
-1. resolve the algorithm and `split.auto=flops` (`resolve_split`), build data, model, parts and
-   executor (`build`), which checks in eval mode that the chained parts equal the whole model
+1. plan the run (`frzoo.plan.make_plan`: the algorithm and `split.auto=flops`), build data,
+   model, parts and executor (`build`), which checks in eval mode that the chained parts equal the whole model
    bit for bit;
 2. check train mode too: the whole model and the chained parts under the same RNG seed give
    `torch.equal` outputs;
@@ -148,8 +148,8 @@ def one_job(name: str, k: int, size: int, seed: int = 0) -> Dict[str, Any]:
     """Build, check and step `name` split into `k` parts the way `frzoo run` does."""
     import torch
     from frzoo.config import load_recipe
-    from frzoo.run import build, resolve_split
-    from frzoo.pipeline import resolve_algorithm
+    from frzoo.plan import make_plan
+    from frzoo.run import build
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     cfg = load_recipe(None, [
@@ -157,10 +157,7 @@ def one_job(name: str, k: int, size: int, seed: int = 0) -> Dict[str, Any]:
         "data.name=synthetic", f"data.image_size={size}", "data.batch_size=2",
         "data.num_train=4", "data.num_test=2", "data.augment=none", "train.max_steps=1",
         f"train.seed={seed}", "train.threads=1", "executor=local"])
-    lines: List[str] = []
-    cfg = resolve_algorithm(cfg)
-    cfg = resolve_split(cfg, Path("/nonexistent"), False, lines.append)
-    run = build(cfg)  # the split check (eval mode, then train mode): refuses unless exact
+    run = build(make_plan(cfg))  # the split check (eval mode, then train mode): refuses unless exact
     pipeline, executor = run.pipeline, run.executor
     x, y = next(iter(run.data.train_batches(0, 0)))
     # build() refused unless the parts equal the model in eval mode and, from one seed, in train

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from .errors import FrzooError, shorten
+from .messages import log, show_on_stderr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # frzoo never fetches weights: fail fast, not in 47 s
 
@@ -34,14 +35,13 @@ def _load(items: Sequence[str], resume: Optional[str] = None) -> Tuple[str, Any]
     recipe, overrides = _split_args(items)
     if recipe is None and resume:  # the run's own recipe (the checkpoint holds it too)
         from .checkpoint import run_recipe
-        recipe = str(run_recipe(Path(resume), lambda msg: print(f"frzoo: {msg}", file=sys.stderr)))
+        recipe = str(run_recipe(Path(resume), log.info))
     # No recipe file: the schema defaults plus the overrides (handy for quick experiments).
     return recipe or "run", load_recipe(recipe, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .logging import build_loggers, close_loggers
     from .run import train
     from .stop import explained, sigterm_as_ctrl_c
     sigterm_as_ctrl_c()  # a scheduler's SIGTERM is a Ctrl-C (frzoo.stop)
@@ -54,16 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         out_dir = Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = OmegaConf.merge(cfg, {"run": {"out_dir": str(out_dir), "resume": None}})
-    print(f"frzoo: training {shorten(cfg.model.name, quote=False)} with "
-          f"{shorten(cfg.algorithm.name)} into {out_dir}", file=sys.stderr)
-    echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
-    loggers = build_loggers(cfg.logging, out_dir=out_dir, resume=bool(resume), echo=echo)
-    try:
-        with explained(out_dir):  # a stop without a checkpoint: one line naming the last one
-            summary = train(cfg, out_dir, resume=bool(resume), loggers=loggers, echo=echo)
-    except BaseException:
-        close_loggers(loggers, failed=True)  # the trainer closes them only when it returns
-        raise
+    log.info(f"training {shorten(cfg.model.name, quote=False)} with "
+             f"{shorten(cfg.algorithm.name)} into {out_dir}")
+    with explained(out_dir):  # a stop without a checkpoint: one line naming the last one
+        summary = train(cfg, out_dir, resume=bool(resume))
     acc = summary.get("final_test_acc1")
     print(f"done: {summary['steps']} steps, {summary['train_seconds']:.1f} s training, "
           f"{summary['images_per_s']:.0f} img/s, test acc {acc:.2f}% (best "
@@ -74,29 +68,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from .pipeline import build_pipeline, resolve_algorithm, resolve_auto_split
-    from .data import build_data
-    from .run import executor_line
+    from .plan import make_plan
+    from .run import build
     from .split import all_cut_points
-    # resolve_algorithm loads the recipe's plugins first: one may register the data set
-    cfg = resolve_algorithm(_load(args.args)[1])
+    plan = make_plan(_load(args.args)[1])  # split.auto: measured as `frzoo run` measures it
+    if args.candidates:  # before the build: the list helps most when the recipe's split is invalid
+        _print_candidates(plan)
     print("# resolved recipe")
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    print(f"# {executor_line(cfg)[1]}\n")
-    data = build_data(cfg.data, cfg.train.seed)
-    if args.candidates:  # before the pipeline: the list helps most when the recipe's split is invalid
-        _print_candidates(cfg, data.info)
-    if cfg.split.auto is not None:  # the points `frzoo run` would choose, measured the same way
-        cfg = resolve_auto_split(cfg, data.info, echo=lambda msg: print(f"# {msg}\n"))
-    pipeline = build_pipeline(cfg, data.info)
+    print(OmegaConf.to_yaml(plan.cfg, resolve=True))
+    print("# plan")
+    print("\n".join(f"# {line}" for line in plan.describe()) + "\n")
+    assert plan.materials is not None
+    info = plan.materials.data().info
+    pipeline = build(plan).pipeline
     if args.points:
         print("# valid split points, in execution order")
         print("\n".join(all_cut_points(pipeline.model)))
         print()
+    _print_partition(plan, pipeline, _predicted_costs(plan.cfg, info, pipeline))
+    diffs = ", ".join(f"{d:g}" for d in pipeline.report.max_abs_diff)
+    print(f"\nsplit check: the chained parts equal the whole model exactly "
+          f"(max |diff| per part: {diffs}; eval mode, random input; the output "
+          f"also in train mode from one seed)")
+    return 0
+
+
+def _print_partition(plan: Any, pipeline: Any, costs: List[float]) -> None:
+    """The partition table of `frzoo plan`: per part its modules, size, device and cost."""
     rows = pipeline.table()
-    costs = _predicted_costs(cfg, data.info, pipeline)
-    print(f"# partition: K={len(rows)} parts, algorithm {cfg.algorithm.name}; predicted cost per "
-          f"iteration under {cfg.algorithm.name}'s cost model from FLOPs (backward = 2 forwards), "
+    name = plan.cfg.algorithm.name
+    print(f"# partition: K={len(rows)} parts, algorithm {name}; predicted cost per "
+          f"iteration under {name}'s cost model from FLOPs (backward = 2 forwards), "
           f"as a share of the bottleneck part's and of the total")
     header = (f"{'part':>4}  {'modules':<44} {'params':>11}  {'output shape':<18} {'device':<8} "
               f"{'history':>7} {'bottleneck':>10} {'total':>6}")
@@ -110,11 +112,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{row['part']:>4}  {label:<44} {row['params']:>11,}  {shape:<18} "
               f"{row['device']:<8} {row['history']:>7} {100 * cost / (max(costs) or 1):>9.0f}% "
               f"{100 * cost / (sum(costs) or 1):>5.0f}%")
-    diffs = ", ".join(f"{d:g}" for d in pipeline.report.max_abs_diff)
-    print(f"\nsplit check: the chained parts equal the whole model exactly "
-          f"(max |diff| per part: {diffs}; eval mode, random input; the output "
-          f"also in train mode from one seed)")
-    return 0
 
 
 def _predicted_costs(cfg: Any, info: Any, pipeline: Any) -> List[float]:
@@ -143,12 +140,13 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _print_candidates(cfg: Any, info: Any) -> None:
+def _print_candidates(plan: Any) -> None:
     """Every valid split point of the recipe's model with the block that starts there."""
+    import copy
     import torch
-    from .pipeline import build_model
     from .split import all_cut_points, profile_blocks
-    model = build_model(cfg.model, info, cfg.train.seed)
+    cfg, info = plan.cfg, plan.materials.data().info
+    model = copy.deepcopy(plan.materials.model())  # profiling runs it; the build takes the original
     sample = torch.randn(1, info.channels, info.image_size, info.image_size)
     batch = cfg.data.batch_size
     try:
@@ -221,9 +219,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep_file, args.overrides)  # fails before any trial, naming the key
     if args.name:
         spec.name = spec.config["name"] = args.name
-    echo = lambda msg: print(f"frzoo: {msg}", file=sys.stderr)  # noqa: E731
     if args.local:
-        sweep = LocalSweep(spec, root=Path(args.dir), wandb_mode=args.wandb, echo=echo)
+        sweep = LocalSweep(spec, root=Path(args.dir), wandb_mode=args.wandb, echo=log.info)
         result = sweep.run(count=args.count)
         ranked = sweep.ranked()
         best = ranked[0] if ranked and ranked[0].metric is not None else None
@@ -345,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    show_on_stderr()  # frzoo's messages as `frzoo: message` on stderr; configured here only
     try:
         return int(args.fn(args))
     except FrzooError as exc:

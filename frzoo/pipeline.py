@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -60,9 +60,18 @@ def _listed(shape: Any) -> List[Any]:
     return [_listed(s) if isinstance(s, tuple) else s for s in shape]
 
 
+_LOADED: Set[Tuple[str, ...]] = set()  # the plugin lists this process has loaded
+
+
 def load_plugins(names: Sequence[str]) -> None:
+    """Import the recipe's plugins, once per process: the plan loads them before anything is
+    built, and a later call with the same list (a worker's build, a check) returns at once."""
+    key = tuple(names)
+    if key in _LOADED:
+        return
     for name in names:
         load_plugin(name)
+    _LOADED.add(key)
 
 
 def available_devices() -> List[str]:
@@ -91,8 +100,10 @@ def resolve_devices(devices: Optional[Sequence[str]], num_parts: int) -> List[to
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", 0)
         if str(dev) not in here:
+            on_cpu = ",".join(["cpu"] * num_parts)
             raise FrzooError(f"device '{name}' does not exist on this machine; available here: "
-                             f"{', '.join(here)}.")
+                             f"{', '.join(here)}. To try the run on the CPU, set "
+                             f"devices=[{on_cpu}].")
         out.append(dev)
     return out
 
@@ -169,15 +180,23 @@ def build_partition(model: nn.Module, cfg: DictConfig) -> Partition:
 
 
 def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
-              only_part: Optional[int] = None) -> Pipeline:
+                   only_part: Optional[int] = None, algorithm: Optional[Tuple[Any, Any]] = None,
+                   model: Optional[nn.Module] = None,
+                   devices: Optional[Sequence[str]] = None) -> Pipeline:
     """Model -> partition -> equivalence check -> parts on devices -> one algorithm per part.
 
     A process that runs a single part (`only_part`, 0-based) builds the whole model the same way
-    (same seed, same check) but moves and wraps only its own part.
+    (same seed, same check) but moves and wraps only its own part. A run's plan (frzoo.plan)
+    passes what it resolved: the algorithm class and its options, the model it built (seeded,
+    as :func:`build_model` makes it) and this process's replica's K `devices`; without them
+    they come from the recipe (replica 0's devices).
     """
-    load_plugins(cfg.plugins)
-    algo_cls, options = algorithm_of(cfg)  # once for all parts; a bad option fails here
-    model = build_model(cfg.model, info, cfg.train.seed)
+    if algorithm is None:
+        load_plugins(cfg.plugins)
+        algorithm = algorithm_of(cfg)  # once for all parts; a bad option fails here
+    algo_cls, options = algorithm
+    if model is None:
+        model = build_model(cfg.model, info, cfg.train.seed)
     # One line naming both values, before the first step would fail inside a layer.
     check_fits_data(model, num_classes=info.num_classes, channels=info.channels,
                     image_size=info.image_size, data_name=info.name)
@@ -189,37 +208,50 @@ def build_pipeline(cfg: DictConfig, info: DataInfo, *, check: bool = True,
     partition, parts = resolved.partition, resolved.parts or []
     report = resolved.report or EquivalenceReport()
     if check and not report.exact:
-        bad = report.first_bad_part()
-        where = (report.problem if report.problem else
-                 f"part {bad + 1} ({parts[bad].names[0]} .. {parts[bad].names[-1]}) differs by "
-                 f"up to {report.max_abs_diff[bad]:.3g}")
-        raise FrzooError(
-            f"the split parts of '{cfg.model.name}' do not compute what the whole model "
-            f"computes: {where}. Its forward is probably not a chain of its children (functional "
-            f"code or root-owned parameters between them); cut elsewhere, or train it unsplit."
-            + (f" The traced (fx) split was refused too: {report.fallback_error}"
-               if report.fallback_error else ""))
-    # replica 0's (a worker's recipe lists its own replica's: frzoo.run.build)
-    devices = resolve_devices(replica_devices(cfg.devices, partition.num_parts,
-                                              cfg.distributed.replicas)[0], partition.num_parts)
-    scales = part_lr_scales(cfg.optimizer.part_lr_scale, partition.num_parts)
+        raise _not_equivalent(cfg.model.name, report, parts)
+    k_parts = partition.num_parts
+    if devices is None:
+        devices = replica_devices(cfg.devices, k_parts, cfg.distributed.replicas)[0]
+    on = resolve_devices(devices, k_parts)
+    scales = part_lr_scales(cfg.optimizer.part_lr_scale, k_parts)
     algos: List[PartAlgorithm] = []
-    for index, (part, device) in enumerate(zip(parts, devices)):
-        if only_part is not None and index != only_part:
-            continue
-        part.to(device).train()
-        prepare_part(part, device, precision=cfg.train.precision,
-                     memory_format=cfg.train.memory_format, compile=cfg.train.compile,
-                     compile_backend=cfg.train.compile_backend,
-                     is_last=index == partition.num_parts - 1)
-        optimizer = build_optimizer(part.parameters(), cfg.optimizer)
-        algos.append(_make_algorithm(algo_cls, part, optimizer, index, partition.num_parts,
-                                     device, cfg.train.seed, options))
-        algos[-1].scaler = loss_scaler(cfg.train.precision, cfg.train.loss_scale,
-                                       is_last=index == partition.num_parts - 1)
-        if cfg.train.measure_memory:
-            algos[-1].measure_memory()
-    return Pipeline(model, partition, parts, devices, report, algos, algo_cls, scales)
+    for index, (part, device) in enumerate(zip(parts, on)):
+        if only_part is None or index == only_part:
+            algos.append(_part_algorithm(cfg, algo_cls, options, part, index, k_parts, device))
+    return Pipeline(model, partition, parts, on, report, algos, algo_cls, scales)
+
+
+def _not_equivalent(model_name: str, report: EquivalenceReport,
+                    parts: List[SplitPart]) -> FrzooError:
+    """The one line that refuses a split whose parts do not compute what the model computes."""
+    bad = report.first_bad_part()
+    where = (report.problem if report.problem else
+             f"part {bad + 1} ({parts[bad].names[0]} .. {parts[bad].names[-1]}) differs by "
+             f"up to {report.max_abs_diff[bad]:.3g}")
+    return FrzooError(
+        f"the split parts of '{model_name}' do not compute what the whole model "
+        f"computes: {where}. Its forward is probably not a chain of its children (functional "
+        f"code or root-owned parameters between them); cut elsewhere, or train it unsplit."
+        + (f" The traced (fx) split was refused too: {report.fallback_error}"
+           if report.fallback_error else ""))
+
+
+def _part_algorithm(cfg: DictConfig, algo_cls: Any, options: Any, part: SplitPart, index: int,
+                    num_parts: int, device: torch.device) -> PartAlgorithm:
+    """One part on its device, prepared for the recipe's precision, with its optimizer, its
+    algorithm and its loss scaler."""
+    last = index == num_parts - 1
+    part.to(device).train()
+    prepare_part(part, device, precision=cfg.train.precision,
+                 memory_format=cfg.train.memory_format, compile=cfg.train.compile,
+                 compile_backend=cfg.train.compile_backend, is_last=last)
+    optimizer = build_optimizer(part.parameters(), cfg.optimizer)
+    algo = _make_algorithm(algo_cls, part, optimizer, index, num_parts, device, cfg.train.seed,
+                           options)
+    algo.scaler = loss_scaler(cfg.train.precision, cfg.train.loss_scale, is_last=last)
+    if cfg.train.measure_memory:
+        algo.measure_memory()
+    return algo
 
 
 def algorithm_of(cfg: DictConfig) -> tuple[Any, Any]:
@@ -265,27 +297,25 @@ def _make_algorithm(cls: Any, part: nn.Module, optimizer: torch.optim.Optimizer,
                loss_fn=torch.nn.functional.cross_entropy, seed=seed, options=options)
 
 
-def resolve_auto_split(cfg: DictConfig, info: DataInfo, echo: Any = print) -> DictConfig:
-    """Replace `split.auto` by the split points it chooses (once, before any worker starts, so
-    every process and a later resume use the same partition)."""
-    if cfg.split.auto is None:
-        return cfg
-    from omegaconf import OmegaConf
+def auto_split(cfg: DictConfig, info: DataInfo, model: nn.Module, *, algorithm_cls: Any = None,
+               threads: Optional[int] = None) -> Tuple[List[str], str]:
+    """The split points `split.auto` chooses for `model` (measured on it: pass a copy that may
+    be changed) under the cost model of `algorithm_cls` (default: the recipe's), and the line
+    that says what was measured. `threads`: measure at the thread count each worker will have
+    (None: this process's)."""
     k = num_parts_requested(cfg) or 1
-    model = build_model(cfg.model, info, cfg.train.seed)
     device = resolve_devices(replica_devices(cfg.devices, k, cfg.distributed.replicas)[0], k)[0]
-    threads = torch.get_num_threads()
-    if cfg.executor == "distributed":  # measure at the thread count each worker will have
-        torch.set_num_threads(cfg.train.threads or max(1, threads // k))
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         sample = torch.randn(cfg.data.batch_size, info.channels, info.image_size, info.image_size,
                              generator=torch.Generator().manual_seed(cfg.train.seed))
         chosen = balance(model.to(device), k, by=cfg.split.auto,
-                         algorithm=ALGORITHMS.get(cfg.algorithm.name), sample=sample.to(device))
+                         algorithm=algorithm_cls or ALGORITHMS.get(cfg.algorithm.name),
+                         sample=sample.to(device))
     finally:
-        torch.set_num_threads(threads)
-    echo(f"split.auto={cfg.split.auto}: points {chosen.points}; predicted cost per iteration "
-         f"under {cfg.algorithm.name}'s cost model: {chosen.describe()}")
-    resolved = OmegaConf.merge(cfg, {"split": {"points": chosen.points, "auto": None, "k": None}})
-    OmegaConf.set_readonly(resolved, True)
-    return resolved
+        torch.set_num_threads(before)
+    return chosen.points, (f"split.auto={cfg.split.auto}: points {chosen.points}; predicted cost "
+                           f"per iteration under {cfg.algorithm.name}'s cost model: "
+                           f"{chosen.describe()}")

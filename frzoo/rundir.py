@@ -10,9 +10,11 @@ distributed run) finds its files through these helpers, so the layout is written
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -39,8 +41,29 @@ def lock(out_dir: Path) -> Any:
                                 f"(pid {{pid}}); choose another run.out_dir.")
 
 
+def check(out_dir: Path, resume: bool) -> None:
+    """Before anything is built or created: may this run write there? A fresh start needs a
+    folder without a run, a resume one with a checkpoint, and the folder (or, where it does not
+    exist yet, its nearest existing parent) must be writable. Creates nothing: a refused run
+    leaves no folder behind."""
+    if not resume and checkpoint_path(out_dir).exists():
+        raise FrzooError(f"run.out_dir '{out_dir}' already holds a run; resume it with "
+                         f"`frzoo run --resume {out_dir}` or set run.out_dir to a new folder.")
+    if resume and not checkpoint_path(out_dir).exists():
+        raise FrzooError(f"nothing to resume in '{out_dir}': {checkpoint_path(out_dir)} "
+                         f"does not exist.")
+    existing = next((p for p in (out_dir, *out_dir.absolute().parents) if p.exists()), None)
+    why = None
+    if existing is not None and not existing.is_dir():
+        why = f"'{existing}' is not a directory"
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        why = f"permission denied in '{existing}'"
+    if why:
+        raise FrzooError(f"run.out_dir '{out_dir}' is not writable ({why}); choose another folder.")
+
+
 def prepare(out_dir: Path, resume: bool) -> None:
-    """Create the folder and check, before anything is built, that this run may write there."""
+    """Create the folder and check that this run may write there."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
@@ -49,12 +72,17 @@ def prepare(out_dir: Path, resume: bool) -> None:
     except OSError as exc:
         raise FrzooError(f"run.out_dir '{out_dir}' is not writable ({exc.strerror}); "
                          f"choose another folder.") from None
-    if not resume and checkpoint_path(out_dir).exists():
-        raise FrzooError(f"run.out_dir '{out_dir}' already holds a run; resume it with "
-                         f"`frzoo run --resume {out_dir}` or set run.out_dir to a new folder.")
-    if resume and not checkpoint_path(out_dir).exists():
-        raise FrzooError(f"nothing to resume in '{out_dir}': {checkpoint_path(out_dir)} "
-                         f"does not exist.")
+    check(out_dir, resume)
+
+
+@contextlib.contextmanager
+def claim(out_dir: Path, resume: bool) -> Iterator[None]:
+    """Take the run folder: create it, check it and hold its lock while the block runs. The one
+    place a run takes its folder: a local run, the launcher of a distributed one, and the rank
+    that writes the folder under torchrun (frzoo.executors.elastic)."""
+    prepare(out_dir, resume)
+    with lock(out_dir):
+        yield
 
 
 def remove_partial_files(out_dir: Path) -> None:

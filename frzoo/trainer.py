@@ -1,8 +1,10 @@
-"""The training loop: steps, schedule, evaluation, checkpoints, metrics. Reads top to bottom.
+"""The training loop: steps, evaluation, checkpoints, metrics. Reads top to bottom.
 
 The global step is the only position: epoch and batch follow from it (every epoch has the same
 number of steps), the learning rate is a function of it, and dropout/augmentation are seeded from
-it. That is what makes a resumed run equal, bit for bit, to one that never stopped.
+it. That is what makes a resumed run equal, bit for bit, to one that never stopped. *When* each
+thing happens (log points, evaluations, checkpoints, epoch ends) is a question to the run's
+:class:`~frzoo.schedule.Schedule`; the loop below only states the order of things.
 """
 from __future__ import annotations
 
@@ -21,23 +23,25 @@ from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export
 from .config import save_recipe, to_container
 from .data import DataModule
 from .errors import FrzooError, NonFiniteLossError
+from .messages import log
 from .executors.base import Executor
 from .logging import JsonlLogger, Logger, MultiLogger, NullLogger
-from .optim import lr_multiplier, set_lr
+from .optim import set_lr
+from .schedule import Schedule
 from .sigma import SigmaProbe
 from .stop import StopRequest
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,
-             executor: Executor, loggers: Sequence[Logger] = (), echo: Any = print,
+             executor: Executor, loggers: Sequence[Logger] = (),
              probe: Optional[SigmaProbe] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
     try:
-        return _run_loop(cfg, out_dir, resume, pipeline=pipeline, data=data, executor=executor,
-                         loggers=loggers, echo=echo, probe=probe,
-                         should_stop=should_stop or (lambda: False))
+        run = Run(cfg, out_dir, pipeline, data, executor, probe)
+        run.start(resume, loggers)
+        return _run_loop(run, should_stop or (lambda: False))
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
         if exc.errno not in rundir.DISK_ERRORS:
             raise
@@ -47,142 +51,207 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline
                          ) from None
 
 
-def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,
-              executor: Executor, loggers: Sequence[Logger], echo: Any,
-              probe: Optional[SigmaProbe], should_stop: Callable[[], bool]) -> Dict[str, Any]:
-    leader = executor.is_leader
-    recipe, partition = to_container(cfg), pipeline.partition.to_list()
-    progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
-                                "last_eval": None, "last_eval_step": None}
-    if resume:
-        state = load_file(rundir.checkpoint_path(out_dir))
-        check_compatible(state, recipe, partition, rundir.checkpoint_path(out_dir))
-        executor.load_checkpoint(state)
-        progress = state["progress"]
-    clock = metrics.RunClock(progress)
-    table = pipeline.table()
-    if leader:
-        rundir.remove_partial_files(out_dir)  # we hold the run lock: no other writer exists
-        save_recipe(cfg, out_dir / "recipe.yaml")
-        (out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
-
-    window = metrics.Window()
-
-    def read_losses() -> None:
-        """The window's losses, read from the device (where they stay between reads: reading
-        each step would make the host wait for the device each step); a non-finite one stops
-        training. Called at each log point and before each checkpoint, which so stays good."""
-        bad = window.read()
-        if bad is not None:
-            raise NonFiniteLossError(
-                f"the loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // steps_per_epoch}); "
-                f"training stopped. {rundir.last_good_checkpoint(out_dir)}. Lower "
-                f"optimizer.lr or check the data.")
-
-    def save_checkpoint() -> None:
-        read_losses()
-        clock.fields()  # the wall clock into the progress: a resumed run continues it
-        gathered = executor.gather_checkpoint()  # collective: every process calls it
-        if gathered is not None:
-            parts, executor_state = gathered
-            atomic_save(checkpoint_state(recipe=recipe, partition=partition, parts=parts,
-                                         executor_state=executor_state, progress=progress),
-                        rundir.checkpoint_path(out_dir))
-
-    logger: Logger = NullLogger()
-    if leader:
-        # A fresh start keeps no records of an earlier start killed before its first checkpoint.
-        logger = MultiLogger([JsonlLogger(out_dir / "metrics.jsonl",
-                                          resume_from_step=progress["step"] if resume else -1),
-                              *loggers])
-        # Trackers (W&B) open their run here: the partition is known, so it goes into the config.
-        logger.start({"recipe": recipe, "partition": table, "step": progress["step"]})
-    steps_per_epoch = data.steps_per_epoch()
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    step = progress["step"]
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.train.progress and leader))
-    if resume and 0 < step < total_steps and step % steps_per_epoch == 0 \
-            and progress.get("last_eval_step") != step and cfg.train.eval_every \
-            and (step // steps_per_epoch) % cfg.train.eval_every == 0:
+def _run_loop(run: "Run", should_stop: Callable[[], bool]) -> Dict[str, Any]:
+    """The order of things; the schedule says when, the components how."""
+    schedule, executor, step = run.schedule, run.executor, run.progress["step"]
+    if run.resumed and schedule.pending_eval(step, run.progress.get("last_eval_step")):
         # The checkpoint was written at the epoch's end, before its evaluation: run it now.
-        _record_eval(executor, data, logger, progress, step, steps_per_epoch)
-        save_checkpoint()
+        run.evaluate(step)
+        run.save_checkpoint()
     # A step's time is the interval between the ends of two consecutive steps: in a pipeline
     # that is the period, including any wait that falls outside train_step itself (e.g. the
     # timing collective). Evaluation and checkpoints are excluded by restarting the clock.
-    tick = time.perf_counter()
+    run.restart_clock()
     with StopRequest(enabled=executor.accepts_stop) as stop:
-        while step < total_steps and not executor.stopped:
-            epoch, first_batch = divmod(step, steps_per_epoch)
-            for batch in executor.batches(data, epoch, first_batch):
-                # The learning rate of step t, scaled per part (e.g. the authors' [2, 1, 1, 1]).
-                mult = lr_multiplier(step, steps_per_epoch, total_steps, cfg.optimizer.schedule)
-                for algo in executor.algorithms:
-                    set_lr(algo.optimizer, cfg.optimizer.lr * pipeline.lr_scales[algo.index] * mult)
-                if probe is not None and batch is not None:  # sigma: true gradients at w^t
-                    probe.before_step(step, *batch)
-                # The steps up to the next log point or epoch end follow with nothing else in
-                # between: the distributed executor posts their receives ahead.
-                horizon = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch,
-                              (step // cfg.train.log_every + 1) * cfg.train.log_every)
-                result = executor.train_step(batch, step, stop=stop.requested or should_stop(),
-                                             horizon=horizon)
+        while not schedule.done(step) and not executor.stopped:
+            for batch in executor.batches(run.data, *schedule.position(step)):
+                result = run.train_step(step, batch, stop=stop.requested or should_stop())
                 if executor.stopped:  # Ctrl-C or should_stop: the previous step was the last one
                     break
-                if result is not None:  # the leader: loss and logits of the last part
-                    window.add(step, result.loss, result.logits, result.target)
-                    if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                        read_losses()  # waits for the device: the window's time is complete
-                now = time.perf_counter()
-                seconds, tick = now - tick, now
-                window.seconds += seconds
-                progress["train_seconds"] += seconds
+                run.account(step, result)  # loss window, step time
                 step += 1
-                progress["step"] = step
-                bar.update(1)
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    timings = executor.timing_window()  # collective
-                    if probe is not None and timings is not None:
-                        for k, row in enumerate(timings):
-                            sigma = probe.read(k)
-                            if sigma is not None:
-                                row["sigma"] = sigma
-                    if leader:
-                        metrics.accumulate(progress, timings, window.steps)
-                        record = window.record(timings, epoch=step / steps_per_epoch,
-                                               lr=cfg.optimizer.lr * mult,
-                                               lr_scales=pipeline.lr_scales, clock=clock)
-                        logger.log(record, step)
-                        bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
-                                        acc=f"{record[metrics.TRAIN_ACC]:.1f}",
-                                        img_s=f"{record[metrics.IMAGES_PER_S]:.0f}")
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    save_checkpoint()
-                    tick = time.perf_counter()
-                if step >= total_steps:
+                run.advance(step)
+                if schedule.is_log_point(step):
+                    run.log(step)  # collective: the timings
+                if schedule.is_checkpoint_point(step):
+                    run.save_checkpoint()
+                    run.restart_clock()
+                if schedule.done(step):
                     break
-            epoch_done = step % steps_per_epoch == 0 and not executor.stopped
-            if epoch_done and cfg.train.eval_every and (step // steps_per_epoch) % cfg.train.eval_every == 0:
-                _record_eval(executor, data, logger, progress, step, steps_per_epoch)
-            if epoch_done or executor.stopped or step >= total_steps:
-                save_checkpoint()
-            tick = time.perf_counter()
-    bar.close()
-    interrupted = executor.stopped and step < total_steps
+            stopped = executor.stopped
+            if not stopped and schedule.is_eval_point(step):
+                run.evaluate(step)
+            if schedule.ends_stretch_with_checkpoint(step, stopped):
+                run.save_checkpoint()
+            run.restart_clock()
+    run.bar.close()
+    interrupted = executor.stopped and not schedule.done(step)
     if interrupted:
-        if leader:
-            echo(f"interrupted at step {step}; checkpoint saved. Resume with "
-                 f"`frzoo run --resume {out_dir}`.")
-    elif progress.get("last_eval_step") != step:
-        _record_eval(executor, data, logger, progress, step, steps_per_epoch)
-        save_checkpoint()
-    exported = executor.gather_export()  # collective
-    summary = {
-        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "num_parts": len(pipeline.parts),
-        "executor": cfg.executor, "steps": step, "epochs": step / steps_per_epoch,
+        if executor.is_leader:
+            log.info(f"interrupted at step {step}; checkpoint saved. Resume with "
+                     f"`frzoo run --resume {run.out_dir}`.")
+    elif schedule.needs_final_eval(step, run.progress.get("last_eval_step")):
+        run.evaluate(step)
+        run.save_checkpoint()
+    return run.finish(step, interrupted)
+
+
+class Run:
+    """One process's run: the components the loop asks (schedule, executor, window, logger) and
+    the progress a checkpoint keeps. Every method is one thing the loop does."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, pipeline: Pipeline, data: DataModule,
+                 executor: Executor, probe: Optional[SigmaProbe]) -> None:
+        self.cfg, self.out_dir, self.pipeline, self.data = cfg, out_dir, pipeline, data
+        self.executor, self.probe = executor, probe
+        self.recipe, self.partition = to_container(cfg), pipeline.partition.to_list()
+        self.progress: Dict[str, Any] = {"step": 0, "best_test_acc1": None, "train_seconds": 0.0,
+                                         "last_eval": None, "last_eval_step": None}
+        self.window = metrics.Window()
+        self.logger: Logger = NullLogger()
+        self.resumed = False
+        self.tick = time.perf_counter()
+        self.mult = 1.0  # the lr factor of the last step taken
+
+    def start(self, resume: bool, loggers: Sequence[Logger]) -> None:
+        """Load the checkpoint (resume), write the run's files and open the loggers (leader)."""
+        cfg, leader = self.cfg, self.executor.is_leader
+        if resume:
+            state = load_file(rundir.checkpoint_path(self.out_dir))
+            check_compatible(state, self.recipe, self.partition,
+                             rundir.checkpoint_path(self.out_dir))
+            self.executor.load_checkpoint(state)
+            self.progress, self.resumed = state["progress"], True
+        self.schedule = Schedule.of(cfg.train, self.data.steps_per_epoch(),
+                                    self.progress.get("lr_steps"))
+        self.progress["lr_steps"] = self.schedule.lr_steps  # kept: a resume keeps the curve
+        self.clock = metrics.RunClock(self.progress)
+        step = self.progress["step"]
+        self.bar = tqdm(total=self.schedule.total_steps, initial=step, unit="step",
+                        dynamic_ncols=True, disable=not (cfg.train.progress and leader))
+        if not leader:
+            return
+        note = self.schedule.horizon_note(cfg.optimizer.schedule, cfg.optimizer.lr)
+        if note:
+            log.info(note)
+        rundir.remove_partial_files(self.out_dir)  # we hold the run lock: no other writer exists
+        save_recipe(cfg, self.out_dir / "recipe.yaml")
+        table = self.pipeline.table()
+        (self.out_dir / "partition.json").write_text(json.dumps(table, indent=2) + "\n")
+        # A fresh start keeps no records of an earlier start killed before its first checkpoint.
+        self.logger = MultiLogger([JsonlLogger(self.out_dir / "metrics.jsonl",
+                                               resume_from_step=step if resume else -1),
+                                   *loggers])
+        # Trackers (W&B) open their run here: the partition is known, so it goes into the config.
+        self.logger.start({"recipe": self.recipe, "partition": table, "step": step})
+
+    def restart_clock(self) -> None:
+        self.tick = time.perf_counter()
+
+    def train_step(self, step: int, batch: Any, *, stop: bool) -> Any:
+        """Step `step` at its learning rate (scaled per part, e.g. the authors' [2, 1, 1, 1])."""
+        cfg = self.cfg
+        self.mult = self.schedule.lr_factor(step, cfg.optimizer.schedule)
+        for algo in self.executor.algorithms:
+            scale = self.pipeline.lr_scales[algo.index]
+            set_lr(algo.optimizer, cfg.optimizer.lr * scale * self.mult)
+        if self.probe is not None and batch is not None:  # sigma: true gradients at w^t
+            self.probe.before_step(step, *batch)
+        return self.executor.train_step(batch, step, stop=stop, horizon=self.schedule.horizon(step))
+
+    def account(self, step: int, result: Any) -> None:
+        """The step's loss into the window (the leader's result) and its time into the clocks."""
+        if result is not None:  # the leader: loss and logits of the last part
+            self.window.add(step, result.loss, result.logits, result.target)
+            if self.schedule.is_log_point(step + 1):
+                self.read_losses()  # waits for the device: the window's time is complete
+        now = time.perf_counter()
+        seconds, self.tick = now - self.tick, now
+        self.window.seconds += seconds
+        self.progress["train_seconds"] += seconds
+
+    def advance(self, step: int) -> None:
+        self.progress["step"] = step
+        self.bar.update(1)
+
+    def read_losses(self) -> None:
+        """The window's losses, read from the device (where they stay between reads: reading
+        each step would make the host wait for the device each step); a non-finite one stops
+        training. Called at each log point and before each checkpoint, which so stays good."""
+        bad = self.window.read()
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the loss is {bad[1]} at step {bad[0]} (epoch "
+                f"{bad[0] // self.schedule.steps_per_epoch}); training stopped. "
+                f"{rundir.last_good_checkpoint(self.out_dir)}. Lower optimizer.lr or check the "
+                f"data.")
+
+    def log(self, step: int) -> None:
+        """A log point: the timings (collective), then the leader's train record."""
+        timings = self.executor.timing_window()  # collective
+        if self.probe is not None and timings is not None:
+            for k, row in enumerate(timings):
+                sigma = self.probe.read(k)
+                if sigma is not None:
+                    row["sigma"] = sigma
+        if not self.executor.is_leader:
+            return
+        metrics.accumulate(self.progress, timings, self.window.steps)
+        record = self.window.record(timings, epoch=self.schedule.epoch(step),
+                                    lr=self.cfg.optimizer.lr * self.mult,
+                                    lr_scales=self.pipeline.lr_scales, clock=self.clock)
+        self.logger.log(record, step)
+        self.bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
+                             acc=f"{record[metrics.TRAIN_ACC]:.1f}",
+                             img_s=f"{record[metrics.IMAGES_PER_S]:.0f}")
+
+    def save_checkpoint(self) -> None:
+        self.read_losses()
+        self.clock.fields()  # the wall clock into the progress: a resumed run continues it
+        gathered = self.executor.gather_checkpoint()  # collective: every process calls it
+        if gathered is not None:
+            parts, executor_state = gathered
+            atomic_save(checkpoint_state(recipe=self.recipe, partition=self.partition,
+                                         parts=parts, executor_state=executor_state,
+                                         progress=self.progress),
+                        rundir.checkpoint_path(self.out_dir))
+
+    def evaluate(self, step: int) -> None:
+        evaluation = self.executor.evaluate(self.data)  # collective; metrics arrive on the leader
+        progress = self.progress
+        progress["last_eval_step"] = step  # on every process: they must take the same branches
+        if evaluation is None:
+            return
+        progress["last_eval"] = {"step": step, **evaluation}
+        best = progress["best_test_acc1"]
+        progress["best_test_acc1"] = (evaluation["test_acc1"] if best is None
+                                      else max(best, evaluation["test_acc1"]))
+        self.logger.log(metrics.eval_record(evaluation, epoch=self.schedule.epoch(step),
+                                            train_seconds=progress["train_seconds"]), step)
+
+    def finish(self, step: int, interrupted: bool) -> Dict[str, Any]:
+        """The weights (collective export), then on the leader final.pt and summary.json."""
+        exported = self.executor.gather_export()  # collective
+        summary = summary_of(self.cfg, self.progress, step, interrupted,
+                             num_parts=len(self.pipeline.parts),
+                             epochs=self.schedule.epoch(step))
+        if self.executor.is_leader:
+            for k, shares in enumerate(summary["part_time_share"]):
+                log.info(f"part {k + 1}: " + ", ".join(f"{phase} {100 * v:.0f}%"
+                                                       for phase, v in shares.items()))
+            atomic_save(export_state_dict(exported or []), self.out_dir / "final.pt")
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.logger.summary(summary)
+            self.logger.finish()
+        return summary
+
+
+def summary_of(cfg: DictConfig, progress: Dict[str, Any], step: int, interrupted: bool, *,
+               num_parts: int, epochs: float) -> Dict[str, Any]:
+    """summary.json: what the run did, from its progress."""
+    return {
+        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "num_parts": num_parts,
+        "executor": cfg.executor, "steps": step, "epochs": epochs,
         "interrupted": interrupted, "train_seconds": progress["train_seconds"],
         "images_per_s": step * cfg.data.batch_size / max(progress["train_seconds"], 1e-9),
         "best_test_acc1": progress["best_test_acc1"],
@@ -191,24 +260,3 @@ def _run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipelin
                               for phases in progress.get("part_seconds", [])],
         **{f"final_{k}": v for k, v in (progress["last_eval"] or {}).items() if k != "step"},
     }
-    if leader:
-        for k, shares in enumerate(summary["part_time_share"]):
-            echo(f"part {k + 1}: " + ", ".join(f"{phase} {100 * v:.0f}%" for phase, v in shares.items()))
-        atomic_save(export_state_dict(exported or []), out_dir / "final.pt")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.summary(summary)
-        logger.finish()
-    return summary
-
-
-def _record_eval(executor: Executor, data: DataModule, logger: Logger,
-                 progress: Dict[str, Any], step: int, steps_per_epoch: int) -> None:
-    evaluation = executor.evaluate(data)  # collective; the metrics arrive on the leader
-    progress["last_eval_step"] = step  # on every process: they must take the same branches
-    if evaluation is None:
-        return
-    progress["last_eval"] = {"step": step, **evaluation}
-    best = progress["best_test_acc1"]
-    progress["best_test_acc1"] = evaluation["test_acc1"] if best is None else max(best, evaluation["test_acc1"])
-    logger.log(metrics.eval_record(evaluation, epoch=step / steps_per_epoch,
-                                   train_seconds=progress["train_seconds"]), step)

@@ -25,7 +25,7 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=64", "d
 
 def run(out: Path, *extra: str) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, echo=lambda *_: None)
+    return train(cfg, out)
 
 
 def finite_weights(out: Path) -> bool:

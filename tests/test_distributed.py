@@ -36,7 +36,7 @@ SPLITS = {2: "split.points=[layer3]", 3: "split.points=[layer2,layer4]"}
 
 def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, resume=resume, echo=lambda *_: None)
+    return train(cfg, out, resume=resume)
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -52,10 +52,10 @@ def test_the_recipes_run_in_parallel_as_written():
     assert executor_line(paper)[1] == "executor auto -> distributed: 4 parts on 4 devices (cuda:0..3)"
 
 
-def test_the_choice_is_the_first_line_of_a_run_and_is_in_the_plan(tmp_path, capsys):
-    lines = []
-    summary = train(load_recipe(None, TINY), tmp_path / "r", echo=lines.append)
-    assert lines[0] == "executor auto -> local: 2 parts, all on cpu: one process"
+def test_the_choice_is_the_first_line_of_a_run_and_is_in_the_plan(tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="frzoo")
+    summary = train(load_recipe(None, TINY), tmp_path / "r")
+    assert caplog.messages[0] == "executor auto -> local: 2 parts, all on cpu: one process"
     assert summary["executor"] == "local"  # the run records what ran
     assert "executor: local" in (tmp_path / "r" / "recipe.yaml").read_text()
     assert main(["plan", *TINY]) == 0

@@ -53,7 +53,7 @@ def test_memory_in_metrics_and_summary(tmp_path):
                              "split.points=[layer3]", "train.max_steps=4", "train.log_every=2",
                              "train.progress=false", "train.measure_memory=true",
                              f"run.out_dir={tmp_path}"])
-    summary = train(cfg, tmp_path, echo=lambda *_: None)
+    summary = train(cfg, tmp_path)
     memory = summary["part_memory_bytes"]
     assert len(memory) == 2 and all(m["peak_activation_bytes"] > 0 for m in memory)
     assert "part1/peak_activation_bytes" in (tmp_path / "metrics.jsonl").read_text()
@@ -119,7 +119,7 @@ def test_cuda_peak_of_parts_sharing_a_device(tmp_path):
                              "split.points=[layer3]", "devices=[cuda:0,cuda:0]",
                              "train.max_steps=4", "train.log_every=1", "train.progress=false",
                              f"run.out_dir={tmp_path}"])
-    train(cfg, tmp_path, loggers=[records], echo=lambda *_: None)
+    train(cfg, tmp_path, loggers=[records])
     for r in records.train:
         peak = r["part1/peak_allocated_bytes"]
         assert r["part2/peak_allocated_bytes"] == peak

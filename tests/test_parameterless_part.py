@@ -31,7 +31,7 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=20", "d
 
 def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, resume=resume, echo=lambda *_: None)
+    return train(cfg, out, resume=resume)
 
 
 def test_the_middle_part_has_no_parameters_and_an_empty_optimizer():

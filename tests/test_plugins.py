@@ -109,7 +109,7 @@ def test_recipe_with_plugin_architecture_and_dataset_trains_fr(example_installed
     # No split given: two devices ask for K=2, and the architecture's K=2 preset is used.
     cfg = load_recipe(None, ["model.name=example_tinynet", "data.name=example_stripes",
                              "devices=[cpu,cpu]", "algorithm.name=fr", *QUIET])
-    summary = train(cfg, tmp_path / "r", echo=lambda *_: None)
+    summary = train(cfg, tmp_path / "r")
     assert (summary["steps"], summary["num_parts"], summary["algorithm"]) == (3, 2, "fr")
     table = json.loads((tmp_path / "r" / "partition.json").read_text())
     assert [row["modules"] for row in table] == [["stem", "stage1"], ["stage2", "pool", "fc"]]
@@ -135,7 +135,7 @@ def test_example_recipe_with_a_py_file_algorithm_plugin(example_installed, tmp_p
     # `plugins:` list names examples/clipped_bp.py, which registers the algorithm `clipped_bp`.
     monkeypatch.chdir(REPO)
     cfg = load_recipe("examples/example_recipe.yaml", QUIET)
-    summary = train(cfg, tmp_path / "r", echo=lambda *_: None)
+    summary = train(cfg, tmp_path / "r")
     assert (summary["steps"], summary["num_parts"], summary["algorithm"]) == (3, 2, "clipped_bp")
     cls = ALGORITHMS.get("clipped_bp")
     assert cls.__module__ == ALGORITHMS.origin("clipped_bp") == "frzoo_plugin_clipped_bp"
@@ -284,7 +284,7 @@ def test_recipe_py_plugin_that_raises_names_itself_and_keeps_the_traceback(tmp_p
     cfg = load_recipe(None, ["model.name=test_resnet", f"plugins=[{plugin}]", *QUIET])
     for _ in range(2):  # a retry reports the same error, not a duplicate registration
         with pytest.raises(PluginImportError) as info:
-            train(cfg, tmp_path / "r", echo=lambda *_: None)
+            train(cfg, tmp_path / "r")
         message = str(info.value)
         assert message.startswith(f"plugin '{plugin}' failed to import: RuntimeError: boom in "
                                   f"broken_py\nOriginal traceback:\nTraceback")
@@ -355,7 +355,7 @@ def test_broken_installed_plugin_does_not_break_other_runs(tmp_path, monkeypatch
                             r"RuntimeError: boom in broken_ep\)")
     # a run that does not need it trains
     cfg = load_recipe(None, ["model.name=test_resnet", "data.image_size=16", *QUIET])
-    assert train(cfg, tmp_path / "r", echo=lambda *_: None)["steps"] == 3
+    assert train(cfg, tmp_path / "r")["steps"] == 3
     # a run that names what it would have registered says why it is missing, with the traceback
     with pytest.raises(FrzooError) as info:
         create_model("broken_ep_arch")

@@ -101,7 +101,7 @@ def fault_plugin(tmp_path: Path) -> str:
 def straight(tmp_path: Path, *extra: str) -> Dict[str, torch.Tensor]:
     """The final weights of an uninterrupted in-process run (the reference)."""
     out = tmp_path / "straight"
-    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out, echo=lambda *_: None)
+    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out)
     return torch.load(out / "final.pt", weights_only=True)
 
 
@@ -356,7 +356,7 @@ def test_a_stalled_worker_is_named_and_the_job_stops_within_the_timeout(tmp_path
                              f"run.out_dir={out}"])
     started = time.time()
     with pytest.raises(FrzooError) as info:
-        train(cfg, out, echo=lambda *_: None)
+        train(cfg, out)
     message = str(info.value)
     assert "part 2 (rank 1) stalled" in message and "distributed.timeout_s" in message, message
     assert "\n" not in message
@@ -376,14 +376,13 @@ def test_two_runs_on_one_folder_the_second_refuses_and_writes_nothing(tmp_path):
         for executor in ("local", "distributed"):
             cfg = load_recipe(None, [*TINY, f"executor={executor}", f"run.out_dir={out}"])
             with pytest.raises(FrzooError, match=rf"in use by another frzoo run \(pid {proc.pid}\)"):
-                train(cfg, out, echo=lambda *_: None)
+                train(cfg, out)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
         assert not multiprocessing.active_children()
     finally:
         kill_job(proc)
     # SIGKILL leaves the lock file; the kernel dropped the lock itself, so the folder is free
-    summary = train(load_recipe(None, [*TINY, "train.max_steps=2", f"run.out_dir={out}"]), out,
-                    echo=lambda *_: None)
+    summary = train(load_recipe(None, [*TINY, "train.max_steps=2", f"run.out_dir={out}"]), out)
     assert summary["steps"] == 2
 
 
@@ -394,7 +393,7 @@ def test_an_unwritable_run_folder_fails_before_training(tmp_path):
     for out in (blocker / "run", Path("/proc/frzoo-run")):
         cfg = load_recipe(None, [*TINY, f"run.out_dir={out}"])
         with pytest.raises(FrzooError, match=rf"run.out_dir '{out}' is not writable.*another folder"):
-            train(cfg, out, echo=lambda *_: None)
+            train(cfg, out)
 
 
 def test_a_file_size_limit_fails_at_the_first_checkpoint_with_one_line(tmp_path):
@@ -431,7 +430,7 @@ def test_a_full_disk_stops_at_the_failing_write_and_keeps_the_last_checkpoint(sm
     out = small_tmpfs / "r"
     cfg = load_recipe(None, [*TINY, f"run.out_dir={out}"])
     with pytest.raises(FrzooError) as info:
-        train(cfg, out, echo=lambda *_: None)
+        train(cfg, out)
     message = str(info.value)
     assert f"could not write '{out}/checkpoints/last.pt' (No space left on device)" in message
     assert "previous version is kept" in message and "\n" not in message

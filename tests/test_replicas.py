@@ -53,7 +53,7 @@ FLOOR, CEILING = 2e-5, 1e-3  # the tolerance's least value; above it the setup i
 
 def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, resume=resume, echo=lambda *_: None)
+    return train(cfg, out, resume=resume)
 
 
 def weights(path: Path) -> dict:
@@ -155,7 +155,7 @@ def test_devices_take_k_or_k_times_r_entries(tmp_path):
     cfg = load_recipe(None, [*TINY, "distributed.replicas=2", "devices=[cpu,cpu,cpu]"])
     with pytest.raises(FrzooError, match=r"lists 3 devices.*either 2 devices \(every replica uses "
                                          r"them.*or 4 devices, replica-major"):
-        train(cfg, tmp_path / "r", echo=lambda *_: None)
+        train(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

@@ -20,7 +20,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _run(out: Path, *extra: str) -> Path:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    train(cfg, out, echo=lambda *_: None)
+    train(cfg, out)
     return out
 
 

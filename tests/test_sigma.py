@@ -120,7 +120,7 @@ def test_sigma_in_metrics(tmp_path):
                              "data.num_test=8", "data.batch_size=8", "data.image_size=16",
                              "split.points=[layer2,layer4]", "train.max_steps=6", "train.log_every=3",
                              "train.sigma_every=1", "train.progress=false", f"run.out_dir={tmp_path}"])
-    train(cfg, tmp_path, echo=lambda *_: None)
+    train(cfg, tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]
     assert last["part3/sigma"] == 1.0 and last["part1/sigma"] > 0

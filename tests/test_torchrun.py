@@ -59,7 +59,7 @@ def reference(tmp_path_factory, plugin) -> Path:
     per part: tests/test_distributed.py)."""
     out = tmp_path_factory.mktemp("reference")
     train(load_recipe(None, [*TINY, f"plugins=[{plugin}]", "executor=local", f"run.out_dir={out}"]),
-          out, echo=lambda *_: None)
+          out)
     return out
 
 
@@ -125,7 +125,7 @@ def test_without_restarts_left_the_job_fails_clearly_and_keeps_its_checkpoint(
     assert not (out / "final.pt").exists()
     # the checkpoint is intact: resuming it ends where the uninterrupted run ended
     train(load_recipe(None, [*TINY, f"plugins=[{plugin}]", "executor=local",
-                             f"run.out_dir={out}"]), out, resume=True, echo=lambda *_: None)
+                             f"run.out_dir={out}"]), out, resume=True)
     assert same_weights(out, reference)
 
 
@@ -142,12 +142,13 @@ def folder_with_checkpoint(out: Path, agents: List[str]) -> Path:
     return out
 
 
-def test_a_restart_of_the_same_job_resumes(tmp_path):
+def test_a_restart_of_the_same_job_resumes(tmp_path, caplog):
     out = folder_with_checkpoint(tmp_path / "r", ["node0:100:5", "node1:200:7"])
-    said: List[str] = []
+    caplog.set_level("INFO", logger="frzoo")
     members = [member(restarts=0), member("node1:200:7", 1)]
-    assert elastic._decide(out, False, members, said.append) is True
-    assert said == [f"torchrun restart 1: resuming from {rundir.checkpoint_path(out)} (step 12)"]
+    assert elastic._decide(out, False, members) is True
+    assert caplog.messages == [f"torchrun restart 1: resuming from {rundir.checkpoint_path(out)} "
+                               f"(step 12)"]
 
 
 def test_a_first_start_or_another_jobs_folder_is_refused_as_without_torchrun(tmp_path):
@@ -155,9 +156,9 @@ def test_a_first_start_or_another_jobs_folder_is_refused_as_without_torchrun(tmp
     for members in ([member(restarts=0)],             # no restart: a fresh start
                     [member("node0:999:5", 1)]):      # a restart of another job
         with pytest.raises(FrzooError, match="already holds a run"):
-            elastic._decide(out, False, members, print)
+            elastic._decide(out, False, members)
     # a restart before the first checkpoint starts afresh
-    assert elastic._decide(tmp_path / "new", False, [member()], print) is False
+    assert elastic._decide(tmp_path / "new", False, [member()]) is False
 
 
 @pytest.fixture
@@ -173,9 +174,9 @@ def test_the_run_folder_lock_holds_under_torchrun(tmp_path, one_rank_group):
     out.mkdir()
     with rundir.lock(out):  # another job writes the folder
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
-            with elastic.join_run_folder(out, False, leader=0, echo=print):
+            with elastic.join_run_folder(out, False, leader=0):
                 pass
-    with elastic.join_run_folder(out, False, leader=0, echo=print) as (resume, where):
+    with elastic.join_run_folder(out, False, leader=0) as (resume, where):
         assert resume is False and where == out
         with pytest.raises(FrzooError, match="is in use by another frzoo run"):
             with rundir.lock(out):

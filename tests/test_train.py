@@ -27,7 +27,7 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=48", "d
 
 def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    return train(cfg, out, resume=resume, echo=lambda *_: None)
+    return train(cfg, out, resume=resume)
 
 
 def test_outputs_of_a_run(tmp_path):
@@ -87,7 +87,7 @@ def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path):
     asked = []
     stopped = tmp_path / "stopped"
     cfg = load_recipe(None, [*TINY, "train.max_steps=9", f"run.out_dir={stopped}"])
-    summary = train(cfg, stopped, echo=lambda *_: None,
+    summary = train(cfg, stopped,
                     should_stop=lambda: asked.append(1) or len(asked) > 4)
     assert summary["interrupted"] and summary["steps"] == 4  # asked before each step
     assert torch.load(stopped / "checkpoints" / "last.pt",
@@ -213,7 +213,7 @@ def test_npz_end_to_end(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:8], y_test=y[:8])
     cfg = load_recipe(None, [*TINY, "data.name=npz", f"data.path={tmp_path}/d.npz",
                              "data.image_size=null", "train.max_steps=3"])
-    summary = train(cfg, tmp_path / "r", echo=lambda *_: None)
+    summary = train(cfg, tmp_path / "r")
     assert summary["steps"] == 3
     model = timm.create_model("test_resnet", num_classes=4)
     model.load_state_dict(torch.load(tmp_path / "r" / "final.pt", weights_only=True))
@@ -229,3 +229,31 @@ def test_quickstart_from_the_cli_reaches_95_percent(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_acc1"] >= 95.0, summary
     assert summary["num_parts"] == 2 and summary["algorithm"] == "fr"
+
+
+def test_a_resume_with_more_steps_keeps_the_cosine_curve_and_says_so(tmp_path, caplog):
+    """issue 22 item 6: the lr schedule keeps the horizon of the run's first start; the steps
+    past it run at the curve's last value, not at a restarted (75x higher) rate."""
+    cosine = ["optimizer.schedule.name=cosine", "train.log_every=1"]
+    run(tmp_path / "r", *cosine, "train.max_steps=4")
+    caplog.set_level("INFO", logger="frzoo")
+    run(tmp_path / "r", *cosine, "train.max_steps=6", resume=True)
+    assert "keeps the horizon of this run's first start (4 steps); steps 4..5 run at its " \
+           "final lr 0" in caplog.text
+    records = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in records if r["kind"] == "train"}
+    assert lrs[1] == 0.05 and 0 < lrs[4] < lrs[3] < lrs[2] < lrs[1] and lrs[5] == lrs[6] == 0.0
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt",
+                      weights_only=True)["progress"]["lr_steps"] == 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the recipe's GPUs")
+def test_the_flagship_recipe_without_its_gpus_says_how_to_try_it_on_the_cpu(tmp_path, capsys):
+    """issue 22 item 14: one line with the fix, and no run folder left behind."""
+    out = tmp_path / "flagship"
+    code, _, err = cli("run", str(REPO / "recipes/cifar100_resnet101.yaml"), f"run.out_dir={out}",
+                       capsys=capsys)
+    assert code == 2 and "does not exist on this machine" in err, err
+    assert "To try the run on the CPU, set devices=[cpu,cpu,cpu,cpu]." in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert not out.exists()

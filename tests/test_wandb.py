@@ -118,7 +118,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
         cfg = load_recipe(None, [*TINY, f"train.max_steps={max_steps}", f"run.out_dir={out}",
                                  "logging.wandb=true", "logging.mode=offline"])
         loggers = build_loggers(cfg.logging, out_dir=out, resume=resume, echo=messages.append)
-        train(cfg, out, resume=resume, loggers=loggers, echo=lambda *_: None)
+        train(cfg, out, resume=resume, loggers=loggers)
 
     run(2, resume=False)
     run(6, resume=True)
@@ -138,7 +138,7 @@ def test_unreachable_server_falls_back_to_offline_and_says_so_once(tmp_path, mon
                              "logging.wandb=true", "logging.mode=online"])
     messages = []
     loggers = build_loggers(cfg.logging, out_dir=out, echo=messages.append)
-    summary = train(cfg, out, loggers=loggers, echo=lambda *_: None)
+    summary = train(cfg, out, loggers=loggers)
     assert summary["steps"] == 2
     assert loggers[0].mode == "offline"
     assert len(messages) == 1 and "unreachable" in messages[0] and "wandb sync" in messages[0]

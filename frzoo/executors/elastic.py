@@ -17,10 +17,10 @@ worker's parent) identify a job; a different job has different agents. Every oth
 decided as without torchrun: a fresh start on a folder with a checkpoint is refused, `--resume`
 resumes, and a restart before the first checkpoint starts afresh.
 
-The lock: the rank that writes the run folder holds `rundir.lock` for its whole run, so one job
-at a time writes a folder, under torchrun as under frzoo's own launcher. A flock dies with its
-holder, and torchrun stops every old worker before the restarted ones rendezvous, so a restart is
-never refused by its own earlier lock.
+The lock: the rank that writes the run folder takes it (`rundir.claim`: created, checked,
+locked) for its whole run, so one job at a time writes a folder, under torchrun as under frzoo's
+own launcher. A flock dies with its holder, and torchrun stops every old worker before the
+restarted ones rendezvous, so a restart is never refused by its own earlier lock.
 
 The leader (the rank writing the folder) decides and checks; the others receive the decision or
 the error through a collective, so every rank of a refused job exits with the same one-line
@@ -41,8 +41,7 @@ import torch.distributed as dist
 
 from .. import rundir
 from ..errors import FrzooError
-
-Echo = Callable[[str], None]
+from ..messages import log
 
 
 def restart_count() -> int:
@@ -127,22 +126,22 @@ def _write_record(out_dir: Path, agents: List[str]) -> None:
     os.replace(tmp, path)
 
 
-def _decide(out_dir: Path, resume: bool, members: List[_Member], echo: Echo) -> bool:
-    """The leader's decision: resume or not (see the module docstring), the folder checked."""
+def _decide(out_dir: Path, resume: bool, members: List[_Member]) -> bool:
+    """The leader's decision: resume or not (see the module docstring), the folder checked
+    (it is taken next: rundir.claim)."""
     restarts = max(m.restarts for m in members)
     checkpoint = rundir.checkpoint_path(out_dir)
     agents = [m.agent for m in members]
     if not resume and restarts > 0 and checkpoint.exists() and _written_by(out_dir, agents):
         step = torch.load(checkpoint, map_location="cpu", weights_only=True)["progress"]["step"]
-        echo(f"torchrun restart {restarts}: resuming from {checkpoint} (step {step})")
+        log.info(f"torchrun restart {restarts}: resuming from {checkpoint} (step {step})")
         resume = True
-    rundir.prepare(out_dir, resume)
+    rundir.check(out_dir, resume)
     return resume
 
 
 @contextlib.contextmanager
-def join_run_folder(out_dir: Path, resume: bool, *, leader: int,
-                    echo: Echo) -> Iterator[Tuple[bool, Path]]:
+def join_run_folder(out_dir: Path, resume: bool, *, leader: int) -> Iterator[Tuple[bool, Path]]:
     """Collective (every rank calls it, the process group up): check the run folder, hold its
     lock on the leader while the block runs, and yield whether this start resumes and the run
     folder, the leader's for every rank (without run.out_dir each process names its own
@@ -155,10 +154,10 @@ def join_run_folder(out_dir: Path, resume: bool, *, leader: int,
         if dist.get_rank() == leader:
             warning = restart_warning()
             if warning:
-                echo(f"warning: {warning}")
+                log.warning(f"warning: {warning}")
             try:
-                resume = _decide(out_dir, resume, members, echo)
-                stack.enter_context(rundir.lock(out_dir))
+                resume = _decide(out_dir, resume, members)
+                stack.enter_context(rundir.claim(out_dir, resume))
                 _write_record(out_dir, [m.agent for m in members])
                 decision = [{"resume": resume, "out_dir": str(out_dir)}]
             except FrzooError as exc:
@@ -167,6 +166,21 @@ def join_run_folder(out_dir: Path, resume: bool, *, leader: int,
         if "error" in decision[0]:
             raise FrzooError(decision[0]["error"])
         yield bool(decision[0]["resume"]), Path(decision[0]["out_dir"])
+
+
+def share_from(src: int, compute: Callable[[], Any]) -> Any:
+    """Collective (every rank calls it, the process group up): `compute()` run on rank `src`
+    only, its result (or its FrzooError, raised on every rank) given to every rank."""
+    answer: List[Dict[str, Any]] = [{}]
+    if dist.get_rank() == src:
+        try:
+            answer = [{"value": compute()}]
+        except FrzooError as exc:
+            answer = [{"error": str(exc)}]
+    dist.broadcast_object_list(answer, src=src, group=_object_group())
+    if "error" in answer[0]:
+        raise FrzooError(answer[0]["error"])
+    return answer[0]["value"]
 
 
 def restart_hint() -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .. import rundir, stop
+from .. import messages, rundir, stop
 from ..config import check_master_addr
 from ..errors import FrzooError
 from . import elastic
@@ -72,10 +72,14 @@ def _watch_parent(parent: int) -> None:
 
 
 def _spawned_worker(worker: Worker, rank: int, world_size: int, cfg_dict: Dict[str, Any],
-                    out_dir: str, resume: bool, port: int, parent: int, errors: Any) -> None:
-    """Entry of a process started by :func:`launch`."""
+                    out_dir: str, resume: bool, port: int, parent: int, errors: Any,
+                    show_messages: bool = False) -> None:
+    """Entry of a process started by :func:`launch`. `show_messages`: the launcher's command
+    line shows frzoo's messages on stderr; so does this process (frzoo.messages)."""
     os.setpgrp()  # Ctrl-C in the terminal reaches the launcher only; it forwards it to rank 0
     stop.relayed_only(decides=rank == 0)  # a SIGTERM to every process counts once: relayed
+    if show_messages:
+        messages.show_on_stderr()
     _watch_parent(parent)
     os.environ.update(MASTER_ADDR=cfg_dict["distributed"]["master_addr"], MASTER_PORT=str(port))
     cfg = OmegaConf.create(cfg_dict)
@@ -117,18 +121,17 @@ def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
     if under_torchrun():
         return torchrun_main(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
     check_master_addr(cfg.distributed.master_addr)  # named here, not blamed on the port
-    rundir.prepare(out_dir, resume)
     world = num_parts * cfg.distributed.replicas  # replica-major: rank = replica * K + part
     port = free_port(cfg.distributed.master_addr, cfg.distributed.master_port)
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    with rundir.lock(out_dir), tempfile.TemporaryDirectory(
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)  # the plan's resolved recipe
+    with rundir.claim(out_dir, resume), tempfile.TemporaryDirectory(
             prefix="frzoo-workers-", ignore_cleanup_errors=True) as scratch:
         procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r % num_parts + 1}"
                              + (f"-replica{r // num_parts}" if world > num_parts else ""),
                              args=(worker, r, world, cfg_dict, str(out_dir), resume, port,
-                                   os.getpid(), errors))
+                                   os.getpid(), errors, messages.shown_on_stderr()))
                  for r in range(world)]
         _start(procs, scratch)
         try:  # Ctrl-C or SIGTERM: rank 0 stops the job with a checkpoint; a second: at once
@@ -242,9 +245,7 @@ def torchrun_main(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: in
     try:
         # the leader (the last part of replica 0) checks the folder and holds its lock; a
         # restart resumes
-        echo = (lambda msg: print(f"frzoo: {msg}", file=sys.stderr, flush=True))
-        with elastic.join_run_folder(out_dir, resume, leader=num_parts - 1,
-                                     echo=echo) as (resume, out_dir):
+        with elastic.join_run_folder(out_dir, resume, leader=num_parts - 1) as (resume, out_dir):
             try:
                 worker(cfg, out_dir, resume, rank, world)
             except Exception as exc:  # noqa: BLE001 - a lost peer becomes one clear line

@@ -224,7 +224,7 @@ class LocalSweep:
         start = time.perf_counter()
         try:
             summary = train(cfg, out_dir, resume=resume, loggers=[*trackers, watcher, *extra],
-                            echo=echo, should_stop=lambda: watcher.stop_requested)
+                            should_stop=lambda: watcher.stop_requested)
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but a record
             close_loggers(trackers, failed=True)
             trial.seconds += time.perf_counter() - start
