@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from frzoo.config import load_recipe
+from frzoo.messages import show_on_stderr
 from frzoo.run import train
 
 EMULATION = Path(__file__).resolve().parents[1] / "tests" / "nccl_emulation.py"
@@ -25,8 +26,7 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "d
 
 
 def run(out: Path, *extra: str, resume: bool = False) -> None:
-    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out, resume=resume,
-          echo=lambda msg: print(f"frzoo: {msg}"))
+    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out, resume=resume)
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -37,6 +37,7 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 def main() -> None:
+    show_on_stderr()  # frzoo's messages, as the command line shows them
     root = Path(sys.argv[1])
     for sync in ("true", "false"):
         kept, changed = root / f"kept-sync_bn-{sync}", root / f"changed-sync_bn-{sync}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 import torch
@@ -39,10 +39,9 @@ ONE_ROW = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=67",
            "distributed.replicas=2", "train.max_steps=20"]
 
 
-def run(out: Path, *extra: str, resume: bool = False, said: Optional[List[str]] = None) -> dict:
+def run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"])
-    echo = said.append if said is not None else (lambda *_: None)
-    return train(cfg, out, resume=resume, echo=echo)
+    return train(cfg, out, resume=resume)
 
 
 def final(out: Path) -> dict:
