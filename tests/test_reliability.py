@@ -97,10 +97,12 @@ def fault_plugin(tmp_path: Path) -> str:
     return str(path)
 
 
-def straight(tmp_path: Path, *extra: str) -> Dict[str, torch.Tensor]:
-    """The final weights of an uninterrupted in-process run (the reference)."""
-    out = tmp_path / "straight"
-    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out, echo=lambda *_: None)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted in-process run, one thread per part as in the
+    distributed runs (so they equal it too); built once for the tests of this file."""
+    out = tmp_path_factory.mktemp("straight")
+    train(load_recipe(None, [*TINY, f"run.out_dir={out}"]), out, echo=lambda *_: None)
     return torch.load(out / "final.pt", weights_only=True)
 
 
@@ -166,8 +168,8 @@ def finish(out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes_exactly(tmp_path):
-    reference = straight(tmp_path)
+def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes_exactly(
+        tmp_path, reference):
     out = tmp_path / "r"
     first = [*TINY, f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"]
     killed_at("step:7", first, tmp_path)  # in step 7 (index 6): part 3 updated, parts 1-2 not
@@ -189,8 +191,7 @@ def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes
     assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12, 18]
 
 
-def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path):
-    reference = straight(tmp_path)
+def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     proc = start([*TINY, f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"],
@@ -208,8 +209,8 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path)
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
 
 
-def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactly(tmp_path):
-    reference = straight(tmp_path)  # one thread per process: the distributed run equals it
+def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactly(
+        tmp_path, reference):  # one thread per process: the distributed run equals it
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     proc = start([*TINY, "executor=distributed", f"plugins=[{fault_plugin(tmp_path)}]",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wandb_offline import find_offline_runs, read_offline_run
+from support.wandb_offline import find_offline_runs, read_offline_run
 
 from frzoo.cli import main
 from frzoo.config import load_recipe

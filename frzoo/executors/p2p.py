@@ -7,7 +7,7 @@ data-parallel replicas (`distributed.replicas`, frzoo.executors.replicas) rank r
 k+1 of replica r: everything below holds inside each replica (ranks r*K .. r*K+K-1), the leader
 is replica 0's last part, and what crosses replicas is left to frzoo.executors.replicas.
 
-The rules the schedule keeps (NCCL's; gloo is more lenient, and tests/nccl_emulation.py
+The rules the schedule keeps (NCCL's; gloo is more lenient, and tests/support/nccl_emulation.py
 holds gloo to them in the tests):
 
 1. tags are ignored: the messages from one rank to another match in the order they are posted;
