@@ -77,6 +77,7 @@ def test_dropout_and_drop_path_are_active_in_every_part_after_the_first():
         h = outs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
 def test_distributed_under_nccl_rules_equals_local_bit_for_bit(tmp_path, algo):
     for k in (2, 3, 4):

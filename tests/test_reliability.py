@@ -168,6 +168,7 @@ def finish(out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes_exactly(
         tmp_path, reference):
     out = tmp_path / "r"
@@ -209,6 +210,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path,
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
 
 
+@pytest.mark.slow
 def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactly(
         tmp_path, reference):  # one thread per process: the distributed run equals it
     out = tmp_path / "r"
@@ -244,6 +246,7 @@ class Stalls(FeaturesReplay):
 '''
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_is_named_and_the_job_stops_within_the_timeout(tmp_path):
     plugin = tmp_path / "stall.py"
     plugin.write_text(STALL_PLUGIN)

@@ -172,6 +172,7 @@ def test_torchrun_world_size_must_be_replicas_times_parts(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- R=2 x K=2 against R=1 x K=2
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
 def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatch, algo):
     """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance;
@@ -215,6 +216,7 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_fp16_replicas_step_or_skip_together_with_one_scale(tmp_path, monkeypatch):
     """fp16, R=2 x K=2, fr, 10 steps: the last part of replica 1 only overflows at step 4
     (tests/support/fp16_overflow.py). Both copies of part 2 skip step 4, both copies of part 1 skip
