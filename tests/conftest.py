@@ -41,8 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """The `slow` tests first, each file's in its order (a stable sort keeps a module's tests
-    together, so its module-scoped fixtures are built once per worker)."""
+    """The `slow` tests first (a stable sort: a file's slow tests stay together and in order,
+    so a module-scoped fixture they share is built once per worker)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
