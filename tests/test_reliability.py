@@ -101,7 +101,7 @@ def fault_plugin(tmp_path: Path) -> str:
 def reference(tmp_path_factory) -> Dict[str, torch.Tensor]:
     """The final weights of an uninterrupted in-process run, one thread per part as in the
     distributed runs (so they equal it too); built once for the tests of this file."""
-    out = tmp_path_factory.mktemp("straight")
+    out = tmp_path_factory.mktemp("straight") / "r"
     train(load_recipe(None, [*TINY, f"run.out_dir={out}"]), out, echo=lambda *_: None)
     return torch.load(out / "final.pt", weights_only=True)
 
@@ -192,6 +192,7 @@ def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes
     assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12, 18]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
     out = tmp_path / "r"
     mark = tmp_path / "mark"
