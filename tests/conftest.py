@@ -19,7 +19,7 @@ from typing import List
 
 import pytest
 
-MAX_WORKERS = 8  # beyond this the jobs' processes, not the workers, are what a test waits for
+MAX_WORKERS = 8  # a worker holds about 2 GB, and its jobs start up to 4 processes more
 
 
 def cores() -> int:
