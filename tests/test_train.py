@@ -223,7 +223,7 @@ def test_npz_end_to_end(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "r" / "final.pt", weights_only=True))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=180)  # the longest test: a minute of training alone, started first
 def test_quickstart_from_the_cli_reaches_95_percent(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, "-m", "frzoo.cli", "run", str(REPO / "recipes/quickstart.yaml"),
