@@ -22,7 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 
 echo "== 1. CUDA-marked tests"
-timeout 240 python -m pytest -q -m cuda -rs tests 2>&1 | tee "$out/cuda_tests.txt" | tail -n 15
+# -n 0: in one process, as the CUDA tests were written (the suite runs on xdist workers)
+timeout 240 python -m pytest -q -n 0 -m cuda -rs tests 2>&1 | tee "$out/cuda_tests.txt" | tail -n 15
 
 echo "== 2. local executor on cuda:0, batch 128"
 summary() {  # name, then recipe overrides

@@ -18,7 +18,7 @@ from frzoo.config import load_recipe
 from frzoo.messages import show_on_stderr
 from frzoo.run import train
 
-EMULATION = Path(__file__).resolve().parents[1] / "tests" / "nccl_emulation.py"
+EMULATION = Path(__file__).resolve().parents[1] / "tests" / "support" / "nccl_emulation.py"
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "data.num_test=20",
         "data.batch_size=8", "data.image_size=16", "train.epochs=4", "train.eval_every=2",
         "train.progress=false", "train.threads=1", "train.log_every=5", "optimizer.lr=0.01",

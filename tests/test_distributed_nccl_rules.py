@@ -2,8 +2,8 @@
 
 gloo matches messages by tag and buffers sends, so a transport whose two sides post a pair's
 messages in different orders still works on gloo and deadlocks, or mixes up messages, on NCCL.
-tests/nccl_emulation.py (a recipe plugin, loaded in every worker) takes both away: tags are
-ignored (first in, first out per pair of ranks), a rank's operations with one peer run one at a
+tests/support/nccl_emulation.py (a recipe plugin, loaded in every worker) takes both away: tags
+are ignored (first in, first out per pair of ranks), a rank's operations with one peer run one at a
 time in posting order, and a send completes only once the peer's receive has run. The transport
 of frzoo before this test existed fails under it at K=2 (the labels arrive as the activation).
 
@@ -24,8 +24,8 @@ from frzoo.pipeline import build_pipeline
 from frzoo.config import load_recipe
 from frzoo.data import build_data
 from frzoo.run import train
+from support import EMULATION
 
-EMULATION = Path(__file__).with_name("nccl_emulation.py")
 TINY = ["model.name=test_resnet", "model.kwargs.drop_block_rate=0.2", "model.kwargs.drop_path_rate=0.3",
         "model.kwargs.zero_init_last=false",
         "data.name=synthetic", "data.num_train=20", "data.num_test=12", "data.batch_size=8",
@@ -77,6 +77,7 @@ def test_dropout_and_drop_path_are_active_in_every_part_after_the_first():
         h = outs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
 def test_distributed_under_nccl_rules_equals_local_bit_for_bit(tmp_path, algo):
     for k in (2, 3, 4):

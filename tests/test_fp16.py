@@ -6,8 +6,8 @@
   (fr, bp, ddg): weights, optimizer state, each part's scaler, each delta's scale, the logged
   scale and skipped steps. The first scale is too large on purpose, so steps overflow, the scale
   backs off and grows again during the test.
-- A forced overflow (tests/fp16_overflow.py) skips the same steps in the same parts in both
-  executors: the last part at step s, the part below at s+1, the next at s+2; the scale halves
+- A forced overflow (tests/support/fp16_overflow.py) skips the same steps in the same parts in
+  both executors: the last part at step s, the part below at s+1, the next at s+2; the scale halves
   once; the skipped steps leave weights and optimizer state as they were.
 - A checkpoint with deltas (and their scales) in flight resumes exactly, in either executor.
 """
@@ -31,10 +31,9 @@ from frzoo.loss_scale import LossScaler
 from frzoo.precision import prepare_part
 from frzoo.run import build, train
 from frzoo.split.chain import Part
+from support import EMULATION, OVERFLOW
 from test_distributed_nccl_rules import assert_same_tree
 
-HERE = Path(__file__).parent
-EMULATION, OVERFLOW = HERE / "nccl_emulation.py", HERE / "fp16_overflow.py"
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=20", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "train.epochs=2", "train.progress=false",
         "train.threads=1", "train.log_every=1", "train.checkpoint_every=5", "optimizer.lr=0.05",

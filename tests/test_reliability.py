@@ -98,10 +98,12 @@ def fault_plugin(tmp_path: Path) -> str:
     return str(path)
 
 
-def straight(tmp_path: Path, *extra: str) -> Dict[str, torch.Tensor]:
-    """The final weights of an uninterrupted in-process run (the reference)."""
-    out = tmp_path / "straight"
-    train(load_recipe(None, [*TINY, *extra, f"run.out_dir={out}"]), out)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted in-process run, one thread per part as in the
+    distributed runs (so they equal it too); built once for the tests of this file."""
+    out = tmp_path_factory.mktemp("straight") / "r"
+    train(load_recipe(None, [*TINY, f"run.out_dir={out}"]), out)
     return torch.load(out / "final.pt", weights_only=True)
 
 
@@ -167,8 +169,9 @@ def finish(out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes_exactly(tmp_path):
-    reference = straight(tmp_path)
+@pytest.mark.slow
+def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes_exactly(
+        tmp_path, reference):
     out = tmp_path / "r"
     first = [*TINY, f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"]
     killed_at("step:7", first, tmp_path)  # in step 7 (index 6): part 3 updated, parts 1-2 not
@@ -190,8 +193,8 @@ def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes
     assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12, 18]
 
 
-def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path):
-    reference = straight(tmp_path)
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     proc = start([*TINY, f"plugins=[{fault_plugin(tmp_path)}]", f"run.out_dir={out}"],
@@ -209,8 +212,9 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(tmp_path)
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
 
 
-def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactly(tmp_path):
-    reference = straight(tmp_path)  # one thread per process: the distributed run equals it
+@pytest.mark.slow
+def test_distributed_job_ctrl_c_then_killed_in_a_checkpoint_write_resumes_exactly(
+        tmp_path, reference):  # one thread per process: the distributed run equals it
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     proc = start([*TINY, "executor=distributed", f"plugins=[{fault_plugin(tmp_path)}]",
@@ -254,12 +258,11 @@ def signal_job(proc: subprocess.Popen, everyone: bool) -> None:
 
 @pytest.mark.parametrize("executor, everyone", [("local", False), ("distributed", True)])
 def test_sigterm_stops_with_a_checkpoint_of_the_stop_step_and_resumes_exactly(
-        tmp_path, executor, everyone):
+        tmp_path, executor, everyone, reference):
     """Preemption: SIGTERM is Ctrl-C. The local run stops after the step in progress; the
     distributed job, signalled in every process, stops once (the launcher relays it to part 1,
     the workers ignore their own copy) at the next run of steps. Both checkpoint the step they
     stop at, say how to resume, exit 130, and the resumed run equals an uninterrupted one."""
-    reference = straight(tmp_path)
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     proc = start([*TINY, f"executor={executor}", f"plugins=[{fault_plugin(tmp_path)}]",
@@ -276,11 +279,11 @@ def test_sigterm_stops_with_a_checkpoint_of_the_stop_step_and_resumes_exactly(
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
 
 
-def test_sigterm_to_torchrun_stops_the_job_with_a_checkpoint_and_it_resumes_exactly(tmp_path):
+def test_sigterm_to_torchrun_stops_the_job_with_a_checkpoint_and_it_resumes_exactly(
+        tmp_path, reference):
     """torchrun's agent, sent SIGTERM, sends it once to each worker (and SIGKILL after its
     --shutdown-timeout): part 1 stops the job at the next run of steps with a checkpoint of
     that step, the others ignore theirs."""
-    reference = straight(tmp_path)
     out = tmp_path / "r"
     mark = tmp_path / "mark"
     env = {**os.environ, "FRZOO_FAULT": "mark:3", "FRZOO_FAULT_MARK": str(mark),
@@ -347,6 +350,7 @@ class Stalls(FeaturesReplay):
 '''
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_is_named_and_the_job_stops_within_the_timeout(tmp_path):
     plugin = tmp_path / "stall.py"
     plugin.write_text(STALL_PLUGIN)

@@ -20,6 +20,7 @@ def _soak_module():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "distributed"])
 def test_memory_stays_flat_and_throughput_holds(tmp_path, executor):
     soak = _soak_module()

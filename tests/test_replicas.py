@@ -1,5 +1,5 @@
 """Data-parallel replicas of the K-part pipeline (`distributed.replicas`), gloo on CPU with NCCL's
-point-to-point rules emulated (tests/nccl_emulation.py).
+point-to-point rules emulated (tests/support/nccl_emulation.py).
 
 With `distributed.sync_bn: true`, R=2 x K=2 computes what R=1 x K=2 computes on the same global
 batch, up to float summation order: the gradient is the sum of two shards' partial sums instead
@@ -35,11 +35,8 @@ from frzoo.data import build_data, shard_rows
 from frzoo.errors import FrzooError, RecipeError
 from frzoo.executors.topology import Layout
 from frzoo.run import choose_executor, train
+from support import AFTER, EMULATION, OVERFLOW, PROBE  # PROBE: small buckets, records collectives
 
-EMULATION = Path(__file__).with_name("nccl_emulation.py")
-PROBE = Path(__file__).with_name("replica_probe.py")  # small buckets; records collectives
-AFTER = Path(__file__).with_name("replica_after_backward.py")  # no overlap: sums after backward
-OVERFLOW = Path(__file__).with_name("fp16_overflow.py")
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "data.num_test=20",
         "data.batch_size=8", "data.image_size=16", "train.epochs=4", "train.eval_every=2",
         "train.progress=false", "train.threads=1", "train.log_every=5", "optimizer.lr=0.01",
@@ -65,7 +62,8 @@ def checkpoint(path: Path) -> dict:
 
 
 def probe(folder: Path, monkeypatch) -> Path:
-    """Make the next run's processes record their collectives in `folder` (replica_probe.py)."""
+    """Make the next run's processes record their collectives in `folder`
+    (tests/support/replica_probe.py)."""
     folder.mkdir()
     monkeypatch.setenv("FRZOO_TEST_PROBE", str(folder))
     return folder
@@ -174,6 +172,7 @@ def test_torchrun_world_size_must_be_replicas_times_parts(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- R=2 x K=2 against R=1 x K=2
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
 def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatch, algo):
     """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance;
@@ -217,9 +216,10 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_fp16_replicas_step_or_skip_together_with_one_scale(tmp_path, monkeypatch):
     """fp16, R=2 x K=2, fr, 10 steps: the last part of replica 1 only overflows at step 4
-    (tests/fp16_overflow.py). Both copies of part 2 skip step 4, both copies of part 1 skip
+    (tests/support/fp16_overflow.py). Both copies of part 2 skip step 4, both copies of part 1 skip
     step 5 (replica 0's delta was finite: the summed overflow flag makes it skip), the scale
     halves once, at step 5, and every read of the scalers agrees across the replicas. Again
     with the sums after the backward: bit for bit. Against R=1 (where the whole batch

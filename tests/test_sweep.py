@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wandb_offline import find_offline_runs, read_offline_run
+from support.wandb_offline import find_offline_runs, read_offline_run
 
 from frzoo.cli import main
 from frzoo.config import load_recipe
@@ -60,6 +60,7 @@ class InterruptOnce(Logger):
             signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_local_grid_sweep_of_four_trials_interrupted_and_continued(tmp_path, capsys):
     path = write_sweep(tmp_path, {"optimizer.lr": {"values": [0.01, 0.1]},
                                   "split.points": {"values": [["layer2"], ["layer3"]]}})

@@ -61,9 +61,15 @@ def test_outputs_of_a_run(tmp_path):
     model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
 
 
-def test_resume_is_bit_for_bit(tmp_path):
-    straight = tmp_path / "straight"
-    run(straight, "train.max_steps=9")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """9 steps without a stop: what the resume tests end with (built once for this file)."""
+    out = tmp_path_factory.mktemp("straight") / "r"
+    run(out, "train.max_steps=9")
+    return out
+
+
+def test_resume_is_bit_for_bit(tmp_path, straight):
     stopped = tmp_path / "stopped"
     run(stopped, "train.max_steps=5")  # stops mid-epoch (6 steps per epoch) with a delta in flight
     run(stopped, "train.max_steps=9", resume=True)
@@ -81,9 +87,7 @@ def test_resume_is_bit_for_bit(tmp_path):
         assert [r[key] for r in trains] == sorted(r[key] for r in trains)
 
 
-def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path):
-    straight = tmp_path / "straight"
-    run(straight, "train.max_steps=9")
+def test_should_stop_stops_like_ctrl_c_and_resumes_bit_for_bit(tmp_path, straight):
     asked = []
     stopped = tmp_path / "stopped"
     cfg = load_recipe(None, [*TINY, "train.max_steps=9", f"run.out_dir={stopped}"])
@@ -219,7 +223,7 @@ def test_npz_end_to_end(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "r" / "final.pt", weights_only=True))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=180)  # the longest test: a minute of training alone, started first
 def test_quickstart_from_the_cli_reaches_95_percent(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, "-m", "frzoo.cli", "run", str(REPO / "recipes/quickstart.yaml"),

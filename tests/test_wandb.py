@@ -1,7 +1,7 @@
 """W&B logging through real offline runs: what the `.wandb` file holds equals metrics.jsonl.
 
 No mocks of wandb: each test that logs starts a real offline W&B run (about 0.3-1 s) under the
-test's tmp dir and reads the run file back with tests/wandb_offline.py.
+test's tmp dir and reads the run file back with tests/support/wandb_offline.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wandb_offline import find_offline_runs, read_offline_run
+from support.wandb_offline import find_offline_runs, read_offline_run
 
 from frzoo import metrics
 from frzoo.cli import main

@@ -5,8 +5,8 @@ differs (frzoo.executors.p2p runs the part, this module says what it sends and r
 data-parallel replicas (frzoo.executors.replicas) everything below holds inside each replica
 (ranks r*K .. r*K+K-1, frzoo.executors.topology); what crosses replicas is not in this schedule.
 
-The rules the schedule keeps (NCCL's; gloo is more lenient, and tests/nccl_emulation.py holds
-gloo to them in the tests):
+The rules the schedule keeps (NCCL's; gloo is more lenient, and
+tests/support/nccl_emulation.py holds gloo to them in the tests):
 
 1. tags are ignored: the messages from one rank to another match in the order they are posted;
 2. a rank's operations with one peer, sends and receives alike, run one after another in the
