@@ -1,6 +1,8 @@
 """Recipes: typed schema, `_base_` inheritance, precedence, and errors that name the key."""
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,15 @@ def algorithm_section(*overrides: str) -> dict:
     return dict(resolve_algorithm(load_recipe(None, ["model.name=x", *overrides])).algorithm)
 
 
+def owners(option: str) -> str:
+    """The registered algorithms that take `option`, as the messages list them: fr and ddg, and
+    the plugin algorithms other tests of the same process (an xdist worker) registered."""
+    from frzoo.algorithms.options import declared_options
+    from frzoo.plugins import ALGORITHMS
+    return ", ".join(sorted(n for n in ALGORITHMS.names()
+                            if option in declared_options(ALGORITHMS.get(n))))
+
+
 def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
     # each class fills in the defaults of the options it takes, and only those
     assert algorithm_section() == {"name": "fr", "warmup": "skip", "replay_bn": "once"}
@@ -72,12 +83,13 @@ def test_algorithm_options_are_declared_and_checked_by_the_algorithm_class():
     with pytest.raises(RecipeError, match=r"^algorithm 'ddg' \(DecoupledBackprop\) takes no option "
                                           r"'replay'; its options: warmup \(skip\|zeros, "
                                           r"default skip\)\. Did you mean 'replay_bn' \(an option "
-                                          r"of fr\)\? No other registered algorithm takes it "
-                                          r"either\. Remove algorithm\.replay from the recipe"):
+                                          rf"of {re.escape(owners('replay_bn'))}\)\? No other "
+                                          r"registered algorithm takes it either\. Remove "
+                                          r"algorithm\.replay from the recipe"):
         algorithm_section("algorithm.name=ddg", "algorithm.replay=twice")
     with pytest.raises(RecipeError, match=r"algorithm 'bp' \(Backprop\) takes no option 'warmpu'; "
                                           r"its options: none\. Did you mean 'warmup' \(an option "
-                                          r"of ddg, fr\)\?"):
+                                          rf"of {re.escape(owners('warmup'))}\)\?"):
         algorithm_section("algorithm.name=bp", "algorithm.warmpu=skip")
     with pytest.raises(RecipeError, match=r"takes no option 'replay_b'.*Did you mean 'replay_bn'"):
         algorithm_section("algorithm.replay_b=twice")
@@ -129,15 +141,15 @@ def test_another_algorithms_options_are_dropped_with_a_one_line_note(caplog):
         assert algorithm_section("algorithm.name=bp", "algorithm.warmup=zeros",
                                  "algorithm.replay_bn=twice") == {"name": "bp"}
     assert [r.getMessage() for r in caplog.records] == [
-        "algorithm 'bp' (Backprop) ignores options of other algorithms: algorithm.warmup (of "
-        "ddg, fr); algorithm.replay_bn (of fr). Its options: none."]
+        f"algorithm 'bp' (Backprop) ignores options of other algorithms: algorithm.warmup (of "
+        f"{owners('warmup')}); algorithm.replay_bn (of {owners('replay_bn')}). Its options: none."]
     caplog.clear()
     with caplog.at_level("WARNING", logger="frzoo"):
         assert algorithm_section("algorithm.name=ddg", "algorithm.warmup=zeros",
                                  "algorithm.replay_bn=twice") == {"name": "ddg", "warmup": "zeros"}
         assert algorithm_section("algorithm.warmup=zeros") == \
             {"name": "fr", "warmup": "zeros", "replay_bn": "once"}
-    assert len(caplog.records) == 1 and "algorithm.replay_bn (of fr)" in caplog.records[0].message
+    assert len(caplog.records) == 1 and f"algorithm.replay_bn (of {owners('replay_bn')})" in caplog.records[0].message
 
 
 def test_a_key_is_removed_from_the_command_line_with_a_tilde(tmp_path):
