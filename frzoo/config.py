@@ -261,7 +261,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # auto: one process per part when the parts sit on two or more devices, else one process
-    # (frzoo.run.choose_executor); local: all parts in this process; distributed: one per part
+    # (frzoo.plan.choose_executor); local: all parts in this process; distributed: one per part
     executor: Literal["auto", "local", "distributed"] = "auto"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: List[str] = field(default_factory=list)

@@ -27,7 +27,7 @@ from torch import nn
 from . import rundir
 from .checkpoint import check_recipe, load_file
 from .config import to_container
-from .data import DataInfo, build_data
+from .data import DataInfo, build_data, last_batch_rows
 from .errors import FrzooError
 from .models import create_model
 from .pipeline import load_plugins, model_kwargs
@@ -113,7 +113,7 @@ def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None) -> None:
     here, when the size of the epoch's last batch matters)."""
     facts = _Facts(cfg, info)
     replicas, batch = int(cfg.distributed.replicas), int(cfg.data.batch_size)
-    last = 0 if cfg.data.drop_last else facts.info().num_train % batch
+    last = last_batch_rows(facts.info().num_train, batch, cfg.data.drop_last)
     if 0 < last < replicas:
         raise FrzooError(f"the last batch of each epoch has {last} samples "
                          f"({facts.info().num_train} training samples, data.batch_size={batch}), "
@@ -143,10 +143,11 @@ def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None) -> None:
 
 def _fitting_batch(facts: _Facts, batch: int, replicas: int) -> int:
     """The batch size nearest `batch` (a multiple of `replicas`) whose every shard has 2 rows."""
-    n = None if facts.cfg.data.drop_last else facts.info().num_train
+    drop_last = facts.cfg.data.drop_last
+    n = 0 if drop_last else facts.info().num_train
 
     def fits(b: int) -> bool:
-        last = n % b if n is not None else 0
+        last = last_batch_rows(n, b, drop_last)
         return b // replicas >= 2 and (last == 0 or last // replicas >= 2)
 
     candidates = [b for b in range(2 * replicas, max(batch, 2 * replicas) * 2 + 1, replicas)

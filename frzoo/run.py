@@ -31,13 +31,11 @@ from .executors.replicas import Replica
 from .executors.topology import Layout, part_groups
 from .logging import Logger, build_loggers, close_loggers
 from .pipeline import Pipeline, build_pipeline
-from .plan import (Materials, Plan, choose_executor, executor_line, make_plan, resolved_plan,
-                   share_split)
+from .plan import Materials, Plan, make_plan, resolved_plan, share_split
 from .sigma import SigmaProbe
 from .trainer import run_loop
 
-__all__ = ["Assembly", "build", "choose_executor", "evaluate", "executor_line", "make_plan",
-           "train", "worker"]
+__all__ = ["Assembly", "build", "evaluate", "make_plan", "train", "worker"]
 
 @dataclass
 class Assembly:

@@ -1,6 +1,6 @@
 """`executor: auto`: one process per part when the parts sit on two or more devices, else one.
 
-The choice is made in one place (frzoo.run.choose_executor) and printed by `frzoo run` (its
+The choice is made in one place (frzoo.plan.choose_executor) and printed by `frzoo run` (its
 first line) and `frzoo plan`; the recipes in recipes/ run in parallel as written.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import RecipeError
-from frzoo.run import choose_executor, executor_line, train
+from frzoo.plan import choose_executor, executor_line
+from frzoo.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",

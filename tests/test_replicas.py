@@ -34,7 +34,8 @@ from frzoo.config import load_recipe
 from frzoo.data import build_data, shard_rows
 from frzoo.errors import FrzooError, RecipeError
 from frzoo.executors.topology import Layout
-from frzoo.run import choose_executor, train
+from frzoo.plan import choose_executor
+from frzoo.run import train
 from support import AFTER, EMULATION, OVERFLOW, PROBE  # PROBE: small buckets, records collectives
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=39", "data.num_test=20",

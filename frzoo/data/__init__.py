@@ -46,7 +46,8 @@ Built-in data sets: ``cifar10``, ``cifar100`` (torchvision loaders, authors' mea
 and ``synthetic`` (class-dependent patterns plus noise, from a fixed generator).
 """
 from .build import build_data
-from .module import AUGMENTS, CROP_PADDING, DataModule, augment_batch, derive_seed, shard_rows
+from .module import (AUGMENTS, CROP_PADDING, DataModule, augment_batch, derive_seed,
+                     last_batch_rows, shard_rows)
 from .sets import MAX_CLASSES, DataInfo, DatasetSplits
 # The built-in data sets register themselves on import, as a plugin's modules do.
 from . import arrays, builtin, folders  # noqa: F401
@@ -54,4 +55,5 @@ from .builtin import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 __all__ = ["AUGMENTS", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "CROP_PADDING", "MAX_CLASSES", "DataInfo", "DataModule", "DatasetSplits",
-           "augment_batch", "build_data", "derive_seed", "shard_rows"]
+           "augment_batch", "build_data", "derive_seed", "last_batch_rows",
+           "shard_rows"]

@@ -45,6 +45,12 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def last_batch_rows(num_train: int, batch_size: int, drop_last: bool) -> int:
+    """The rows of each epoch's last batch when it is smaller than `batch_size`, else 0: the one
+    rule, for a DataModule and for the checks that run before one exists (frzoo.preflight)."""
+    return 0 if drop_last else num_train % batch_size
+
+
 def shard_rows(rows: int, replica: int, replicas: int) -> Tuple[int, int]:
     """The rows [lo, hi) of a global batch of `rows` that replica `replica` of `replicas` takes:
     contiguous, in replica order (so the shards concatenated are the global batch), as equal as
@@ -134,7 +140,7 @@ class DataModule:
 
     def last_batch_rows(self) -> int:
         """The rows of each epoch's last batch when it is smaller than data.batch_size, else 0."""
-        return 0 if self.drop_last else self.info.num_train % self.batch_size
+        return last_batch_rows(self.info.num_train, self.batch_size, self.drop_last)
 
     def test_batch_rows(self, replica: int = 0, replicas: int = 1) -> List[int]:
         """The rows of each test batch replica `replica` of `replicas` evaluates, in order: the
