@@ -89,11 +89,15 @@ class LossScaler:
             self.scale *= BACKOFF
 
     # -- backward
-    def receive(self, delta: Optional[Sequence[Optional[Tensor]]], scale: Optional[float]) -> None:
+    def receive(self, delta: Optional[Sequence[Optional[Tensor]]], scale: Optional[float],
+                more: bool = False) -> None:
         """The delta this part's backward uses now (one per tensor crossing the cut, None where a
-        tensor has none: frzoo.activation), and the scale that came with it."""
+        tensor has none: frzoo.activation), and the scale that came with it. `more`: another
+        micro-batch's delta of the same step (frzoo.algorithms.pipelines), whose inf/NaN adds to
+        the step's; the scale is the step's, the same for all."""
         self.delta_scale = scale
-        self._delta_bad = None
+        if not more:
+            self._delta_bad = None
         for d in delta or ():
             if d is not None:
                 bad = ~torch.isfinite(d).all()

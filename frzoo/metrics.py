@@ -22,7 +22,10 @@ KIND = "kind"  # "train" or "eval": what a record is; the rest of a record is it
 TRAIN, EVAL = "train", "eval"
 
 # A part's step time, as the executors report it per part (mean seconds per step of a window).
-PHASES = ("forward", "replay", "backward", "optimizer")  # timed by the part's algorithm
+PHASES = ("forward", "replay", "backward", "input_gradient", "weight_gradient",
+          "optimizer")  # timed by the part's algorithm
+# zb1's halves of the backward (frzoo.algorithms.pipelines): shown only where they ran
+SPLIT_BACKWARD = ("input_gradient", "weight_gradient")
 WAIT = "wait"  # waiting for another part's message (one process per part)
 STEP = "step"  # the whole step; what no phase covers is "other"
 BREAKDOWN = (*PHASES, WAIT, "other")  # the shares of a part's step time, in display order
@@ -175,7 +178,8 @@ def time_shares(progress: Dict[str, Any]) -> List[Dict[str, float]]:
     for phases in progress.get("part_seconds", []):
         wall = max(phases.get(STEP, 0.0), 1e-9)
         row = {phase: value / wall for phase, value in phases.items()
-               if phase != STEP and not phase.endswith("_bytes")}
+               if phase != STEP and not phase.endswith("_bytes")
+               and (value or phase not in SPLIT_BACKWARD)}
         row["other"] = max(0.0, 1.0 - sum(row.values()))
         shares.append(row)
     return shares

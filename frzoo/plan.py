@@ -56,6 +56,13 @@ class Plan:
     materials: Optional["Materials"] = field(default=None, compare=False, repr=False)
 
     @property
+    def microbatches(self) -> int:
+        """Micro-batches per step of a synchronous schedule (default K); 1 for the others."""
+        if not getattr(self.algorithm_cls, "runs_actions", False):
+            return 1
+        return getattr(self.options, "microbatches", None) or self.num_parts
+
+    @property
     def world_size(self) -> int:
         return self.num_parts * self.replicas
 

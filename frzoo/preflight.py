@@ -27,7 +27,7 @@ from torch import nn
 from . import rundir
 from .checkpoint import check_recipe, load_file
 from .config import to_container
-from .data import DataInfo, build_data, last_batch_rows
+from .data import DataInfo, build_data, last_batch_rows, shard_rows
 from .errors import FrzooError
 from .models import create_model
 from .pipeline import load_plugins, model_kwargs
@@ -106,7 +106,25 @@ def check_resume(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> No
              f"by more than float rounding (docs/distributed.md).")
 
 
-def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None) -> None:
+def check_microbatches(microbatches: int, batch: int, last: int, replicas: int) -> None:
+    """A synchronous schedule (gpipe, 1f1b, zb1) splits each replica's share of every batch, the
+    epoch's last included, into `microbatches` equal micro-batches."""
+    for rows in (batch, last) if microbatches > 1 else ():
+        for shard in sorted({hi - lo for lo, hi in (shard_rows(rows, r, replicas)
+                                                    for r in range(replicas))} if rows else ()):
+            if shard % microbatches:
+                where = f"data.batch_size={batch}" if rows == batch else \
+                    f"the epoch's last batch ({rows} rows)"
+                per = f", {shard} rows per replica" if replicas > 1 else ""
+                raise FrzooError(
+                    f"algorithm.microbatches={microbatches} does not divide {where}{per}: every "
+                    f"micro-batch must have the same rows. "
+                    + ("Set data.drop_last=true, or choose a divisor." if rows != batch else
+                       f"Choose a divisor, or set data.batch_size to a multiple of "
+                       f"{microbatches * replicas}."))
+
+
+def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None, microbatches: int = 1) -> None:
     """Every replica needs rows in every step; with BatchNorm (and no distributed.sync_bn
     across replicas) at least 2: a 1-row BatchNorm fails in training, at the epoch's last
     step, losing the epoch. `info`: the data's, where the caller built it (else it is built
@@ -119,6 +137,7 @@ def check_shards(cfg: DictConfig, info: Optional[DataInfo] = None) -> None:
                          f"({facts.info().num_train} training samples, data.batch_size={batch}), "
                          f"fewer than distributed.replicas={replicas}: every replica needs at "
                          f"least one. Set data.drop_last=true or change data.batch_size.")
+    check_microbatches(microbatches, batch, last, replicas)
     synced = cfg.distributed.sync_bn and replicas > 1  # statistics over the whole batch
     rows = min(n // replicas for n in (batch, last) if n)  # the smallest shard
     if synced or rows >= 2 or not facts.batchnorm_fails(rows):

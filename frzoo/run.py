@@ -56,7 +56,7 @@ def build(plan: Union[Plan, DictConfig], *, rank: Optional[int] = None,
         plan = make_plan(plan)
     materials = plan.materials or Materials(plan.cfg)
     data = materials.data()
-    preflight.check_shards(plan.cfg, data.info)  # here: the local executor; workers: checked again
+    preflight.check_shards(plan.cfg, data.info, plan.microbatches)  # here: the local executor; workers: checked again
     pipeline = build_pipeline(plan.cfg, data.info, only_part=None if rank is None
                               else rank % plan.num_parts,
                               algorithm=(plan.algorithm_cls, plan.options),
@@ -106,7 +106,7 @@ def train(cfg: DictConfig, out_dir: Path, *, resume: bool = False,
         log.info(plan.split_line)
     if plan.executor == "distributed":
         info = plan.materials.data().info if plan.materials is not None else None
-        preflight.check_shards(plan.cfg, info)  # every batch fits every replica: before any process
+        preflight.check_shards(plan.cfg, info, plan.microbatches)  # every batch fits every replica: before any process
         if plan.materials is not None:
             plan.materials.release()
         return launch(plan.cfg, out_dir, resume=resume, num_parts=plan.num_parts, worker=worker)

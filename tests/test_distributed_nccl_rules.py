@@ -125,3 +125,24 @@ def test_a_multi_tensor_cut_travels_in_one_message_and_equals_local_bit_for_bit(
     reference = json.loads((local / "summary.json").read_text())
     assert summary["final_test_acc1"] == reference["final_test_acc1"]
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow(seconds=60)
+def test_synchronous_schedules_under_nccl_rules_equal_local_bit_for_bit(tmp_path):
+    """gpipe, 1f1b and zb1 at K=2, 3, 4, each with a cut inside layer2's block (two tensors
+    cross it): each pair posts its micro-batches' activations and deltas in the order of the
+    shared simulation (frzoo.algorithms.actions), which NCCL's rules accept."""
+    splits = {2: "split.points=[layer2.0.conv2]", 3: "split.points=[layer2.0.conv2,layer4]",
+              4: "split.points=[layer2,layer2.0.conv2,layer4]"}
+    for k, algo in ((2, "1f1b"), (3, "zb1"), (4, "gpipe")):
+        extra = [splits[k], "model.kwargs.drop_block_rate=0.0", f"algorithm.name={algo}",
+                 "algorithm.microbatches=2"]
+        local, dist = tmp_path / f"local{k}", tmp_path / f"dist{k}"
+        run(local, *extra, "executor=local")
+        run(dist, *extra, "executor=distributed")
+        assert_same_tree(torch.load(local / "final.pt", weights_only=True),
+                         torch.load(dist / "final.pt", weights_only=True), f"{algo} K={k}")
+        a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+        assert_same_tree(a["parts"], b["parts"], f"{algo} K={k} checkpoint")
+    assert not multiprocessing.active_children()

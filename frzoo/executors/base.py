@@ -59,6 +59,16 @@ class Executor:
         pass
 
 
+def micro_batches(batch: Batch, count: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+    """A batch's inputs and targets as `count` equal micro-batches, in row order (what a plain
+    gradient-accumulation loop over the unsplit model would take)."""
+    x, y = batch
+    if len(y) % count:
+        raise ValueError(f"a batch of {len(y)} rows does not split into {count} equal "
+                         f"micro-batches")
+    return x.chunk(count), y.chunk(count)
+
+
 def part_state(algo: PartAlgorithm) -> Dict[str, Any]:
     """What a checkpoint stores of one part (CPU tensors; fp16: its loss scaler too)."""
     state = {"model": algo.part.state_dict(), "optimizer": algo.optimizer.state_dict(),

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from .. import activation
 from ..activation import Deltas
+from ..algorithms.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, simulate
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..loss_scale import NO_OVERFLOW
-from .base import (Batch, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
+from .base import (Batch, micro_batches, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
                    part_state, read_windows)
 
 
@@ -41,6 +42,7 @@ class LocalExecutor(Executor):
         self.delta_scales: List[Deque[float]] = [deque() for _ in self.algorithms]
         self.scaled = any(a.scaler is not None for a in self.algorithms)
         self.clocks = [PhaseClock() for _ in self.algorithms]
+        self.orders: Dict[int, Any] = {}  # synchronous schedules: the simulated order, by M
 
     @property
     def num_parts(self) -> int:
@@ -62,6 +64,8 @@ class LocalExecutor(Executor):
 
     def _train_step(self, batch: Optional[Batch], step: int) -> ForwardResult:
         assert batch is not None
+        if getattr(self.algorithms[0], "runs_actions", False):
+            return self._action_step(batch, step)
         x, y = batch
         h = activation.as_activation(x)
         result = ForwardResult()
@@ -84,6 +88,47 @@ class LocalExecutor(Executor):
                     activation.to_device(grad_in, self.algorithms[k - 1].device))
                 if algo.scaler is not None:  # the scale of the delta it used goes down with it
                     self.delta_scales[k - 1].append(algo.scaler.delta_scale)  # type: ignore[arg-type]
+        for clock in self.clocks:
+            clock.steps += 1
+        return result
+
+    def _action_step(self, batch: Batch, step: int) -> ForwardResult:
+        """One step of a synchronous schedule: every part's actions (frzoo.algorithms.actions)
+        in the one order :func:`simulate` gives, messages kept by (sender, micro-batch)."""
+        algos, num = self.algorithms, self.num_parts
+        m_count = algos[0].microbatches  # type: ignore[attr-defined]
+        xs, ys = micro_batches(batch, m_count)
+        if m_count not in self.orders:
+            self.orders[m_count] = simulate(type(algos[0]).schedule(num, m_count))  # type: ignore[attr-defined]
+        acts: Dict[Tuple[int, int], Any] = {}
+        deltas: Dict[Tuple[int, int], Tuple[Any, Optional[float]]] = {}
+        reports = [NO_OVERFLOW] * (num + 1)  # fp16: the report riding up, by part (+1: below 0)
+        result = ForwardResult()
+        for k, action in self.orders[m_count]:
+            algo, m = algos[k], action.micro
+            if action.kind == FORWARD:
+                h = (xs[m],) if k == 0 else acts.pop((k - 1, m))
+                if algo.scaler is not None and m == 0:
+                    reports[k + 1] = algo.scaler.pass_up(reports[k], step)
+                target = ys[m].to(algo.device) if algo.is_last else None
+                out = algo.micro_forward(activation.to_device(h, algo.device), target, step, m)  # type: ignore[attr-defined]
+                if out is not None:
+                    acts[(k, m)] = activation.to_device(out, algos[k + 1].device)
+            elif action.kind in (BACKWARD, INPUT_GRAD):
+                delta, scale = deltas.pop((k + 1, m)) if not algo.is_last else (None, None)
+                if algo.scaler is not None and delta is not None:
+                    algo.scaler.receive(delta, scale, more=m > 0)
+                run = algo.micro_backward if action.kind == BACKWARD else algo.input_backward  # type: ignore[attr-defined]
+                grad_in = run(delta, step, m)
+                if k > 0:
+                    scale = algo.scaler.delta_scale if algo.scaler is not None else None
+                    deltas[(k, m)] = (activation.to_device(grad_in, algos[k - 1].device), scale)
+            elif action.kind == WEIGHT_GRAD:
+                algo.weight_backward(step, m)  # type: ignore[attr-defined]
+            elif algo.is_last:
+                result = algo.update(step)  # type: ignore[attr-defined]
+            else:
+                algo.update(step)  # type: ignore[attr-defined]
         for clock in self.clocks:
             clock.steps += 1
         return result

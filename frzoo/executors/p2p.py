@@ -21,6 +21,7 @@ from torch import Tensor
 from ..activation import from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
+from .action_runner import ActionRunner
 from .base import Batch, Executor, load_part_state, part_state, read_windows
 from .control import ControlGroup
 from .replicas import Replica
@@ -51,6 +52,9 @@ class DistributedExecutor(Executor):
         self.wire = Wire(self.layout, algorithm.device, backend, timeout_s)
         self.clock = self.wire.clock
         self.pairs = PairSchedule(algorithm, self.layout, self.wire)
+        # fr, bp, ddg: one fixed step (the schedule above); gpipe, 1f1b, zb1: a list of actions
+        self.steps: Any = ActionRunner(algorithm, self.layout, self.wire, self.pairs) \
+            if getattr(algorithm, "runs_actions", False) else self.pairs
         self.next_step = 0
         self.stop_requested = False
         # Created here, on every rank in the same order (a collective call).
@@ -68,20 +72,25 @@ class DistributedExecutor(Executor):
                    horizon: Optional[int] = None) -> Optional[ForwardResult]:
         start = time.perf_counter()
         self.stop_requested = self.stop_requested or stop
-        if self.pairs.run_end is None:
+        if self.steps.run_end is None:
             if self.control.agree_stop(self.stop_requested):
                 self.stopped = True
                 return None
-            self.pairs.start_run(step, step + 1 if horizon is None else max(horizon, step + 1))
+            self.steps.start_run(step, step + 1 if horizon is None else max(horizon, step + 1))
         result = self._train_step(batch, step)
         self.clock.add("step", time.perf_counter() - start)
         return result
 
     def _train_step(self, batch: Optional[Batch], step: int) -> Optional[ForwardResult]:
         algo, pairs = self.algo, self.pairs
-        h, target, report = pairs.take_input(batch, step)
         if self.replica is not None:
             self.replica.before_step(pairs.rows(step), pairs.data.batch_rows(step))
+        if self.steps is not pairs:
+            result = self.steps.step(batch, step)
+            self.next_step = step + 1
+            self.clock.steps += 1
+            return self._result(result, step)
+        h, target, report = pairs.take_input(batch, step)
         if algo.scaler is not None:  # fp16: the overflow report riding up (frzoo.loss_scale)
             report = algo.scaler.pass_up(report, step)  # type: ignore[arg-type]
         result = algo.forward(to_device(h, algo.device),
@@ -94,9 +103,12 @@ class DistributedExecutor(Executor):
         self.next_step = step + 1
         pairs.finish_step(step, grad_in)
         self.clock.steps += 1
+        return self._result(result, step)
+
+    def _result(self, result: ForwardResult, step: int) -> Optional[ForwardResult]:
         if self.replica is not None and self.layout.is_last:  # the global batch's, on the leader
-            return self.replica.gather_result(result,
-                                              pairs.data.shard_sizes(step, self.layout.replicas))
+            return self.replica.gather_result(
+                result, self.pairs.data.shard_sizes(step, self.layout.replicas))
         return result if self.is_leader else None
 
     # -- evaluation through the same pipeline (eval mode, no history), between runs
