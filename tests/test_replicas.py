@@ -174,22 +174,25 @@ def test_torchrun_world_size_must_be_replicas_times_parts(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------- R=2 x K=2 against R=1 x K=2
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["fr", "bp", "ddg"])
+@pytest.mark.parametrize("algo", ["fr", "bp", "ddg", "1f1b"])
 def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatch, algo):
     """20 steps. One pipeline (local, the reference) against R=2 with sync_bn: float tolerance;
     the R=2 run's collectives checked (check_collectives). R=2 again with every gradient sum
     after the backward (no overlap), stopped at step 10 and resumed with R=2: bit for bit the
     first R=2 run (the overlap changes nothing; a resume neither). Its step-10 checkpoint
-    resumed with R=1: float tolerance."""
+    resumed with R=1: float tolerance. 1f1b runs with one micro-batch here: with M > 1 each
+    replica cuts ITS rows into micro-batches, so BatchNorm sees other groups of rows than one
+    pipeline's micro-batches do and R=2 is another computation than R=1 (as with DDP)."""
+    name = [f"algorithm.name={algo}"] + (["algorithm.microbatches=1"] if algo == "1f1b" else [])
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
-    run(one, f"algorithm.name={algo}", "executor=local")
-    run(tmp_path / "threads", f"algorithm.name={algo}", "executor=local", "train.threads=2")
+    run(one, *name, "executor=local")
+    run(tmp_path / "threads", *name, "executor=local", "train.threads=2")
     # the yardstick: the same run, summing in another order (2 threads) and nothing else
     spread = max_diff(weights(one), weights(tmp_path / "threads"))
     tolerance = max(4 * spread, FLOOR)
     assert tolerance <= CEILING, f"{algo}: 1 and 2 threads differ by {spread}: ill-conditioned"
     log = probe(tmp_path / "probe", monkeypatch)
-    summary = run(two, f"algorithm.name={algo}", *REPLICAS, OVERLAPPED)
+    summary = run(two, *name, *REPLICAS, OVERLAPPED)
     monkeypatch.delenv("FRZOO_TEST_PROBE")
     check_collectives(probed(log), algo)
     assert summary["num_parts"] == 2 and summary["steps"] == 20
@@ -205,13 +208,13 @@ def test_replicas_equal_one_pipeline_and_repeat_bit_for_bit(tmp_path, monkeypatc
     assert b["progress"]["last_eval"]["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-3)
     assert b["progress"]["last_eval"]["test_acc1"] == pytest.approx(reference["test_acc1"], abs=5.0)
 
-    run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, "train.max_steps=10")
+    run(again, *name, *REPLICAS, AFTER_BACKWARD, "train.max_steps=10")
     shutil.copytree(again, tmp_path / "to_one")
-    run(again, f"algorithm.name={algo}", *REPLICAS, AFTER_BACKWARD, resume=True)
+    run(again, *name, *REPLICAS, AFTER_BACKWARD, resume=True)
     max_diff(weights(two), weights(again), "final.pt", exact=True)
     max_diff(checkpoint(two)["parts"], checkpoint(again)["parts"], "parts", exact=True)
     # the checkpoint is one pipeline's: it resumes with another R
-    run(tmp_path / "to_one", f"algorithm.name={algo}", "distributed.sync_bn=true",
+    run(tmp_path / "to_one", *name, "distributed.sync_bn=true",
         "executor=local", resume=True)
     assert max_diff(weights(two), weights(tmp_path / "to_one"), "final.pt") <= tolerance
     assert not multiprocessing.active_children()
