@@ -11,8 +11,10 @@ fresh process, each configuration `--repeats` times in alternation (these machin
   fr_k2_auto   frzoo fr, K=2, two processes of one thread, split.auto=time
   bp_k2        frzoo bp, K=2, two processes (naive model parallelism), split.auto=time's cut
   ddp          DistributedDataParallel, two processes of one thread, 64 images each
-  gpipe_4/8    torch.distributed.pipelining ScheduleGPipe, 2 stages, 4 / 8 micro-batches
-  1f1b_4/8     torch.distributed.pipelining Schedule1F1B, 2 stages, 4 / 8 micro-batches
+  gpipe_M      torch.distributed.pipelining ScheduleGPipe, 2 stages, M micro-batches (M=2, 4, 8)
+  1f1b_M       torch.distributed.pipelining Schedule1F1B, 2 stages, M micro-batches
+  frzoo_gpipe_M, frzoo_1f1b_M, frzoo_zb1_M   frzoo's own synchronous schedules (algorithm.name=
+               gpipe | 1f1b | zb1, algorithm.microbatches=M), K=2 at the same cut, as `frzoo run`
   ceiling      the machine's own ceiling c for two one-thread workers: one bp_1thread process
                alone, then two side by side, their images/s summed over the one alone (2.0 on
                ideal hardware; shared machines give less, and it swings from run to run). Both
@@ -56,6 +58,10 @@ STEPS = {"resnet18": 10, "cifar_resnet56": 6}
 CONFIGS = ["bp_1thread", "ceiling", "bp_2threads", "fr_k2_rule", "fr_k2_auto", "bp_k2", "ddp",
            "gpipe_4", "gpipe_8", "1f1b_4", "1f1b_8", "replicas_r2", "transport_now",
            "transport_before"]
+#: frzoo's synchronous schedules against torch's at the same M (issue 20):
+#:   --configs bp_1thread,ceiling,fr_k2_auto,... (SYNC below)
+SYNC = [f"{who}{name}_{m}" for m in (2, 4, 8) for name in ("gpipe", "1f1b")
+        for who in ("", "frzoo_")] + [f"frzoo_zb1_{m}" for m in (2, 4, 8)]
 #: the last commit whose distributed transport predates the NCCL-ordered one (issue 12)
 BEFORE = "4dbd6d9"
 VARIANTS = {"bf16": ["train.precision=bf16"], "compile": ["train.compile=true"],
@@ -243,11 +249,14 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
     for key in timed[0]:
         if key.startswith("part") and key.endswith("_s"):  # partK/forward_s ...
             parts[key] = statistics.median(r[key] for r in timed)
+    # each part's peak of the bytes it keeps alive for its backward (frzoo.memory), in the run
+    memory = {k.split("/")[0]: max(r[k] for r in timed) for k in timed[0]
+              if k.endswith("/peak_activation_bytes")}
     # each part's share of its step spent waiting for the other (the busiest part waits least)
     waits = {k.split("/")[0]: parts[k] / parts[k.replace("wait_s", "step_s")]
              for k in parts if k.endswith("/wait_s") and parts.get(k.replace("wait_s", "step_s"))}
     return {"images_per_s": sum(covered) * BATCH / seconds, "part_seconds": parts,
-            "wait_share": waits, "cut": points[1]["modules"][0] if len(points) > 1 else None}
+            "wait_share": waits, "peak_activation_bytes": memory, "cut": points[1]["modules"][0] if len(points) > 1 else None}
 
 
 def auto_point(model_name: str) -> str:
@@ -292,6 +301,10 @@ def run_one(model_name: str, config: str, steps: int, point: str) -> Dict[str, A
         return frzoo_run(model_name, "bp", [f"split.points=[{point}]"], steps)
     if config == "ddp":
         return spawn2(_ddp_worker, model_name, steps)
+    if config.startswith("frzoo_"):  # frzoo's gpipe / 1f1b / zb1 at the same cut
+        _, name, mb = config.split("_")
+        return frzoo_run(model_name, name, [f"split.points=[{point}]",
+                                            f"algorithm.microbatches={mb}"], steps)
     schedule, mb = config.split("_")
     return spawn2(_pipe_worker, model_name, steps, schedule, int(mb), point)
 
@@ -375,8 +388,9 @@ def table(results: Dict[str, Any]) -> str:
                   f"{entry['rule_point']})\n",
                   "ceiling c: " + (f"{c:.2f} (rounds: {', '.join(f'{v:.2f}' for v in cs)})"
                                    if c else "not measured") + "\n",
-                  "| configuration | img/s (median) | runs | x bp_1thread | x c | period | wait share |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| configuration | img/s (median) | runs | x bp_1thread | x c | period | wait share "
+                  "| peak activations per part |",
+                  "|---|---|---|---|---|---|---|---|"]
         for config, rows in runs.items():
             values = [r["images_per_s"] for r in rows if "images_per_s" in r]
             if not values:
@@ -390,9 +404,12 @@ def table(results: Dict[str, Any]) -> str:
             waits = [r["wait_share"] for r in rows if r.get("wait_share")]
             wait = ", ".join(f"{part} {100 * statistics.median(w[part] for w in waits):.0f}%"
                              for part in sorted(waits[0])) if waits else ""
+            peaks = [r["peak_activation_bytes"] for r in rows if r.get("peak_activation_bytes")]
+            memory = ", ".join(f"{part} {max(p[part] for p in peaks) / 2 ** 20:.0f} MB"
+                               for part in sorted(peaks[0])) if peaks else "not measured"
             lines.append(f"| {config} | {statistics.median(values):.1f} | "
                          f"{', '.join(f'{v:.1f}' for v in values)} | {ratio:.2f}x | {over_c} | "
-                         f"{1000 * period:.0f} ms | {wait} |")
+                         f"{1000 * period:.0f} ms | {wait} | {memory} |")
     return "\n".join(lines)
 
 

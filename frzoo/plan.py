@@ -74,7 +74,9 @@ class Plan:
         """The plan as `frzoo plan` prints it, one line each."""
         lines = [self.executor_line,
                  f"algorithm {self.cfg.algorithm.name} ({self.algorithm_cls.__name__}): "
-                 f"{self.options}",
+                 f"{self.options}" + (f"; {self.microbatches} micro-batches a step"
+                                      if getattr(self.algorithm_cls, "runs_actions", False)
+                                      else ""),
                  f"K={self.num_parts} parts x R={self.replicas} replica"
                  f"{'s' if self.replicas != 1 else ''} = {self.world_size} process"
                  f"{'es' if self.world_size != 1 else ''} when distributed"]

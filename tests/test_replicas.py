@@ -275,3 +275,26 @@ def test_checkpoint_shards_of_multi_tensor_cuts_concatenate_and_split_back():
     joined = concat_shards(shards)
     assert torch.equal(joined[1], whole[1]) and joined[0][1] is None
     assert all(torch.equal(a, b) for a, b in zip(joined[0][::2], whole[0][::2]))
+
+
+@pytest.mark.slow(seconds=40)
+def test_microbatched_replicas_sum_each_bucket_once_a_step(tmp_path, monkeypatch):
+    """1f1b with 2 micro-batches a replica, fp16, R=2 x K=2, 6 steps: the gradient hooks count
+    only the last micro-batch's backward (frzoo.executors.gradient_sum.count_from_now), so each
+    bucket is all-reduced once a step, during that backward, with the sum of both micro-batches
+    (a bucket launched after the first would be stale, and in fp16 an error); the result equals
+    the sums after the backward, bit for bit."""
+    micro = ["algorithm.name=1f1b", "algorithm.microbatches=2", "train.precision=fp16",
+             "data.drop_last=true", "train.max_steps=6", *REPLICAS]
+    log = probe(tmp_path / "probe", monkeypatch)
+    run(tmp_path / "overlapped", *micro, OVERLAPPED)
+    monkeypatch.delenv("FRZOO_TEST_PROBE")
+    check_collectives(probed(log), "1f1b")
+    for rank, records in probed(log).items():
+        sums = [r for r in records if r["what"] == "all_reduce" and r["async"]
+                and r.get("group") == [rank % 2, 2 + rank % 2]]
+        in_backward = [r for r in sums if r["in_backward"]]
+        assert len(sums) % 6 == 0 and len(in_backward) == len(sums), rank  # once, all early
+    run(tmp_path / "after", *micro, AFTER_BACKWARD)
+    max_diff(weights(tmp_path / "overlapped"), weights(tmp_path / "after"), "final.pt", exact=True)
+    assert not multiprocessing.active_children()

@@ -10,11 +10,13 @@ in micro-batch order, one step. The three differ only in the ORDER of each part'
 - ``gpipe``  all M forwards, then all M backwards (Huang et al., 2019);
 - ``1f1b``   part k (0-based) runs K-1-k forwards ahead (warm-up), then alternates one forward
              and one backward, then the remaining backwards (PipeDream-Flush, Narayanan 2021);
-- ``zb1``    1F1B with each backward split into the input gradient (I, sent at once) and the
-             weight gradient (W): part k runs W m right after I m+k, the rest at the end, so the
-             deltas travel down sooner and the W's fill the wait (ZB-H1, Qi et al., ICLR 2024).
-             Deferring W m keeps its graph k actions longer: part k holds at most
-             min(K-k+k, M) = min(K, M) graphs, part 0's 1F1B peak.
+- ``zb1``    1F1B with each backward split into the input gradient (I), sent to the part below
+             at once, and the weight gradient (W), computed while the delta travels and the part
+             below works on it. Every hop of the cool-down, where 1F1B's parts wait for the
+             delta from above, gets shorter by W: the bubble shrinks from 1F1B's
+             (K-1)(F+B) to (K-1)(F+B-W) (ZB-H1, Qi et al., ICLR 2024, section 2.1), and since W
+             follows its I, part k holds min(K-k, M) graphs, as in 1F1B. The first part sends
+             no delta, so it runs B whole.
 
 Each micro-batch runs with batch statistics in BatchNorm (as GPipe does: the running statistics
 are updated once per micro-batch), and with the dropout masks of seed (run seed, step, micro-batch,
@@ -107,6 +109,7 @@ class SyncPipeline(PartAlgorithm):
         the delta for the previous part."""
         x, out = self.graphs.pop(micro)
         deltas = self._received(delta, micro)
+        self._last_backward(micro)
         with self.timed("backward"):
             if deltas is None:
                 out[0].backward()  # the last part: the loss, as bp's backward
@@ -152,6 +155,13 @@ class SyncPipeline(PartAlgorithm):
     def _scale(self, loss: Tensor) -> Tensor:
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
+    def _last_backward(self, micro: int) -> None:
+        """Before the backward that completes the step's gradients: data-parallel replicas
+        (frzoo.executors.gradient_sum) launch each bucket's sum as it completes in it, once."""
+        count = getattr(self.sum_gradients, "count_from_now", None)
+        if micro == self.microbatches - 1 and count is not None:
+            count()
+
     def _received(self, delta: Optional[Deltas], micro: int) -> Optional[Deltas]:
         """The delta of micro-batch `micro` (None on the last part: its output is the loss)."""
         if self.is_last:
@@ -170,23 +180,18 @@ class SyncPipeline(PartAlgorithm):
 
 
 def one_f_one_b(index: int, num_parts: int, microbatches: int, split: bool) -> List[Action]:
-    """Part `index`'s 1F1B order; with `split`, each B as I, and W m right after I m+index."""
+    """Part `index`'s 1F1B order; with `split` (zb1), each B of a part that sends a delta as I
+    then W: the delta leaves before the weight gradient is computed."""
     warmup = min(num_parts - 1 - index, microbatches)
-    backs: List[Action] = []
     order = [Action(FORWARD, m) for m in range(warmup)]
     for m in range(microbatches):
         if warmup + m < microbatches:
             order.append(Action(FORWARD, warmup + m))
-        if not split or index == 0:  # the first part sends no delta: nothing to gain from I/W
+        if split and index > 0:
+            order += [Action(INPUT_GRAD, m), Action(WEIGHT_GRAD, m)]
+        else:  # the first part sends no delta: nothing to gain from splitting its backward
             order.append(Action(BACKWARD, m))
-            continue
-        order.append(Action(INPUT_GRAD, m))
-        if m - index >= 0:
-            order.append(Action(WEIGHT_GRAD, m - index))
-    if split and index > 0:
-        done = {a.micro for a in order if a.kind == WEIGHT_GRAD}
-        backs = [Action(WEIGHT_GRAD, m) for m in range(microbatches) if m not in done]
-    return order + backs + [Action(UPDATE)]
+    return order + [Action(UPDATE)]
 
 
 @register_algorithm("gpipe")

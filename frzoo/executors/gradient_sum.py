@@ -129,14 +129,20 @@ class GradientSum:
         self.launched: List[Launched] = []
         self.found: Optional[Tensor] = None  # fp16: inf/NaN in the gradients unscaled so far
 
-    def arm(self) -> None:
-        """A step begins: the hooks count its gradients from now on. (A backward with no step
-        since the last arm, which no algorithm makes, leaves sums that are waited for and
-        dropped: every copy does the same.)"""
+    def arm(self, count: bool = True) -> None:
+        """A step begins: the hooks count its gradients from now on (`count`), or from
+        :meth:`count_from_now`. (A backward with no step since the last arm, which no algorithm
+        makes, leaves sums that are waited for and dropped: every copy does the same.)"""
         with self.waiting("the other replicas' gradient sums"):
             for launched in self.launched:
                 launched.wait()
         self._reset()
+        self.armed = count and bool(self.hooks)
+
+    def count_from_now(self) -> None:
+        """The backward that completes this step's gradients begins (a synchronous schedule's
+        last micro-batch, frzoo.algorithms.pipelines): the hooks count from here, so each bucket
+        is launched once, with the sum of all micro-batches, as it completes in that backward."""
         self.armed = bool(self.hooks)
 
     def remove(self) -> None:

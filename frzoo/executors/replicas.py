@@ -141,7 +141,8 @@ class Replica:
         if self.loss is not None:
             self.loss.share = rows / global_rows
         if self.grads is not None:
-            self.grads.arm()  # the gradient hooks count this step's backward
+            # the gradient hooks count this step's backward (a synchronous schedule's last one)
+            self.grads.arm(count=not getattr(self.algo, "runs_actions", False))
 
     def gather_result(self, result: Any, rows: Sequence[int]) -> Any:
         """The step's ForwardResult for the global batch on the leader (`rows`: every replica's
