@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from frzoo.algorithms.actions import pair_messages, simulate
 from frzoo.algorithms.bp import Backprop
 from frzoo.algorithms.pipelines import GPipe, OneFOneB, ZeroBubbleH1
+from frzoo.config import load_recipe
+from frzoo.run import train as train_run
+from test_distributed_nccl_rules import TINY, assert_same_tree, run
 from test_engine import assert_same_weights, batches, make_executor, optimizer, tiny_model, train
 
 SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB, "zb1": ZeroBubbleH1}
@@ -67,3 +70,19 @@ def test_every_schedule_runs(name, k, m):
         messages = pair_messages(order, k, first)
         assert sorted((x.kind, x.micro) for x in messages) == \
             sorted([("act", i) for i in range(m)] + [("delta", i) for i in range(m)])
+
+
+def test_a_checkpoint_resumes_a_synchronous_schedule_exactly(tmp_path):
+    """A step ends with the pipeline drained: a run stopped at step 4 and resumed to 8 equals
+    one that never stopped, bit for bit (local executor; distributed == local is tested in
+    tests/test_distributed_nccl_rules.py)."""
+    zb1 = ["split.points=[layer2.0.conv2]", "model.kwargs.drop_block_rate=0.0",
+           "algorithm.name=zb1", "algorithm.microbatches=2", "executor=local",
+           "train.checkpoint_every=2"]
+    run(tmp_path / "straight", *zb1, "train.max_steps=8")
+    run(tmp_path / "stopped", *zb1, "train.max_steps=4")
+    cfg = load_recipe(None, [*TINY, *zb1, "train.max_steps=8",
+                             f"run.out_dir={tmp_path / 'stopped'}"])
+    train_run(cfg, tmp_path / "stopped", resume=True)
+    assert_same_tree(torch.load(tmp_path / "straight" / "final.pt", weights_only=True),
+                     torch.load(tmp_path / "stopped" / "final.pt", weights_only=True), "final.pt")
