@@ -342,9 +342,7 @@ def plot_timeline(runs: Sequence[Run], path: Path) -> None:
                 bars = [(b / 1000, (e - b) / 1000) for n, b, e in track.spans if n == name]
                 ax.broken_barh(bars, (y - 0.38, 0.76), color=colors[name], linewidth=0)
         ax.set_yticks(range(len(rows)))
-        replicas = len({t.replica for t in rows}) > 1
-        ax.set_yticklabels([f"r{t.replica} {t.name}" if replicas else t.name for t in rows],
-                           fontsize=8)
+        ax.set_yticklabels([t.name for t in rows], fontsize=8)
         ax.set_ylim(len(rows) - 0.5, -0.5)  # part 1 on top
         steps = ((run.trace or {}).get("otherData", {}).get("frzoo", {}).get("steps") or [])
         window = f", steps {steps[0]}..{steps[1] - 1}" if len(steps) == 2 else ""
@@ -500,8 +498,25 @@ def _run_section(run: Run) -> List[str]:
         lines.append(f"| {key} | {_cell(value)} |")
     lines.append("")
     lines += _parts_table(run)
+    lines += _timeline_table(run)
     lines += [f"- {note}" for note in run.notes] + ([""] if run.notes else [])
     return lines
+
+
+def _timeline_table(run: Run) -> List[str]:
+    """Per track of the run's trace: the share of the traced time in each phase, and idle."""
+    tracks = timeline.read_tracks(run.trace or {})
+    if not tracks:
+        return []
+    names = [*timeline.phase_names(tracks), "idle"]
+    steps = (run.trace or {}).get("otherData", {}).get("frzoo", {}).get("steps") or ["?", "?"]
+    lines = [f"Timeline (trace.json, steps {steps[0]}..{_num(steps[1]) - 1:g}): the share of "
+             f"the traced time per part.", "", "| part | " + " | ".join(f"{n} %" for n in names)
+             + " |", "|" + "---|" * (len(names) + 1)]
+    for track, row in zip(tracks, timeline.shares(tracks)):
+        lines.append(f"| {_cell(track.name)} | "
+                     + " | ".join(_fmt(100 * row.get(n, 0.0), ".1f") for n in names) + " |")
+    return lines + [""]
 
 
 def _parts_table(run: Run) -> List[str]:

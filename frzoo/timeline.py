@@ -191,7 +191,8 @@ class Track:
 
 
 def read_tracks(doc: Dict[str, Any]) -> List[Track]:
-    """The rows of a trace written by :func:`chrome_trace`, ordered by replica and part."""
+    """The rows of a trace written by :func:`chrome_trace`, ordered by replica and part, each
+    named by its thread (and replica, where there are several)."""
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in doc.get("traceEvents", [])
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
     rows: Dict[Tuple[int, int], Track] = {}
@@ -201,6 +202,9 @@ def read_tracks(doc: Dict[str, Any]) -> List[Track]:
         key = (int(e["pid"]), int(e["tid"]))
         row = rows.setdefault(key, Track(key[0], key[1], names.get(key, f"part {key[1]}"), []))
         row.spans.append((str(e["name"]), float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    if len({pid for pid, _ in rows}) > 1:  # several replicas: say which
+        for (pid, _), row in rows.items():
+            row.name = f"replica {pid} {row.name}"
     return [rows[k] for k in sorted(rows)]
 
 
@@ -208,3 +212,18 @@ def phase_names(tracks: Sequence[Track]) -> List[str]:
     """Every span name in the tracks, the known phases first in PHASE_ORDER."""
     seen = list(dict.fromkeys(name for t in tracks for name, _, _ in t.spans))
     return [p for p in PHASE_ORDER if p in seen] + [n for n in seen if n not in PHASE_ORDER]
+
+
+def shares(tracks: Sequence[Track]) -> List[Dict[str, float]]:
+    """Per track, the share of the traced time (the first span's start to the last span's end,
+    over every track) in each span name, and `idle`, what no span covers."""
+    begin = min((b for t in tracks for _, b, _ in t.spans), default=0.0)
+    length = max(max((e for t in tracks for _, _, e in t.spans), default=0.0) - begin, 1e-9)
+    out = []
+    for track in tracks:
+        row: Dict[str, float] = {}
+        for name, b, e in track.spans:
+            row[name] = row.get(name, 0.0) + (e - b) / length
+        row["idle"] = max(0.0, 1.0 - sum(row.values()))
+        out.append(row)
+    return out

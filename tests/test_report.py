@@ -66,6 +66,10 @@ def test_the_timeline_is_drawn_from_trace_json_with_a_row_per_part(runs, tmp_pat
     assert "test_resnet bp K=3: no trace.json (run with train.trace={start: N, steps: M})" in md
     rows = [t.name for t in read_tracks(load_run(fr).trace)]  # what the figure's rows are
     assert rows == ["part 1 (cpu)", "part 2 (cpu)", "part 3 (cpu)"]
+    # the run's section: per part, the share of the traced time per phase and idle
+    assert "Timeline (trace.json, steps 1..2)" in md and "| optimizer % | idle % |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| part 3 (cpu) |"))
+    assert sum(float(x) for x in row.split("|")[2:-1]) == pytest.approx(100, abs=0.5)
     assert build_report([bp], tmp_path / "none").skipped["timeline"].startswith("no timeline")
 
 

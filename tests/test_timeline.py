@@ -17,7 +17,7 @@ import torch
 from frzoo.algorithms.base import PhaseTimer
 from frzoo.config import load_recipe
 from frzoo.run import train
-from frzoo.timeline import PHASE_ORDER, Spans, Timeline, Window, read_tracks
+from frzoo.timeline import PHASE_ORDER, Spans, Timeline, Window, chrome_trace, read_tracks, shares
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=48", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer2,layer4]",
@@ -108,3 +108,15 @@ def test_the_trace_is_written_once_after_the_window_or_at_a_run_end_inside_it(
         if (count % 3 == 0 or last) and timeline.due(count, last) and written is None:
             written, timeline.written = count, True
     assert written == written_at
+
+
+def test_tracks_of_several_replicas_are_named_by_replica_and_their_shares_add_up():
+    span = lambda name, begin, end: [name, begin, end, {"step": 0}]  # noqa: E731
+    doc = chrome_trace([{"replica": r, "part": k, "device": "cpu",
+                         "spans": [span("forward", 10.0 + k, 10.5 + k), span("wait", 12.0, 12.5)]}
+                        for r in (0, 1) for k in (0, 1)], {})
+    tracks = read_tracks(doc)
+    assert [t.name for t in tracks] == [f"replica {r} part {k} (cpu)" for r in (1, 2)
+                                        for k in (1, 2)]
+    # the traced time is 10.0 .. 12.5 s: each part forward 0.5 s, wait 0.5 s, idle the rest
+    assert shares(tracks) == [pytest.approx({"forward": 0.2, "wait": 0.2, "idle": 0.6})] * 4
