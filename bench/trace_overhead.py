@@ -4,18 +4,22 @@ Three measures (docs/benchmarks.md, "The cost of train.trace"):
 
 1. per call: a timed block (``PartAlgorithm.timed``'s PhaseTimer) with the timeline off, and on
    (a span and a torch.profiler range besides the seconds), in microseconds; nothing else runs;
+   and, interleaved, the PhaseTimer of `--before` (a commit before train.trace) against today's
+   with the timeline off;
 2. paired steps: recipes/quickstart.yaml's parts built once (local executor, 2 threads), then
    `--pairs` pairs of steps, one step of each pair recorded (the timeline's spans attached to
-   every timer, as the window does) and one not, in alternating order; the ratio of the summed
-   step times. Neighbouring steps see the same machine, so this holds on a busy machine too;
-3. whole runs (`--runs`): recipes/quickstart.yaml (resnet18 on digits, K=2, fr, batch 64, 2 threads), cut to
-   `--steps` steps, with `train.trace={start: WARMUP, steps: STEPS - WARMUP}` and without, in
-   `--rounds` interleaved rounds (off, on, off, on ...), each a whole run in this process, with
+   every timer, as the window does) and one not, in alternating order; the median over the
+   pairs of the ratio of their wall times (and CPU times). Neighbouring steps see nearly the
+   same machine, so the median holds up on a busy one better than whole runs do;
+3. whole runs (`--runs`): recipes/quickstart.yaml, cut to `--steps` steps, with
+   `train.trace={start: WARMUP, steps: STEPS - WARMUP}` and without, in `--rounds` interleaved
+   rounds (off, on, off, on ...), each a whole run in this process, with
    each executor in `--executors`. The figure is the steps/s of the traced steps: the training
    seconds between the log points at WARMUP and at STEPS (metrics.jsonl's time/train_s), so
    start-up, the first steps and writing trace.json (after the window's last step) are left out.
 
-    python bench/trace_overhead.py /tmp/trace-overhead --pairs 40            # 1 and 2
+    python bench/trace_overhead.py /tmp/trace-overhead --pairs 60            # 1 and 2
+    python bench/trace_overhead.py /tmp/trace-overhead --pairs 0             # 1 only
     python bench/trace_overhead.py /tmp/trace-overhead --runs --rounds 3     # 1 and 3
 """
 from __future__ import annotations
@@ -23,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -38,54 +43,83 @@ from frzoo.timeline import Spans
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
-def per_call(calls: int = 20000, repeats: int = 5) -> Dict[str, float]:
-    """Microseconds per timed empty block, the timeline off and on (the best of `repeats`:
-    the least disturbed by whatever else the machine runs)."""
-    timer = PhaseTimer(torch.device("cpu"))
+def block_us(make: Callable[[], Any], calls: int) -> float:
+    """Microseconds per empty `with make():` block."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        with make():
+            pass
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def best_of(blocks: Dict[str, Callable[[], Any]], calls: int = 20000,
+            repeats: int = 5) -> Dict[str, float]:
+    """`block_us` of each, interleaved, the best of `repeats`: the least disturbed by whatever
+    else the machine runs."""
     out: Dict[str, float] = {}
     for _ in range(repeats):
-        for state in ("off", "on"):
-            timer.spans = Spans(torch.device("cpu")) if state == "on" else None
-            start = time.perf_counter()
-            for _ in range(calls):
-                with timer("forward"):
-                    pass
-            took = (time.perf_counter() - start) / calls * 1e6
-            out[state] = min(out.get(state, took), took)
+        for name, make in blocks.items():
+            took = block_us(make, calls)
+            out[name] = min(out.get(name, took), took)
     return out
 
 
-def paired_steps(pairs: int) -> Dict[str, float]:
-    """Seconds of the recorded and of the unrecorded steps, summed over `pairs` pairs, and the
-    spans the recorded steps made (`spans`)."""
+def per_call() -> Dict[str, float]:
+    """Microseconds per timed empty block, the timeline off and on, and per empty
+    torch.profiler.record_function range alone (`range`)."""
+    off, on = PhaseTimer(torch.device("cpu")), PhaseTimer(torch.device("cpu"))
+    on.spans = Spans(torch.device("cpu"))
+    return best_of({"off": lambda: off("forward"), "on": lambda: on("forward"),
+                    "range": lambda: torch.profiler.record_function("forward")})
+
+
+def per_call_before(commit: str) -> Dict[str, float]:
+    """Microseconds per timed empty block: the PhaseTimer of `commit` (before train.trace) and
+    today's with the timeline off, interleaved."""
+    source = subprocess.run(["git", "show", f"{commit}:frzoo/algorithms/base.py"], check=True,
+                            capture_output=True, text=True, cwd=RECIPE.parents[1]).stdout
+    code = source[source.index("class PhaseTimer:"):source.index("def step_seed")]
+    scope: Dict[str, Any] = {}
+    exec("import contextlib, time\nimport torch\nfrom typing import *\n" + code, scope)
+    before, now = scope["PhaseTimer"](torch.device("cpu")), PhaseTimer(torch.device("cpu"))
+    return best_of({"before": lambda: before("forward"), "off": lambda: now("forward")})
+
+
+def paired_steps(pairs: int) -> Dict[str, List[float]]:
+    """Per pair of neighbouring steps (one recorded, one not, in alternating order): the ratio
+    recorded/unrecorded of their wall times and of their CPU times (this process's), and the
+    unrecorded step's wall time and the recorded step's spans."""
     cfg = load_recipe(RECIPE, ["executor=local"])
     torch.set_num_threads(cfg.train.threads)
     run = build(cfg)
     parts, executor = run.executor.timed_parts(), run.executor
-    seconds = {"off": 0.0, "on": 0.0, "spans": 0.0}
+    out: Dict[str, List[float]] = {"wall": [], "cpu": [], "off_s": [], "spans": []}
+    pair: Dict[str, tuple] = {}
     step, epoch = 0, 0
-    while step < 2 * pairs + 2:
+    while len(out["wall"]) < pairs:
         for batch in executor.batches(run.data, epoch, 0):
             # steps 0 and 1 warm up; then (off, on), (on, off), (off, on) ...
             state = "on" if step >= 2 and (step + step // 2) % 2 else "off"
-            for part in parts:
-                spans = Spans(part.algo.device) if state == "on" else None
+            spans = [Spans(part.algo.device) if state == "on" else None for part in parts]
+            for part, mine in zip(parts, spans):
                 for timer in part.timers:
-                    timer.spans = spans
-            start = time.perf_counter()
+                    timer.spans = mine
+            wall, cpu = time.perf_counter(), time.process_time()
             executor.train_step(batch, step)
-            if step >= 2:
-                seconds[state] += time.perf_counter() - start
-            seconds["spans"] += sum(len(part.timers[0].spans.records) for part in parts
-                                    if part.timers[0].spans is not None and state == "on")
-            for part in parts:  # the spans of this step only
-                if part.timers[0].spans is not None:
-                    part.timers[0].spans.records.clear()
+            pair[state] = (time.perf_counter() - wall, time.process_time() - cpu,
+                           sum(len(s.records) for s in spans if s is not None))
             step += 1
-            if step >= 2 * pairs + 2:
+            if step >= 2 and step % 2 == 0 and len(pair) == 2:
+                out["wall"].append(pair["on"][0] / pair["off"][0])
+                out["cpu"].append(pair["on"][1] / pair["off"][1])
+                out["off_s"].append(pair["off"][0])
+                out["spans"].append(pair["on"][2])
+            if step % 2 == 0:
+                pair = {}
+            if len(out["wall"]) >= pairs:
                 break
         epoch += 1
-    return seconds
+    return out
 
 
 def traced_steps_per_s(out: Path, executor: str, steps: int, warmup: int, trace: bool) -> float:
@@ -110,18 +144,28 @@ def main() -> None:
     parser.add_argument("--executors", default="local,distributed")
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--runs", action="store_true", help="whole runs instead of paired steps")
+    parser.add_argument("--before", default="f21ef97",
+                        help="a commit before train.trace, whose PhaseTimer is timed too")
     args = parser.parse_args()
     show_on_stderr()
     calls = per_call()
-    print(f"per timed block: {calls['off']:.2f} us off, {calls['on']:.2f} us on")
+    print(f"per timed block: {calls['off']:.2f} us off, {calls['on']:.2f} us on; "
+          f"{calls['range']:.2f} us per record_function range alone")
+    before = per_call_before(args.before)
+    print(f"per timed block, interleaved: {before['before']:.2f} us at {args.before}, "
+          f"{before['off']:.2f} us now with the timeline off")
     if not args.runs:
-        seconds = paired_steps(args.pairs)
-        per_step = seconds["spans"] / args.pairs
-        estimate = per_step * (calls["on"] - calls["off"]) * 1e-6 / (seconds["off"] / args.pairs)
-        print(f"{args.pairs} pairs of steps: off {args.pairs / seconds['off']:.3f} steps/s, on "
-              f"{args.pairs / seconds['on']:.3f} steps/s; on/off step time "
-              f"{seconds['on'] / seconds['off']:.4f}; {per_step:.0f} spans a step, i.e. "
-              f"{100 * estimate:.3f}% of a step at the per-call cost")
+        if not args.pairs:  # --pairs 0: the per-call costs only
+            return
+        got = paired_steps(args.pairs)
+        med = {k: statistics.median(v) for k, v in got.items()}
+        estimate = med["spans"] * (calls["on"] - calls["off"]) * 1e-6 / med["off_s"]
+        quartiles = statistics.quantiles(got["wall"], n=4)
+        print(f"{args.pairs} pairs of steps: median unrecorded step {med['off_s']:.3f} s "
+              f"({1 / med['off_s']:.2f} steps/s); recorded/unrecorded step time, median of the "
+              f"pairs: wall {med['wall']:.4f} (quartiles {quartiles[0]:.3f}, {quartiles[2]:.3f}),"
+              f" CPU {med['cpu']:.4f}; {med['spans']:.0f} spans a step: "
+              f"{100 * estimate:.4f}% of a step at the per-call cost")
         return
     rates: Dict[str, Dict[str, List[float]]] = {}
     for r in range(args.rounds):

@@ -65,6 +65,15 @@ def test_a_local_run_writes_one_trace_with_a_track_per_part(tmp_path):
     assert not (out / ".trace.json.tmp").exists() and not list(out.glob(".trace*"))
 
 
+def test_a_window_past_the_runs_end_writes_nothing_and_says_so(tmp_path, caplog):
+    out = tmp_path / "r"
+    train(load_recipe(None, [*TINY, "train.max_steps=2", "train.trace.start=5",
+                             f"run.out_dir={out}"]), out)
+    assert not (out / "trace.json").exists()
+    assert "train.trace.start=5 is past this run's last step (1): no trace.json is written. " \
+           "Choose a start below 2." in caplog.text
+
+
 def test_any_phase_name_is_a_span_with_its_args_and_a_profiler_range():
     timer = PhaseTimer(torch.device("cpu"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as off:
