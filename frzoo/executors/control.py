@@ -10,6 +10,9 @@ last part to finish the run's last step, a pipeline drain every `train.log_every
 
 A stop thus takes effect at the next run's start (at most `train.log_every` steps later) and no
 stop message is ever needed on the wire.
+
+With `train.trace`, the timeline's spans cross it too, once, after the trace window
+(:meth:`ControlGroup.gather_objects`, a blocking gather: one drain, outside training time).
 """
 from __future__ import annotations
 
