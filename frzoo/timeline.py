@@ -50,11 +50,12 @@ class Spans:
         self.cuda = device.type == "cuda"
         self.step: Optional[int] = None  # the step running now (set by Timeline.step)
         self.records: List[Tuple[str, Any, Any, Dict[str, Any]]] = []
-        if self.cuda:  # the anchor: the device idle, an event now is the host's now
+        if self.cuda:  # the anchor: on an idle device an event recorded now runs now
             torch.cuda.synchronize(device)
             self.anchor = self._now()
-            torch.cuda.synchronize(device)
         self.wall0, self.host0 = time.time(), time.perf_counter()
+        if self.cuda:
+            torch.cuda.synchronize(device)
 
     def _now(self) -> Any:
         if not self.cuda:
