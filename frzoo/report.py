@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import metrics, timeline
+from . import metrics, rundir, timeline
 from .errors import FrzooError
 
 MEMORY_KINDS = (("params_bytes", "parameters"), ("optimizer_bytes", "optimizer state"),
@@ -130,7 +130,7 @@ def load_run(path: str | Path) -> Run:
               evals=sorted((r for r in records if r.get(metrics.KIND) == metrics.EVAL),
                            key=lambda r: r.get("step", 0)))
     partition = _read_json(run_dir / "partition.json", run_dir)
-    trace = _read_json(run_dir / timeline.FILE, run_dir)
+    trace = _read_json(rundir.trace_path(run_dir), run_dir)
     run.trace = trace if isinstance(trace, dict) else None
     first = run.train[0] if run.train else {}  # has partK/lr for every part K
     run.num_parts = int((run.summary or {}).get("num_parts")

@@ -39,7 +39,6 @@ SEND, WAIT = "send", "wait"  # the transport's spans; the algorithms' are the na
 #: The phases in display order (a plugin's own names follow, in order of appearance).
 PHASE_ORDER = ("forward", "replay", "backward", "input_gradient", "weight_gradient",
                "optimizer", SEND, WAIT)
-FILE = "trace.json"
 
 
 class Spans:
