@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 # (docs/recipes.md lists them with the reason): how long, how often to log, evaluate and save,
 # where the files are, which process runs which part and how they connect.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
-                     "train.checkpoint_every", "train.threads", "train.progress", "run.",
+                     "train.checkpoint_every", "train.threads", "train.progress", "train.trace",
+                     "run.",
                      "logging.", "devices", "data.root", "data.download", "data.num_workers",
                      "data.eval_batch_size", "data.limit_test", "plugins", "executor",
                      # a checkpoint holds one pipeline's state whatever R wrote it: the global

@@ -140,6 +140,17 @@ class LossScaleConfig:
 
 
 @dataclass
+class TraceConfig:
+    """`train.trace`: record the timeline of steps start .. start + steps - 1 (0-based) on every
+    rank and write RUN_DIR/trace.json (frzoo/timeline.py, docs/timeline.md)."""
+    start: int = at_least(0, 0)
+    steps: int = positive(5)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train.trace")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = positive(1)
     max_steps: Optional[int] = positive(None)  # stop after this many steps (overrides epochs)
@@ -162,6 +173,8 @@ class TrainConfig:
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     compile: bool = False
     compile_backend: str = "inductor"
+    # The timeline of a few steps (e.g. {start: 20, steps: 5}) as RUN_DIR/trace.json; null: off.
+    trace: Optional[TraceConfig] = None
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -317,6 +330,36 @@ def _choices(schema: type, prefix: str = "") -> Dict[str, Sequence[str]]:
 CHOICES: Dict[str, Sequence[str]] = _choices(Recipe)
 
 
+def _sections(schema: type, prefix: str = "") -> Dict[str, tuple]:
+    """{dotted key: (its field names, whether it may be null)} of every section of the schema
+    (a dataclass-typed field): a scalar given for one is said as such (see _merge)."""
+    out: Dict[str, tuple] = {}
+    for f in dataclasses.fields(schema):
+        inner = typing.get_type_hints(schema)[f.name]
+        optional = typing.get_origin(inner) is typing.Union
+        if optional:
+            inner = next(a for a in typing.get_args(inner) if a is not type(None))
+        if dataclasses.is_dataclass(inner):
+            out[prefix + f.name] = (tuple(g.name for g in dataclasses.fields(inner)), optional)
+            out.update(_sections(inner, f"{prefix}{f.name}."))
+    return out
+
+
+SECTIONS: Dict[str, tuple] = _sections(Recipe)
+
+
+def _not_a_section(layer: Any) -> Optional[str]:
+    """The error for the first section of `layer` given a value that is not a mapping."""
+    tree = OmegaConf.create(layer)
+    for key, (names, optional) in SECTIONS.items():
+        value = OmegaConf.select(tree, key, default=None)
+        if value is not None and not isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            return (f"{key}={shorten(value)} must be a mapping of its keys ({', '.join(names)})"
+                    + (", or null (off)." if optional else "."))
+    return None
+
+
 def _not_a_choice(key: str, value: Any) -> str:
     choices = CHOICES[key]
     close = difflib.get_close_matches(str(value)[:200], [str(c) for c in choices], n=1)
@@ -415,6 +458,8 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
             raise RecipeError(f"{source}: unknown key {shorten(key)}."
                               f"{_closest_key(base, key)}") from None
+        if key == "?" and _not_a_section(layer):  # e.g. train.trace=5
+            raise RecipeError(_not_a_section(layer)) from None
         if key in CHOICES:  # a Literal field: say it as every choice error is said
             value = OmegaConf.select(OmegaConf.create(layer), key)
             raise RecipeError(_not_a_choice(key, value)) from None

@@ -8,7 +8,9 @@ so a report can be made on any machine, long after training. Figures:
 - ``sigma.png``: sigma per part over training, a heatmap per run (Fig. 3);
 - ``memory.png``: parameters, optimizer state and peak activations per part and run (Fig. 5);
 - ``time_breakdown.png``: each part's step time split into forward, replay, backward,
-  optimizer, wait and other.
+  optimizer, wait and other;
+- ``timeline.png``: the traced steps of runs with ``train.trace`` (trace.json): a row per part
+  (and replica), time across, a colour per phase; the gaps are idle time (bubbles).
 
 A figure no run has data for is skipped, and report.md says why. matplotlib is imported only
 here, with the Agg backend (no display needed).
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import metrics
+from . import metrics, rundir, timeline
 from .errors import FrzooError
 
 MEMORY_KINDS = (("params_bytes", "parameters"), ("optimizer_bytes", "optimizer state"),
@@ -41,6 +43,7 @@ class Run:
     num_parts: int = 0
     label: str = ""
     notes: List[str] = field(default_factory=list)
+    trace: Optional[Dict[str, Any]] = None  # trace.json (train.trace), when the run wrote one
 
     @property
     def model(self) -> str:
@@ -127,6 +130,8 @@ def load_run(path: str | Path) -> Run:
               evals=sorted((r for r in records if r.get(metrics.KIND) == metrics.EVAL),
                            key=lambda r: r.get("step", 0)))
     partition = _read_json(run_dir / "partition.json", run_dir)
+    trace = _read_json(rundir.trace_path(run_dir), run_dir)
+    run.trace = trace if isinstance(trace, dict) else None
     first = run.train[0] if run.train else {}  # has partK/lr for every part K
     run.num_parts = int((run.summary or {}).get("num_parts")
                         or (len(partition) if isinstance(partition, list) else 0)
@@ -318,12 +323,47 @@ def plot_time_breakdown(runs: Sequence[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_timeline(runs: Sequence[Run], path: Path) -> None:
+    """A panel per run with a trace: a row per part (and replica), time across in ms from the
+    window's first span, a colour per phase; what no span covers (white) is idle."""
+    plt = _plt()
+    tracks = [timeline.read_tracks(run.trace or {}) for run in runs]
+    names = timeline.phase_names([t for rows in tracks for t in rows])
+    palette = _plt().get_cmap("tab20").colors  # one colour per phase, the same in every report
+    known = {name: palette[2 * i % 20] for i, name in enumerate(timeline.PHASE_ORDER)}
+    extra = [n for n in names if n not in known]
+    colors = {**known, **{n: palette[(2 * i + 1) % 20] for i, n in enumerate(extra)}}
+    fig, axes = plt.subplots(len(runs), 1, squeeze=False, sharex=True, figsize=(
+        11, 1.0 + sum(0.5 * max(len(rows), 1) + 0.7 for rows in tracks)),
+        gridspec_kw={"height_ratios": [max(len(rows), 1) + 1 for rows in tracks]})
+    for ax, run, rows in zip(axes[:, 0], runs, tracks):
+        for y, track in enumerate(rows):
+            for name in names:
+                bars = [(b / 1000, (e - b) / 1000) for n, b, e in track.spans if n == name]
+                ax.broken_barh(bars, (y - 0.38, 0.76), color=colors[name], linewidth=0)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([t.name for t in rows], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # part 1 on top
+        steps = ((run.trace or {}).get("otherData", {}).get("frzoo", {}).get("steps") or [])
+        window = f", steps {steps[0]}..{steps[1] - 1}" if len(steps) == 2 else ""
+        ax.set_title(f"{run.label}{window}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("ms from the window's first span (white: idle)")
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=colors[n], label=n) for n in names], loc="upper center",
+               ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 FIGURES = {
     "curves_epoch": "Loss and accuracy against epoch (paper Fig. 4)",
     "curves_time": "Loss and accuracy against training wall-clock (paper Fig. 4)",
     "sigma": "sigma per part over training (paper Fig. 3)",
     "memory": "Memory per part and algorithm (paper Fig. 5)",
     "time_breakdown": "Per-part time breakdown",
+    "timeline": "Timeline of the traced steps (train.trace)",
 }
 
 
@@ -365,6 +405,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
          "no part_time_share (no summary.json)",
          "no time breakdown: no run has summary.json part_time_share (runs that finished or "
          "were interrupted write it)"),
+        ("timeline", lambda r: timeline.read_tracks(r.trace or {}), plot_timeline,
+         "no trace.json (run with train.trace={start: N, steps: M})",
+         "no timeline: no run has trace.json (run with train.trace={start: N, steps: M})"),
     ]
     for name, has_data, plot, note, reason in optional:
         with_data = [r for r in runs if has_data(r)]
@@ -455,8 +498,25 @@ def _run_section(run: Run) -> List[str]:
         lines.append(f"| {key} | {_cell(value)} |")
     lines.append("")
     lines += _parts_table(run)
+    lines += _timeline_table(run)
     lines += [f"- {note}" for note in run.notes] + ([""] if run.notes else [])
     return lines
+
+
+def _timeline_table(run: Run) -> List[str]:
+    """Per track of the run's trace: the share of the traced time in each phase, and idle."""
+    tracks = timeline.read_tracks(run.trace or {})
+    if not tracks:
+        return []
+    names = [*timeline.phase_names(tracks), "idle"]
+    steps = (run.trace or {}).get("otherData", {}).get("frzoo", {}).get("steps") or ["?", "?"]
+    lines = [f"Timeline (trace.json, steps {steps[0]}..{_num(steps[1]) - 1:g}): the share of "
+             f"the traced time per part.", "", "| part | " + " | ".join(f"{n} %" for n in names)
+             + " |", "|" + "---|" * (len(names) + 1)]
+    for track, row in zip(tracks, timeline.shares(tracks)):
+        lines.append(f"| {_cell(track.name)} | "
+                     + " | ".join(_fmt(100 * row.get(n, 0.0), ".1f") for n in names) + " |")
+    return lines + [""]
 
 
 def _parts_table(run: Run) -> List[str]:

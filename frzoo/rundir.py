@@ -4,6 +4,7 @@ Every writer of a run folder (the trainer, `frzoo eval`, `frzoo export`, the lau
 distributed run) finds its files through these helpers, so the layout is written down once:
 
     RUN_DIR/recipe.yaml  partition.json  metrics.jsonl  summary.json  final.pt
+    RUN_DIR/trace.json   (with `train.trace`: the timeline, frzoo.timeline)
     RUN_DIR/checkpoints/last.pt
     RUN_DIR/.lock        (held while a run writes into the folder)
     RUN_DIR/.torchrun-job  (under torchrun: the job writing the folder, for its restarts)
@@ -27,6 +28,10 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / "checkpoints" / "last.pt"
+
+
+def trace_path(out_dir: Path) -> Path:
+    return out_dir / "trace.json"
 
 
 def job_record_path(out_dir: Path) -> Path:

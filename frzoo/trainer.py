@@ -30,6 +30,7 @@ from .optim import set_lr
 from .schedule import Schedule
 from .sigma import SigmaProbe
 from .stop import StopRequest
+from .timeline import Timeline, Window as TraceWindow
 
 
 def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline, data: DataModule,
@@ -73,6 +74,8 @@ def _run_loop(run: "Run", should_stop: Callable[[], bool]) -> Dict[str, Any]:
                 run.advance(step)
                 if schedule.is_log_point(step):
                     run.log(step)  # collective: the timings
+                    if run.write_trace(step):  # collective, once: train.trace's timeline
+                        run.restart_clock()  # its writing is not training time
                 if schedule.is_checkpoint_point(step):
                     run.save_checkpoint()
                     run.restart_clock()
@@ -93,6 +96,7 @@ def _run_loop(run: "Run", should_stop: Callable[[], bool]) -> Dict[str, Any]:
     elif schedule.needs_final_eval(step, run.progress.get("last_eval_step")):
         run.evaluate(step)
         run.save_checkpoint()
+    run.write_trace(step, last=True)  # a run that ended inside the trace window
     return run.finish(step, interrupted)
 
 
@@ -112,6 +116,9 @@ class Run:
         self.resumed = False
         self.tick = time.perf_counter()
         self.mult = 1.0  # the lr factor of the last step taken
+        trace = cfg.train.trace
+        self.timeline = Timeline(TraceWindow(trace.start, trace.steps), executor,
+                                 rundir.trace_path(out_dir)) if trace is not None else None
 
     def start(self, resume: bool, loggers: Sequence[Logger]) -> None:
         """Load the checkpoint (resume), write the run's files and open the loggers (leader)."""
@@ -134,6 +141,11 @@ class Run:
         note = self.schedule.horizon_note(cfg.optimizer.schedule, cfg.optimizer.lr)
         if note:
             log.info(note)
+        window = self.timeline.window if self.timeline is not None else None
+        if window is not None and window.start >= self.schedule.total_steps:
+            log.warning(f"train.trace.start={window.start} is past this run's last step "
+                        f"({self.schedule.total_steps - 1}): no trace.json is written. Choose a "
+                        f"start below {self.schedule.total_steps}.")
         rundir.remove_partial_files(self.out_dir)  # we hold the run lock: no other writer exists
         save_recipe(cfg, self.out_dir / "recipe.yaml")
         table = self.pipeline.table()
@@ -157,7 +169,11 @@ class Run:
             set_lr(algo.optimizer, cfg.optimizer.lr * scale * self.mult)
         if self.probe is not None and batch is not None:  # sigma: true gradients at w^t
             self.probe.before_step(step, *batch)
-        return self.executor.train_step(batch, step, stop=stop, horizon=self.schedule.horizon(step))
+        horizon = self.schedule.horizon(step)
+        if self.timeline is None:
+            return self.executor.train_step(batch, step, stop=stop, horizon=horizon)
+        with self.timeline.step(step):  # recorded when train.trace's window covers it
+            return self.executor.train_step(batch, step, stop=stop, horizon=horizon)
 
     def account(self, step: int, result: Any) -> None:
         """The step's loss into the window (the leader's result) and its time into the clocks."""
@@ -204,6 +220,16 @@ class Run:
         self.bar.set_postfix(loss=f"{record[metrics.TRAIN_LOSS]:.3f}",
                              acc=f"{record[metrics.TRAIN_ACC]:.1f}",
                              img_s=f"{record[metrics.IMAGES_PER_S]:.0f}")
+
+    def write_trace(self, step: int, last: bool = False) -> bool:
+        """Once the trace window is over (`last`: or the run ends inside it), gather every
+        part's spans and write trace.json (collective: every process asks at the same step)."""
+        if self.timeline is None or not self.timeline.due(step, last):
+            return False
+        self.timeline.write(self.executor.is_leader,
+                            {"model": self.cfg.model.name, "algorithm": self.cfg.algorithm.name,
+                             "num_parts": len(self.pipeline.parts)})
+        return True
 
     def save_checkpoint(self) -> None:
         self.read_losses()

@@ -60,3 +60,15 @@ def test_nccl_across_two_gpus_equals_gloo(tmp_path):
     a = json.loads((tmp_path / "nccl" / "summary.json").read_text())
     b = json.loads((tmp_path / "gloo" / "summary.json").read_text())
     assert a["steps"] == b["steps"]
+
+
+def test_the_timeline_of_gpu_parts_comes_from_cuda_events(tmp_path):
+    """train.trace with the parts on a GPU, one process per part (gloo): spans from CUDA events,
+    read after the window, on one wall clock; a valid trace with a track per part."""
+    from test_timeline import check_trace
+    run(tmp_path / "r", "devices=[cuda:0,cuda:0]", "executor=distributed",
+        "distributed.backend=gloo", "train.trace.start=1", "train.trace.steps=2")
+    doc = check_trace(tmp_path / "r" / "trace.json", {(1, 1), (1, 2)}, range(1, 3))
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert all(e["dur"] > 0 for e in spans if e["name"] in ("forward", "backward"))
+    assert max(e["ts"] + e["dur"] for e in spans) < 60e6  # one clock: the window is seconds

@@ -73,8 +73,15 @@ def run_summary(path: Path) -> dict:
 
 
 def test_distributed_checkpoint_resumes_in_either_executor(tmp_path):
+    """Also the distributed run's timeline (train.trace, which changes no result): one track
+    per rank, on one clock, with the transport's spans."""
+    from test_timeline import check_trace
     run(tmp_path / "straight", SPLITS[3], "train.max_steps=8")
-    run(tmp_path / "r", SPLITS[3], "train.max_steps=4", "executor=distributed")
+    run(tmp_path / "r", SPLITS[3], "train.max_steps=4", "executor=distributed",
+        "train.trace={start: 1, steps: 2}")
+    doc = check_trace(tmp_path / "r" / "trace.json", {(1, 1), (1, 2), (1, 3)}, range(1, 3))
+    names = {(e["tid"], e["name"]) for e in doc["traceEvents"] if e["ph"] == "X"}
+    assert {(1, "send"), (2, "wait"), (2, "send"), (3, "wait"), (3, "backward")} <= names
     run(tmp_path / "r", SPLITS[3], "train.max_steps=8", "executor=local", resume=True)
     assert same_weights(tmp_path / "straight", tmp_path / "r")
 

@@ -51,6 +51,9 @@ def one_line_error(capsys, *args: str) -> str:
     ("optimizer.schedule.milestones=[-1]", "optimizer.schedule.milestones=[-1.0] must be zero "
                                            "or more (every entry)."),
     ("train.seed=9223372036854775808", "train.seed=9223372036854775808 must be between"),
+    ("train.trace.start=-1", "train.trace.start=-1 must be zero or more."),
+    ("train.trace={start: 3, steps: 0}", "train.trace.steps=0 must be positive."),
+    ("train.trace=5", "train.trace=5 must be a mapping of its keys (start, steps), or null (off)."),
 ])
 def test_every_number_is_finite_and_in_range_before_anything_starts(tmp_path, capsys,
                                                                     override, says):

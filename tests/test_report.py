@@ -11,6 +11,7 @@ from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
 from frzoo.report import build_report, label_runs, load_run
 from frzoo.run import train
+from frzoo.timeline import read_tracks
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=16", "data.num_test=8",
         "data.batch_size=8", "data.image_size=16", "split.points=[layer2,layer4]",
@@ -27,8 +28,9 @@ def _run(out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    fr = _run(root / "fr", "algorithm.name=fr", "train.sigma_every=1", "train.measure_memory=true")
-    bp = _run(root / "bp", "algorithm.name=bp")  # no sigma, no memory
+    fr = _run(root / "fr", "algorithm.name=fr", "train.sigma_every=1", "train.measure_memory=true",
+              "train.trace={start: 1, steps: 2}")
+    bp = _run(root / "bp", "algorithm.name=bp")  # no sigma, no memory, no trace
     return fr, bp
 
 
@@ -40,7 +42,7 @@ def test_report_writes_figures_and_markdown(runs, tmp_path):
     fr, bp = runs
     report = build_report([fr, bp], tmp_path / "rep")
     assert set(report.figures) == {"curves_epoch", "curves_time", "sigma", "memory",
-                                   "time_breakdown"}
+                                   "time_breakdown", "timeline"}
     for path in report.figures.values():
         assert _is_png(path), path
     md = report.markdown.read_text()
@@ -53,6 +55,22 @@ def test_report_writes_figures_and_markdown(runs, tmp_path):
     assert "test_resnet bp K=3: no sigma (run with train.sigma_every=N)" in md
     assert "test_resnet bp K=3: no memory (run with train.measure_memory=true)" in md
     assert "| 3 |" in md and "forward %" in md and "peak activations MiB" in md
+
+
+def test_the_timeline_is_drawn_from_trace_json_with_a_row_per_part(runs, tmp_path):
+    fr, bp = runs
+    report = build_report([fr, bp], tmp_path / "rep")
+    assert _is_png(report.figures["timeline"])
+    md = report.markdown.read_text()
+    assert "![Timeline of the traced steps (train.trace)](timeline.png)" in md
+    assert "test_resnet bp K=3: no trace.json (run with train.trace={start: N, steps: M})" in md
+    rows = [t.name for t in read_tracks(load_run(fr).trace)]  # what the figure's rows are
+    assert rows == ["part 1 (cpu)", "part 2 (cpu)", "part 3 (cpu)"]
+    # the run's section: per part, the share of the traced time per phase and idle
+    assert "Timeline (trace.json, steps 1..2)" in md and "| optimizer % | idle % |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| part 3 (cpu) |"))
+    assert sum(float(x) for x in row.split("|")[2:-1]) == pytest.approx(100, abs=0.5)
+    assert build_report([bp], tmp_path / "none").skipped["timeline"].startswith("no timeline")
 
 
 def test_wall_clock_is_the_records_training_seconds(runs):

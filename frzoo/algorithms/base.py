@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..activation import Activation, Deltas, as_activation, input_deltas, leaves
 from ..loss_scale import LossScaler
 from ..memory import MemoryMeter, static_bytes
+from ..timeline import Spans
 from .options import parse_options
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -72,15 +73,32 @@ class PhaseTimer:
     its time is the device's: CUDA events recorded around it on the device's current stream,
     read (waiting for the last one) only when the totals are, every `train.log_every` steps.
     Nothing waits for the device on the hot path.
+
+    During a `train.trace` window the timeline sets :attr:`spans` (frzoo.timeline.Spans): every
+    block timed, and every :meth:`span`, is then also recorded as a span of that name and a
+    torch.profiler range. Outside it the only cost is the check that `spans` is None.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: Dict[str, float] = {}
         self._events: List[Tuple[str, Any, Any]] = []
+        self.spans: Optional[Spans] = None
+
+    def __call__(self, phase: str, **args: Any) -> ContextManager[None]:
+        """Time the block as `phase`; while tracing, a span too, with `args` (e.g. a
+        micro-batch index) beside the step."""
+        timed = self._timed(phase)
+        return timed if self.spans is None else self.spans.around(timed, phase, args)
+
+    def span(self, name: str, **args: Any) -> ContextManager[Any]:
+        """A span of the timeline only (no seconds summed): e.g. the transport's `send`."""
+        if self.spans is None:
+            return contextlib.nullcontext()
+        return self.spans.around(contextlib.nullcontext(), name, args)
 
     @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
+    def _timed(self, phase: str) -> Iterator[None]:
         if self.device.type != "cuda":
             start = time.perf_counter()
             yield
@@ -208,10 +226,11 @@ class PartAlgorithm:
     def _recording(self) -> Any:
         return self.memory.recording() if self.memory is not None else contextlib.nullcontext()
 
-    def timed(self, phase: str) -> Any:
+    def timed(self, phase: str, **args: Any) -> Any:
         """Count the block's time as this part's `phase` (on a GPU the device's time, read
-        later: see PhaseTimer)."""
-        return self.timer(phase)
+        later: see PhaseTimer). Any phase name is a span of the `train.trace` timeline;
+        keywords (e.g. ``microbatch=i``) are the span's args, beside the step."""
+        return self.timer(phase, **args)
 
     # -- the iteration API (see module docstring)
     def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:

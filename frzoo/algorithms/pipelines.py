@@ -91,7 +91,7 @@ class SyncPipeline(PartAlgorithm):
         next part (None on the last part, which keeps the loss divided by M)."""
         x = activation.leaves(as_activation(h_in), not self.is_first)
         seed = step_seed(self.seed + micro, step, self.index)  # micro-batch 0: bp's seed
-        with self.timed("forward"), seeded(seed, self.device), self._recording():
+        with self.timed("forward", microbatch=micro), seeded(seed, self.device), self._recording():
             out = self.part(*x)
             if self.is_last:
                 assert target is not None
@@ -110,7 +110,7 @@ class SyncPipeline(PartAlgorithm):
         x, out = self.graphs.pop(micro)
         deltas = self._received(delta, micro)
         self._last_backward(micro)
-        with self.timed("backward"):
+        with self.timed("backward", microbatch=micro):
             if deltas is None:
                 out[0].backward()  # the last part: the loss, as bp's backward
             else:
@@ -124,7 +124,7 @@ class SyncPipeline(PartAlgorithm):
         pairs = [(o, d) for o, d in zip(out, deltas or (None,))
                  if o.requires_grad and (d is not None or deltas is None)]
         inputs = [t for t in x if t.requires_grad]
-        with self.timed("input_gradient"):
+        with self.timed("input_gradient", microbatch=micro):
             grads, self.param_groups[micro] = stage_backward_input(
                 [o for o, _ in pairs], None if deltas is None else [d for _, d in pairs],
                 inputs, self.part.parameters())
@@ -135,7 +135,7 @@ class SyncPipeline(PartAlgorithm):
 
     def weight_backward(self, step: int, micro: int) -> None:
         """W: the weight gradients of micro-batch `micro`, added to the weights'."""
-        with self.timed("weight_gradient"):
+        with self.timed("weight_gradient", microbatch=micro):
             stage_backward_weight(self.part.parameters(), self.param_groups.pop(micro))
         del self.graphs[micro]
 

@@ -1,6 +1,7 @@
 """What the trainer asks of an executor, whichever process layout runs the parts."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +15,16 @@ from ..metrics import PEAK_ALLOCATED, PHASES
 Batch = Tuple[Tensor, Tensor]
 
 
+@dataclass(frozen=True)
+class TimedPart:
+    """A part this process runs, as the `train.trace` timeline (frzoo.timeline) records it: its
+    replica, its algorithm, and every timer that times its phases (the algorithm's, and the
+    executor's own: `wait`, `send`)."""
+    replica: int
+    algo: PartAlgorithm
+    timers: Tuple[PhaseTimer, ...]
+
+
 class Executor:
     """Runs the parts of one training job. The trainer loop is the same for every executor:
 
@@ -24,8 +35,10 @@ class Executor:
       ``horizon`` is the step at which the current run of consecutive steps ends (the next log
       point, epoch end or the end): steps up to it follow with nothing else in between, so an
       executor may prepare them ahead;
-    - ``evaluate``, ``timing_window``, ``gather_checkpoint`` and ``gather_export`` are collective:
-      every process calls them at the same step, and the leader gets the result.
+    - ``evaluate``, ``timing_window``, ``gather_checkpoint``, ``gather_export`` and
+      ``gather_trace`` are collective: every process calls them at the same step, and the
+      leader gets the result;
+    - ``timed_parts`` says which timers time each of this process's parts (frzoo.timeline).
     """
 
     algorithms: List[PartAlgorithm]
@@ -50,6 +63,13 @@ class Executor:
         raise NotImplementedError
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
+        raise NotImplementedError
+
+    def timed_parts(self) -> List[TimedPart]:
+        raise NotImplementedError
+
+    def gather_trace(self, mine: Any) -> Optional[List[Any]]:
+        """`mine` (this process's spans) of every process on the leader; None elsewhere."""
         raise NotImplementedError
 
     def load_checkpoint(self, state: Dict[str, Any]) -> None:
@@ -97,8 +117,12 @@ class PhaseClock:
     def add(self, phase: str, seconds: float) -> None:
         self.timer.add(phase, seconds)
 
-    def timed(self, phase: str) -> Any:
-        return self.timer(phase)
+    def timed(self, phase: str, **args: Any) -> Any:
+        return self.timer(phase, **args)
+
+    def span(self, name: str, **args: Any) -> Any:
+        """A span of the timeline only, while tracing (PhaseTimer.span)."""
+        return self.timer.span(name, **args)
 
     def read(self, algo: PartAlgorithm) -> Dict[str, float]:
         """Mean seconds per step of every phase since the last read, then reset; with memory

@@ -10,6 +10,9 @@ last part to finish the run's last step, a pipeline drain every `train.log_every
 
 A stop thus takes effect at the next run's start (at most `train.log_every` steps later) and no
 stop message is ever needed on the wire.
+
+With `train.trace`, the timeline's spans cross it too, once, after the trace window
+(:meth:`ControlGroup.gather_objects`, a blocking gather: one drain, outside training time).
 """
 from __future__ import annotations
 
@@ -74,6 +77,18 @@ class ControlGroup:
                 return None
             assert rows is not None
         return [{k: v for k, v in zip(keys, r.tolist()) if not math.isnan(v)} for r in rows]
+
+    def gather_objects(self, obj: Any) -> Optional[List[Any]]:
+        """`obj` of every rank on the leader (replica-major), None elsewhere; every rank waits
+        for the leader (a drain: for what is gathered once per run, e.g. the trace)."""
+        if self.group is None:
+            return [obj]
+        self.retire()
+        leader = self.layout.rank == self.layout.leader
+        out: Optional[List[Any]] = [None] * self.layout.world if leader else None
+        with self.waiting(None, "the other parts' trace"):
+            dist.gather_object(obj, out, dst=self.layout.leader, group=self.group)
+        return out
 
     def retire(self, wait: bool = False) -> None:
         """Forget this rank's control messages that have arrived; with `wait`, wait for all of

@@ -20,8 +20,8 @@ from ..activation import Deltas
 from ..algorithms.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, simulate
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..loss_scale import NO_OVERFLOW
-from .base import (Batch, micro_batches, EvalTotals, Executor, PhaseClock, eval_forward, load_part_state,
-                   part_state, read_windows)
+from .base import (Batch, EvalTotals, Executor, PhaseClock, TimedPart, eval_forward,
+                   load_part_state, micro_batches, part_state, read_windows)
 
 
 class LocalExecutor(Executor):
@@ -149,6 +149,13 @@ class LocalExecutor(Executor):
 
     def timing_window(self) -> List[Dict[str, float]]:
         return read_windows(self.clocks, self.algorithms)
+
+    def timed_parts(self) -> List[TimedPart]:
+        return [TimedPart(0, algo, (algo.timer, clock.timer))
+                for algo, clock in zip(self.algorithms, self.clocks)]
+
+    def gather_trace(self, mine: Any) -> List[Any]:
+        return [mine]  # every part is here
 
     # -- checkpointing: the parts, and what is in flight between them
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:

@@ -22,7 +22,7 @@ from ..activation import from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
 from .action_runner import ActionRunner
-from .base import Batch, Executor, load_part_state, part_state, read_windows
+from .base import Batch, Executor, TimedPart, load_part_state, part_state, read_windows
 from .control import ControlGroup
 from .replicas import Replica
 from .schedule import PairSchedule
@@ -127,6 +127,15 @@ class DistributedExecutor(Executor):
         mine = read_windows([self.clock], [self.algo])[0]
         rows = self.control.gather_timings(mine, TIMING_KEYS)
         return None if rows is None else rows[:self.world]  # replica 0's parts
+
+    def timed_parts(self) -> List[TimedPart]:
+        return [TimedPart(self.layout.replica, self.algo, (self.algo.timer, self.clock.timer))]
+
+    def gather_trace(self, mine: Any) -> Optional[List[Any]]:
+        """Every rank's spans on the leader, on the control group (gloo, CPU objects, whatever
+        the parts' backend); once per run, after the trace window, at a log point where no
+        message of the pipeline is in flight."""
+        return self.control.gather_objects(mine)
 
     def _gather(self, obj: Any) -> Optional[List[Any]]:
         """`obj` of every rank (R x K of them, replica-major) on the leader; None elsewhere."""

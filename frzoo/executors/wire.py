@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import FrzooError
+from ..timeline import SEND
 from . import codec
 from .base import PhaseClock
 from .codec import KIND_NAMES, Spec
@@ -111,7 +112,7 @@ class Incoming:
         return float(self.side[1].item())
 
     def wait(self) -> None:
-        with self.wire.clock.timed("wait"), self.wire.waiting(self.peer, self.what):
+        with self.wire.clock.timed("wait", what=self.what), self.wire.waiting(self.peer, self.what):
             self.work.wait()
             if self.side is not None:
                 self.side[0].wait()
@@ -175,6 +176,11 @@ class Wire:
 
     def send(self, kind: int, peer: int, values: Sequence[Optional[Tensor]], rows: int,
              tick: int, side: Optional[float] = None) -> None:
+        with self.clock.span(SEND, what=KIND_NAMES[kind]):  # `train.trace`'s timeline only
+            self._send(kind, peer, values, rows, tick, side)
+
+    def _send(self, kind: int, peer: int, values: Sequence[Optional[Tensor]], rows: int,
+              tick: int, side: Optional[float] = None) -> None:
         """Post the send of a message of `kind` (its tensors: one per tensor crossing the cut,
         or the labels alone) whose receiver expects `rows` rows; the first of its kind goes after
         a header with every tensor's trailing shape and dtype; `side` (fp16), one number, right
