@@ -20,23 +20,26 @@ The server
   worker may use CUDA and NCCL (a process forked after CUDA is initialised cannot);
 - imports from the launcher's `sys.path` (a checkout that shadows an installed frzoo is the code
   that runs, as it would be in a spawned worker);
-- keeps its own temporary files (W&B makes two folders when timm imports it) in the launching
-  process's temporary folder as it was when frzoo was imported, never in a job's scratch folder,
-  and removes them when it exits;
+- keeps its own temporary files (W&B makes two folders when timm imports it) in a folder of its
+  own in the launching process's temporary folder as it was when frzoo was imported, never in a
+  job's scratch folder, and removes it when it exits;
 - ignores SIGINT and SIGTERM: a scheduler that signals every process of a job (systemd, Slurm)
   must not end it, because the launcher learns its workers' exit codes through it;
-- exits when the launching process and every worker forked from it are gone.
+- exits when the launching process and every worker forked from it are gone, at once (it skips
+  the interpreter's teardown).
 
 Workers write to the stdout and stderr the launching process had when the server started (in a
 command line, the same ones throughout). A worker started by torchrun does not come from here.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -48,15 +51,40 @@ import torch.multiprocessing
 #: which it imports lazily (frzoo.models), so the worker module alone does not import it.
 PRELOAD = ("timm",)
 
-#: Set in the server's environment only: this module, imported there first, then ignores SIGTERM.
+#: Set in the server's environment only: this module, imported there first, then prepares the
+#: server (:func:`_prepare_server`).
 SERVER_MARK = "FRZOO_FORK_SERVER"
 
 #: The server's temporary folder: this process's as found when frzoo was imported (importing
 #: torch had already fixed it), not the one a caller or a job sets later.
 SERVER_TMP = tempfile.gettempdir()
 
-if os.environ.get(SERVER_MARK) == "1":  # this is the server's preload (see context())
+
+def _prepare_server() -> None:
+    """In the server, before its other imports: ignore SIGTERM; keep every temporary file of the
+    server in one folder of its own; at exit, remove that folder and end at once.
+
+    Ending with os._exit skips the interpreter's teardown of torch and timm (a second or more on
+    a busy machine): the server is gone within moments of its launcher and workers. The forked
+    workers inherit the exit handler but never run it (they end with os._exit too), and it acts
+    in the server's own process only."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    own = tempfile.mkdtemp(prefix="frzoo-fork-server-", dir=SERVER_TMP)
+    os.environ["TMPDIR"] = tempfile.tempdir = own
+    atexit.register(_exit_now, os.getpid(), own)
+
+
+def _exit_now(server: int, own: str) -> None:
+    if os.getpid() != server:
+        return
+    shutil.rmtree(own, ignore_errors=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if os.environ.get(SERVER_MARK) == "1":  # this is the server's preload (see context())
+    _prepare_server()
 
 
 def context(worker_module: str) -> multiprocessing.context.BaseContext:
@@ -75,14 +103,15 @@ def context(worker_module: str) -> multiprocessing.context.BaseContext:
 
 @contextlib.contextmanager
 def _server_environment() -> Iterator[None]:
-    """While the server starts: its environment (a process started from here inherits it) and
-    this process's temporary folder, where multiprocessing puts the server's socket."""
+    """While the server starts: its environment (a process started from here inherits it), and
+    the temporary folder in which multiprocessing makes this process's folder for the server's
+    socket (:func:`_socket_base`)."""
     paths = [os.path.abspath(p) for p in sys.path]  # "" is the current folder, as in a spawn
     wanted = {"TMPDIR": SERVER_TMP, SERVER_MARK: "1", "PYTHONPATH": os.pathsep.join(paths)}
     saved: Dict[str, Optional[str]] = {key: os.environ.get(key) for key in wanted}
     saved_tempdir = tempfile.tempdir
     os.environ.update(wanted)
-    tempfile.tempdir = SERVER_TMP
+    tempfile.tempdir = _socket_base()
     try:
         yield
     finally:
@@ -92,6 +121,21 @@ def _server_environment() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+#: The longest path a Unix socket may have (sun_path: 108 bytes with the final NUL on Linux).
+SOCKET_PATH_MAX = 107
+
+
+def _socket_base() -> str:
+    """Where multiprocessing makes the folder for the server's socket (BASE/pymp-XXXXXXXX/
+    listener-XXXXXXXX): this process's temporary folder, or where that path would be too long for
+    a Unix socket (a deep TMPDIR, as batch schedulers set), the system's, as later Python
+    releases choose themselves (cpython#132124). multiprocessing keeps that folder for the
+    process's lifetime and removes it at exit."""
+    if len(SERVER_TMP) + len("/pymp-12345678/listener-12345678") <= SOCKET_PATH_MAX:
+        return SERVER_TMP
+    return next((d for d in ("/tmp", "/var/tmp", "/usr/tmp") if os.path.isdir(d)), SERVER_TMP)
 
 
 def adopt_environment(env: Mapping[str, str]) -> None:
