@@ -4,7 +4,8 @@ has imported, once, what every worker imports anyway.
 Why: a worker started with multiprocessing's 'spawn' method is a fresh interpreter that imports
 torch, torchvision, timm and frzoo again (2-3 CPU-seconds each, before any work); a test suite
 starts about 150 of them. With the 'forkserver' method one server process imports them when the
-first job of a process starts, and each worker of this and every later job is a fork of it.
+first job of a process starts, and each worker of this and every later job is a fork of it (a
+sweep or a test session reuses it; it waits, idle, as long as the launching process lives).
 
 What a forked worker would otherwise take from the server rather than from its launcher, it is
 given explicitly:
