@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,17 +18,20 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 import torch
 
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
+from frzoo.executors import fork_server
 from frzoo.executors.failures import Report, WorkerDied, blame, explain, shorten
-from frzoo.executors.launch import lost_neighbour
+from frzoo.executors.launch import launch, lost_neighbour
 from frzoo.executors.topology import Layout
 from frzoo.executors.wire import PeerLost, PeerStalled
 from frzoo.run import train
+from support import launch_probe  # workers that write what they find when they start
 
 TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=40", "data.num_test=16",
         "data.batch_size=8", "data.image_size=16", "train.epochs=2", "train.progress=false",
@@ -164,6 +169,99 @@ def test_torchrun_world_size_must_match_the_parts(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(FrzooError, match=r"torchrun started 3 processes.*recipe has 2 parts"):
         run(tmp_path / "r", SPLITS[2], "executor=distributed")
+
+
+# ---------------------------------------------------------------- how the workers start
+def ignores_sigterm(pid: int) -> bool:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if x.startswith("SigIgn:"))
+    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie whose parent has not reaped it yet counts as exited)."""
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3]
+    except OSError:
+        return True
+
+
+def probes(out: Path, world: int, proc: Optional[subprocess.Popen] = None) -> List[dict]:
+    deadline = time.time() + 120
+    paths = [out / f"probe-{rank}.json" for rank in range(world)]
+    while not all(path.exists() for path in paths):
+        assert proc is None or proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the workers did not start within 120 s"
+        time.sleep(0.1)
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def test_workers_fork_from_a_server_that_imported_once_and_never_initialised_cuda(
+        tmp_path, monkeypatch):
+    """Each worker is a fork of the fork server, which imported frzoo.run and timm before and
+    never initialised CUDA (a fork after that could not use it); it runs with the launcher's
+    environment as it is at launch, not as it was when the server started, with the job's
+    scratch folder as its temporary folder, and watches the launcher, not its parent."""
+    fork_server.context("frzoo.run")  # the server is running before the environment changes
+    monkeypatch.setenv("FRZOO_PROBE", "set after the server started")
+    cfg = load_recipe(None, [*TINY, SPLITS[2], "executor=distributed"])
+    launch(cfg, tmp_path / "r", resume=False, num_parts=2, worker=launch_probe.report)
+    seen = probes(tmp_path / "r", 2)
+    server = seen[0]["parent"]
+    for worker in seen:
+        assert worker["preloaded"] == ["frzoo.run", "timm"] and not worker["cuda_initialized"]
+        assert worker["probe"] == "set after the server started"
+        assert Path(worker["tmp"]).name.startswith("frzoo-workers-")  # removed after the job
+        assert worker["parent"] == server != os.getpid() == worker["launcher"]
+    assert ignores_sigterm(server)  # Slurm signals every process: the server must stay
+
+
+LAUNCHER = """
+import multiprocessing.util, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from frzoo.config import load_recipe
+from frzoo.executors import fork_server
+from frzoo.executors.launch import launch
+from support.launch_probe import report_and_wait
+fork_server.context("frzoo.run")
+Path({out!r}).with_name("socket-folder").write_text(multiprocessing.util.get_temp_dir())
+launch(load_recipe(None, {args!r}), Path({out!r}), resume=False, num_parts=2,
+       worker=report_and_wait)
+"""
+
+
+def test_a_killed_launcher_leaves_no_worker_no_fork_server_and_no_temporary_folder(tmp_path):
+    """SIGKILL the launcher alone: its workers and its fork server exit within moments, and the
+    server removes its temporary folder (W&B made two folders there when timm was imported),
+    which sits in the launching process's temporary folder, not in a job's. That folder is too
+    deep for a Unix socket, so the server's socket is in the system's."""
+    home = tmp_path / ("deep-" * 12)
+    home.mkdir()
+    assert len(str(home)) + len("/pymp-12345678/listener-12345678") > fork_server.SOCKET_PATH_MAX
+    out = tmp_path / "r"
+    script = LAUNCHER.format(tests=str(Path(__file__).parent), out=str(out),
+                             args=[*TINY, SPLITS[2], "executor=distributed"])
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = probes(out, 2, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    socket_folder = Path((tmp_path / "socket-folder").read_text())
+    shutil.rmtree(socket_folder)  # the launcher's own, left by the SIGKILL
+    assert home not in socket_folder.parents
+    server = seen[0]["parent"]
+    made = list(home.glob("frzoo-fork-server-*/*wandb*"))
+    assert len(made) == 2, made  # wandb-media, wandb-artifacts: the server's, in its own folder
+    deadline = time.time() + 5
+    while not all(gone(pid) for pid in [server, *(w["pid"] for w in seen)]):
+        assert time.time() < deadline, "a worker or the fork server outlived its launcher"
+        time.sleep(0.05)
+    left = [p.name for p in home.iterdir()]  # the job's scratch folder: its launcher was killed
+    assert len(left) == 1 and left[0].startswith("frzoo-workers-"), left
 
 
 # ---------------------------------------------------------------- who is blamed for a failure

@@ -1,9 +1,10 @@
-"""Start, supervise and stop the processes of a distributed job: spawned here or under torchrun.
+"""Start, supervise and stop the processes of a distributed job: started here or under torchrun.
 
-`frzoo run` with `executor: distributed` spawns one process per part (:func:`launch`), forwards
-Ctrl-C to the process feeding the pipeline, and turns the first failure into one error naming
-the part, its rank and host (the others are stopped: no process is left behind). Under torchrun
-each process joins from the environment torchrun sets (:func:`torchrun_main`).
+`frzoo run` with `executor: distributed` starts one process per part (:func:`launch`: each a
+fork of a server that has imported torch, timm and frzoo once, frzoo.executors.fork_server),
+forwards Ctrl-C to the process feeding the pipeline, and turns the first failure into one error
+naming the part, its rank and host (the others are stopped: no process is left behind). Under
+torchrun each process joins from the environment torchrun sets (:func:`torchrun_main`).
 
 What each process runs is the `worker` function the caller passes (frzoo.run.worker): this module
 knows processes, not what they train.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -31,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import messages, rundir, stop
 from ..config import check_master_addr
 from ..errors import FrzooError
-from . import elastic
+from . import elastic, fork_server
 from .failures import Report, explain, shorten
 from .topology import Layout
 from .wire import PeerFailure, waited_for
@@ -61,26 +63,32 @@ def _init_group(cfg: DictConfig, rank: int, world_size: int) -> None:
                             timeout=timedelta(seconds=cfg.distributed.timeout_s))
 
 
-def _watch_parent(parent: int) -> None:
-    """Exit when the launcher dies (even by SIGKILL), so no worker is left behind."""
+def _watch_launcher() -> None:
+    """Exit when the launcher dies (even by SIGKILL), so no worker is left behind. The launcher
+    holds open the write end of a pipe this process reads (multiprocessing's parent sentinel):
+    it ends when the launcher does. Not the parent's pid: the fork server is the parent."""
+    launcher = multiprocessing.parent_process()
+    if launcher is None:  # not started by multiprocessing: nothing to watch
+        return
+
     def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(3)
-            time.sleep(0.5)
-    threading.Thread(target=watch, daemon=True, name="frzoo-parent-watch").start()
+        launcher.join()
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name="frzoo-launcher-watch").start()
 
 
 def _spawned_worker(worker: Worker, rank: int, world_size: int, cfg_dict: Dict[str, Any],
-                    out_dir: str, resume: bool, port: int, parent: int, errors: Any,
+                    out_dir: str, resume: bool, port: int, env: Dict[str, str], errors: Any,
                     show_messages: bool = False) -> None:
-    """Entry of a process started by :func:`launch`. `show_messages`: the launcher's command
-    line shows frzoo's messages on stderr; so does this process (frzoo.messages)."""
+    """Entry of a process started by :func:`launch` (forked from the fork server). `env`: the
+    launcher's environment for this job. `show_messages`: the launcher's command line shows
+    frzoo's messages on stderr; so does this process (frzoo.messages)."""
+    fork_server.adopt_environment(env)
     os.setpgrp()  # Ctrl-C in the terminal reaches the launcher only; it forwards it to rank 0
     stop.relayed_only(decides=rank == 0)  # a SIGTERM to every process counts once: relayed
     if show_messages:
         messages.show_on_stderr()
-    _watch_parent(parent)
+    _watch_launcher()
     os.environ.update(MASTER_ADDR=cfg_dict["distributed"]["master_addr"], MASTER_PORT=str(port))
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(_threads(cfg, world_size))
@@ -116,24 +124,27 @@ def free_port(addr: str, port: int) -> int:
 
 def launch(cfg: DictConfig, out_dir: Path, *, resume: bool, num_parts: int,
            worker: Worker) -> Dict[str, Any]:
-    """Run `worker` in one process per part: here (spawning them) or, under torchrun, as this
-    process's rank. Returns the run's summary."""
+    """Run `worker` in one process per part: here (forked from this process's fork server,
+    frzoo.executors.fork_server) or, under torchrun, as this process's rank. Returns the run's
+    summary."""
     if under_torchrun():
         return torchrun_main(cfg, out_dir, resume=resume, num_parts=num_parts, worker=worker)
     check_master_addr(cfg.distributed.master_addr)  # named here, not blamed on the port
     world = num_parts * cfg.distributed.replicas  # replica-major: rank = replica * K + part
     port = free_port(cfg.distributed.master_addr, cfg.distributed.master_port)
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = fork_server.context(worker.__module__)
     errors = ctx.SimpleQueue()
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)  # the plan's resolved recipe
     with rundir.claim(out_dir, resume), tempfile.TemporaryDirectory(
             prefix="frzoo-workers-", ignore_cleanup_errors=True) as scratch:
+        env = _job_environment(scratch)
         procs = [ctx.Process(target=_spawned_worker, name=f"frzoo-part{r % num_parts + 1}"
                              + (f"-replica{r // num_parts}" if world > num_parts else ""),
-                             args=(worker, r, world, cfg_dict, str(out_dir), resume, port,
-                                   os.getpid(), errors, messages.shown_on_stderr()))
+                             args=(worker, r, world, cfg_dict, str(out_dir), resume, port, env,
+                                   errors, messages.shown_on_stderr()))
                  for r in range(world)]
-        _start(procs, scratch)
+        for proc in procs:
+            proc.start()
         try:  # Ctrl-C or SIGTERM: rank 0 stops the job with a checkpoint; a second: at once
             with stop.relayed(lambda: _forward_sigint(procs[0])):
                 failure = _supervise(procs, errors, cfg.distributed.timeout_s, num_parts)
@@ -192,24 +203,14 @@ def _namer(num_parts: int, world: int) -> Callable[[int], str]:
     return lambda rank: Layout(rank, num_parts, world // num_parts).name()
 
 
-def _start(procs: List[Any], scratch: str) -> None:
-    """Start the workers with `scratch` as their temporary folder (TMPDIR), which the launcher
-    removes when the job ends: a worker ends with os._exit, which skips the clean-up of what it
-    made there (`import timm` imports wandb, which makes two temporary folders per process,
-    W&B off or on). torch.compile's cache stays where it was, shared between runs."""
-    saved = {key: os.environ.get(key) for key in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-    inductor = saved["TORCHINDUCTOR_CACHE_DIR"] or os.path.join(
+def _job_environment(scratch: str) -> Dict[str, str]:
+    """The environment of a job's workers: this process's now, with `scratch` as their temporary
+    folder (TMPDIR), which the launcher removes when the job ends: a worker ends with os._exit,
+    which skips the clean-up of what it made there. torch.compile's cache stays where it was,
+    shared between runs."""
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-    os.environ.update(TMPDIR=scratch, TORCHINDUCTOR_CACHE_DIR=inductor)
-    try:
-        for proc in procs:
-            proc.start()  # a spawned process inherits the environment as it is now
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return {**os.environ, "TMPDIR": scratch, "TORCHINDUCTOR_CACHE_DIR": inductor}
 
 
 def _terminate(procs: List[Any]) -> None:

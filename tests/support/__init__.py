@@ -1,6 +1,7 @@
 """Helpers for the tests that are not tests themselves: recipe plugins that the tests list in
 `plugins:` (loaded by path in every process of a job: nccl_emulation, fp16_overflow,
-replica_probe, replica_after_backward) and a reader of offline W&B run files (wandb_offline).
+replica_probe, replica_after_backward), a reader of offline W&B run files (wandb_offline), and
+worker functions that report what a launched process finds when it starts (launch_probe).
 pytest collects nothing here (no file is named test_*.py)."""
 from pathlib import Path
 
