@@ -13,7 +13,8 @@ checkpoint shards) is left to frzoo.executors.replicas.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from datetime import timedelta
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 from torch import Tensor
@@ -21,8 +22,9 @@ from torch import Tensor
 from ..activation import from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
-from .base import Batch, Executor, load_part_state, part_state, read_windows
+from .base import Batch, Executor, load_part_state, read_windows
 from .control import ControlGroup
+from .part_state import layout_state, load_layout, load_weights, part_entries
 from .replicas import Replica
 from .schedule import PairSchedule
 from .topology import Layout
@@ -55,6 +57,13 @@ class DistributedExecutor(Executor):
         self.stop_requested = False
         # Created here, on every rank in the same order (a collective call).
         self.control = ControlGroup(self.layout, timeout_s, self.wire.waiting)
+        # Checkpoint saves coordinate on a gloo group of their own (DCP's collectives are CPU
+        # objects, whatever the parts' backend; an asynchronous save runs them in a background
+        # thread, which must not interleave with the control group's messages). Rank 0 renames
+        # a finished save into place (frzoo.checkpoint_files).
+        self.checkpoint_group = dist.new_group(
+            backend="gloo", **({} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}))
+        self.publishes_checkpoints = rank == 0
 
     # -- training
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
@@ -123,30 +132,40 @@ class DistributedExecutor(Executor):
             dist.gather_object(obj, out, dst=self.layout.leader)
         return out
 
-    def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
-        # The deltas this part made that the previous part has not used are the previous part's
-        # mailbox: sent or not, they are the state its next steps depend on.
-        if self.replica is not None:
+    def checkpoint_entries(self) -> Dict[str, Tensor]:
+        """This part's entries (frzoo.executors.part_state), written by this process. The
+        deltas this part made that the previous part has not used are the previous part's
+        mailbox: sent or not, they are the state its next steps depend on."""
+        if self.replica is not None:  # every copy writes replica 0's buffers (stored once)
             self.replica.share_buffers()
         unused, scales = self.pairs.unused_deltas(self.next_step)
-        gathered = self._gather((to_cpu(part_state(self.algo)), [to_saved(d) for d in unused],
-                                 scales))
-        if gathered is None:
-            return None
-        if self.replica is not None:  # one pipeline's state: the replicas' rows concatenated
-            return self.replica.merge_checkpoint([(p, u) for p, u, _ in gathered],
-                                                 type(self.algo).batch_state_keys)
-        state = {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]}
-        if self.pairs.scaled:  # as the local executor stores them: per mailbox, each delta's scale
-            state["delta_scales"] = [gathered[k + 1][2] for k in range(self.world - 1)] + [[]]
-        return [p for p, _, _ in gathered], state
+        return part_entries(self.algo, self.layout.replica, [to_saved(d) for d in unused],
+                            scales)
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         mine = self.algo.part.original_state_dict() if self.layout.replica == 0 else None
         gathered = self._gather(to_cpu(mine))
         return None if gathered is None else gathered[:self.world]  # replica 0's parts
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+    def load_checkpoint(self, checkpoint: Any, carry: bool = True) -> None:
+        """This part's weights and optimizer state by name; with the layout the checkpoint was
+        written with (`carry`), its history (this replica's rows, whatever R wrote it) and the
+        deltas to send again, else the warm-up starts afresh at the checkpoint's step."""
+        if getattr(checkpoint, "legacy", None) is not None:
+            self.load_old_checkpoint(checkpoint.legacy)
+            return
+        load_weights(self.algo, checkpoint)
+        self.next_step = int(checkpoint.meta["progress"]["step"])
+        if not carry:
+            self.algo.origin = self.next_step
+            return
+        state = layout_state(checkpoint, self.algo, self.layout.replica, self.layout.replicas)
+        load_layout(self.algo, state)
+        self.pairs.load_mailbox(self.next_step, [from_saved(d, self.device) for d in state["sent"]],
+                                state["sent_scales"] if self.pairs.scaled else [])
+
+    def load_old_checkpoint(self, state: Dict[str, Any]) -> None:
+        """A format-1 checkpoint's state (one file, the whole pipeline)."""
         k = self.layout.part
         if self.replica is not None:  # this replica's rows of the global batch's state
             state = self.replica.shard_checkpoint(state, type(self.algo).batch_state_keys)
