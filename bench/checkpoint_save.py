@@ -2,12 +2,14 @@
 the save, the save's seconds, and the slowest training step around the saves (docs/checkpoints.md).
 
 The CIFAR ResNet-101 recipe at K=4, one process per part on the CPU (`executor=distributed`),
-on synthetic 32x32 images of 100 classes (no download) in batches of 8, a checkpoint after every
-step. A recipe plugin written here wraps `frzoo.trainer.Run.save_checkpoint` and
+on synthetic 32x32 images of 100 classes (no download) in batches of 8, a checkpoint every 4
+steps (and at the end, before and after the final evaluation). A recipe plugin written here wraps `frzoo.trainer.Run.save_checkpoint` and
 `Run.train_step` in every process, so the same script measures any frzoo version (run it with
 PYTHONPATH set to that version's tree): before each save it resets the process's peak resident
 set (`/proc/self/clear_refs`) and reads its resident set; after it, the peak (VmHWM) and the
-seconds. Each step's wall seconds are recorded too.
+seconds. Each step's wall seconds are recorded too (the leader's, the last part's, is the
+pipeline's period: the slowest of the two steps after each save is "the slowest step around a
+save"). Step counts `step` as the trainer does: the save after step index 3 has step 4.
 
     python bench/checkpoint_save.py --out bench/results/checkpoint_save_after.json
     python bench/checkpoint_save.py --out bench/results/checkpoint_save_async.json --asynchronous
@@ -77,16 +79,24 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         entry = by_part.setdefault(key, {"rise_mib": [], "seconds": []})
         entry["rise_mib"].append(round((row["peak"] - row["rss_before"]) / mib, 1))
         entry["seconds"].append(round(row["seconds"], 3))
-    leader_steps = sorted(r["seconds"] for r in steps if r["leader"])
-    return {"saves": by_part,
-            "leader_step_seconds": {"median": leader_steps[len(leader_steps) // 2],
-                                    "max": leader_steps[-1]} if leader_steps else None}
+    # the leader's steps: the pipeline's period; "around a save": the two steps after one
+    leader = {r["step"]: r["seconds"] for r in steps if r["leader"]}
+    saved_at = {r["step"] for r in saves if r["leader"]}
+    around = [s for s in leader if s in saved_at or s - 1 in saved_at]
+    ordered = sorted(leader.values())
+    return {"saves": by_part, "leader_step_seconds": {
+        "median": round(ordered[len(ordered) // 2], 3),
+        "slowest_around_a_save": round(max(leader[s] for s in around), 3) if around else None,
+        "slowest_elsewhere": round(max((v for s, v in leader.items() if s not in around),
+                                       default=0.0), 3),
+        "by_step": {s: round(v, 3) for s, v in sorted(leader.items())}}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--every", type=int, default=4, help="train.checkpoint_every")
     parser.add_argument("--asynchronous", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -94,7 +104,7 @@ def main() -> None:
         (folder / "probe.py").write_text(PROBE)
         records = folder / "records"
         records.mkdir()
-        extra = [f"train.max_steps={args.steps}", "train.checkpoint_every=1",
+        extra = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.every}",
                  f"plugins=[{folder / 'probe.py'}]", f"run.out_dir={folder / 'run'}"]
         if args.asynchronous:
             extra.append("train.checkpoint_async=true")

@@ -81,7 +81,8 @@ def build(plan: Union[Plan, DictConfig], *, rank: Optional[int] = None,
                                sync_bn=cfg.distributed.sync_bn,
                                timeout_s=cfg.distributed.timeout_s)
     executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg),
-                                   replica, timeout_s=cfg.distributed.timeout_s)
+                                   replica, timeout_s=cfg.distributed.timeout_s,
+                                   checkpoint_async=cfg.train.checkpoint_async)
     return Assembly(data, pipeline, executor)
 
 

@@ -100,7 +100,7 @@ def test_a_truncated_or_corrupted_checkpoint_is_one_line_naming_the_file(finishe
         shard.write_bytes(data)
 
 
-def test_a_checkpoint_of_another_architecture_says_what_differs(finished_run, tmp_path, capsys):
+def test_a_checkpoint_of_another_architecture_or_data_set_says_what_differs(finished_run, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["run", *TINY, "model.name=resnet10t", "model.kwargs.num_classes=10",
                  "split.points=null", f"run.out_dir={other}"]) == 0
@@ -110,6 +110,8 @@ def test_a_checkpoint_of_another_architecture_says_what_differs(finished_run, tm
     shutil.copytree(rundir.checkpoint_path(other), ckpt)
     line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
     assert str(ckpt) in line and "model.name: 'resnet10t' in the checkpoint, 'test_resnet' now" in line
+    line = one_line_error(capsys, "run", "--resume", str(finished_run), "data.name=digits")
+    assert str(ckpt) in line and "data.name: 'synthetic' in the checkpoint, 'digits' now" in line
     init = other / "final.pt"  # resnet10t weights as init_checkpoint of test_resnet
     line = one_line_error(capsys, "run", *TINY, f"model.init_checkpoint={init}",
                           f"run.out_dir={tmp_path}/third")

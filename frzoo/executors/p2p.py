@@ -38,7 +38,8 @@ class DistributedExecutor(Executor):
     """The transport for one part in its own process (the schedule: frzoo.executors.schedule)."""
 
     def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str,
-                 replica: Optional[Replica] = None, timeout_s: Optional[float] = None) -> None:
+                 replica: Optional[Replica] = None, timeout_s: Optional[float] = None,
+                 checkpoint_async: bool = False) -> None:
         self.algorithms = [algorithm]
         self.algo = algorithm
         # With data-parallel replicas (frzoo.executors.replicas) rank = replica * K + part:
@@ -57,12 +58,15 @@ class DistributedExecutor(Executor):
         self.stop_requested = False
         # Created here, on every rank in the same order (a collective call).
         self.control = ControlGroup(self.layout, timeout_s, self.wire.waiting)
-        # Checkpoint saves coordinate on a gloo group of their own (DCP's collectives are CPU
-        # objects, whatever the parts' backend; an asynchronous save runs them in a background
-        # thread, which must not interleave with the control group's messages). Rank 0 renames
-        # a finished save into place (frzoo.checkpoint_files).
-        self.checkpoint_group = dist.new_group(
-            backend="gloo", **({} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}))
+        # Checkpoint saves (DCP) coordinate on the control group: CPU objects on gloo, whatever
+        # the parts' backend, in the same order on every rank as its other messages. An
+        # asynchronous save runs them in a background thread, which must not interleave with the
+        # control group's messages: it gets a gloo group of its own (frzoo.checkpoint_files).
+        # Rank 0 renames a finished save into place. None (one rank): DCP without a group.
+        self.checkpoint_group = self.control.group
+        if checkpoint_async and self.layout.world > 1:
+            self.checkpoint_group = dist.new_group(backend="gloo", **(
+                {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}))
         self.publishes_checkpoints = rank == 0
 
     # -- training
