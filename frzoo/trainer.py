@@ -43,9 +43,7 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline
     try:
         run = Run(cfg, out_dir, pipeline, data, executor, probe)
         run.start(resume, loggers)
-        summary = _run_loop(run, should_stop or (lambda: False))
-        run.writer.wait()  # an asynchronous save in flight: complete and published before exit
-        return summary
+        return _run_loop(run, should_stop or (lambda: False))
     except OSError as exc:  # a full disk at any write (metrics, summary ...): say so, one line
         if exc.errno not in rundir.DISK_ERRORS:
             raise
@@ -247,7 +245,8 @@ class Run:
             entries.update(meta_entry(recipe=self.recipe, partition=self.partition,
                                       progress=self.progress,
                                       replicas=self.cfg.distributed.replicas))
-        self.writer.save(entries, self.progress["step"], saves)  # every process writes its own
+        with self.executor.saving():  # every process writes its own entries
+            self.writer.save(entries, self.progress["step"], saves)
 
     def evaluate(self, step: int) -> None:
         evaluation = self.executor.evaluate(self.data)  # collective; metrics arrive on the leader
@@ -264,7 +263,8 @@ class Run:
 
     def finish(self, step: int, interrupted: bool) -> Dict[str, Any]:
         """The weights (collective export), then on the leader final.pt and summary.json."""
-        self.writer.wait()  # the last save complete and published before the run's end
+        with self.executor.saving():  # the last save complete and published before the end
+            self.writer.wait()
         exported = self.executor.gather_export()  # collective
         summary = summary_of(self.cfg, self.progress, step, interrupted,
                              num_parts=len(self.pipeline.parts),

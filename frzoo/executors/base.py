@@ -1,7 +1,9 @@
 """What the trainer asks of an executor, whichever process layout runs the parts."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+import contextlib
+from typing import (Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,11 @@ class Executor:
 
     def checkpoint_entries(self) -> Dict[str, Tensor]:
         raise NotImplementedError
+
+    def saving(self) -> ContextManager[None]:
+        """Around a checkpoint save: how a failed collective of it is reported (one process:
+        nothing to report)."""
+        return contextlib.nullcontext()
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         raise NotImplementedError

@@ -12,15 +12,18 @@ checkpoint shards) is left to frzoo.executors.replicas.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..activation import from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..checkpoint_files import cause_of
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
 from .base import Batch, Executor, load_part_state, read_windows
 from .control import ControlGroup
@@ -150,6 +153,20 @@ class DistributedExecutor(Executor):
         mine = self.algo.part.original_state_dict() if self.layout.replica == 0 else None
         gathered = self._gather(to_cpu(mine))
         return None if gathered is None else gathered[:self.world]  # replica 0's parts
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around a checkpoint save (or the wait for one): a peer lost or stalled in DCP's
+        collectives is a PeerFailure naming this rank, as any other wait (frzoo.executors.wire),
+        so that the launcher blames the process that failed first."""
+        with self.wire.waiting(None, "the other parts to save a checkpoint"):
+            try:
+                yield
+            except CheckpointException as exc:  # DCP collects the ranks' failures
+                cause = cause_of(exc, RuntimeError)
+                if cause is None:
+                    raise
+                raise cause from exc
 
     def load_checkpoint(self, checkpoint: Any, carry: bool = True) -> None:
         """This part's weights and optimizer state by name; with the layout the checkpoint was
