@@ -201,14 +201,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_save, export_from_checkpoint, load_file
-    from .rundir import checkpoint_path
-    run_dir = Path(args.run_dir)
-    state = load_file(checkpoint_path(run_dir))
-    out = Path(args.output) if args.output else run_dir / "final.pt"
-    atomic_save(export_from_checkpoint(state), out)
-    print(f"wrote {out} (step {state['progress']['step']}; load it with "
-          f"timm.create_model('{state['recipe']['model']['name']}', ...).load_state_dict)")
+    from .checkpoint import atomic_save, find_checkpoint, open_checkpoint, weights_of
+    path = find_checkpoint(Path(args.run_dir))
+    checkpoint = open_checkpoint(path)
+    out = Path(args.output) if args.output else path.parent.parent / "final.pt"
+    atomic_save(weights_of(checkpoint), out)
+    meta = checkpoint.meta
+    print(f"wrote {out} (step {meta['progress']['step']}; load it with "
+          f"timm.create_model('{meta['recipe']['model']['name']}', ...).load_state_dict)")
     return 0
 
 

@@ -157,6 +157,7 @@ class TrainConfig:
     seed: int = between(-2**63, 2**63 - 1, 0, note="what torch.manual_seed takes")
     eval_every: int = at_least(0, 1)  # epochs; 0 = only at the end
     checkpoint_every: int = at_least(0, 0)  # steps; 0 = at the end of each epoch only
+    checkpoint_async: bool = False  # write checkpoints in a background thread (DCP async_save)
     log_every: int = positive(10)  # steps between metrics.jsonl records
     threads: Optional[int] = positive(None)  # torch.set_num_threads; None = torch's default
     # Count, per part, the bytes kept for backward (saved tensors + history; exact, CPU too).

@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from .checkpoint import (OLD_FORMAT, export_from_checkpoint, find_checkpoint, open_checkpoint,
+                         weights_of)
 from .errors import FrzooError, shorten
 from .plugins import ARCHITECTURES, plugin_error_hint, suggest, where_names_come_from
 
@@ -72,20 +74,16 @@ def _binds(fn: Any, kwargs: Dict[str, Any]) -> bool:
 
 
 def load_init_checkpoint(model: nn.Module, path: str, what: str = "model.init_checkpoint") -> None:
-    """Load a state_dict in the model's own parameter names, without executing pickled code."""
+    """Load weights in the model's own parameter names, without executing pickled code: from a
+    state_dict file (final.pt, `frzoo export`), a run folder (its newest checkpoint) or a
+    checkpoint of either format (frzoo.checkpoint); weights only, no optimizer state."""
     file = Path(path)
-    if not file.is_file():
+    if file.is_dir():
+        state = weights_of(open_checkpoint(find_checkpoint(file)))
+    elif not file.is_file():
         raise FrzooError(f"{what} '{path}' does not exist.")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FrzooError(f"{what} '{path}' could not be read as a weights-only "
-                         f"checkpoint: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise FrzooError(f"{what} '{path}' holds a {type(state).__name__}, "
-                         f"not a state_dict.")
+    else:
+        state = _state_dict_file(file, path, what)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
@@ -99,6 +97,23 @@ def load_init_checkpoint(model: nn.Module, path: str, what: str = "model.init_ch
             f"{what} '{path}' does not match the model: "
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}).")
+
+
+def _state_dict_file(file: Path, path: str, what: str) -> Dict[str, Any]:
+    """A state_dict file, weights-only; a format-1 checkpoint (`last.pt`) gives its weights."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise FrzooError(f"{what} '{path}' could not be read as a weights-only "
+                         f"checkpoint: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and state.get("format") == OLD_FORMAT and "parts" in state:
+        state = export_from_checkpoint(state)
+    if not isinstance(state, dict):
+        raise FrzooError(f"{what} '{path}' holds a {type(state).__name__}, "
+                         f"not a state_dict.")
+    return state
 
 
 def check_fits_data(model: nn.Module, *, num_classes: int, channels: int, image_size: int,

@@ -5,11 +5,11 @@ and, found at an epoch's last step, the epoch itself. So `frzoo run` asks here f
 process that launches the others (and each process checks the batches again with the data it
 built, which costs nothing):
 
-- **Resume**: the recipe may change only keys that do not change the computation
-  (frzoo.checkpoint.RESUMABLE_CHANGES); the algorithm never. Checked against the recipe the
-  checkpoint holds, read without loading its tensors. The partition, known once the model is
-  cut, is checked again by the trainer. Changing `distributed.replicas` without
-  `distributed.sync_bn` is allowed but changes what BatchNorm normalises over: said in one line.
+- **Resume**: the recipe may change only the keys of frzoo.checkpoint.RESUMABLE_CHANGES (how
+  long, how often, where, which processes, and the layout: split and algorithm). Checked against
+  the recipe the checkpoint holds, read without loading its tensors. Changing
+  `distributed.replicas` without `distributed.sync_bn` is allowed but changes what BatchNorm
+  normalises over: said in one line.
 - **Batches**: BatchNorm in training needs at least 2 rows per replica in every batch, the
   epoch's last (smaller) batch included (:func:`check_shards`); each replica needs at least one
   row whatever the model.
@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import rundir
-from .checkpoint import check_recipe, load_file
+from .checkpoint import check_recipe, open_checkpoint
 from .config import to_container
 from .data import DataInfo, build_data, last_batch_rows, shard_rows
 from .errors import FrzooError
@@ -86,13 +86,13 @@ class _Facts:
 
 
 def check_resume(cfg: DictConfig, out_dir: Path, resume: bool, echo: Echo) -> None:
-    """Refuse a resume whose recipe changes the computation (or the algorithm), before any
-    process starts and before the algorithm's options are read; say when a new replica count
-    changes BatchNorm. Nothing to do for a fresh start."""
+    """Refuse a resume whose recipe changes what may not change, before any process starts and
+    before the algorithm's options are read; say when a new replica count changes BatchNorm.
+    Nothing to do for a fresh start."""
     path = rundir.checkpoint_path(out_dir)
-    if not resume or not path.is_file():
+    if not resume or not path.exists():
         return  # rundir.prepare says there is nothing to resume
-    saved = load_file(path, mmap=True)["recipe"]
+    saved = open_checkpoint(path).meta["recipe"]
     # split.auto: the resume reuses the points the first start chose (run.resolve_split)
     check_recipe(saved, to_container(cfg), path,
                  skip=("split.",) if cfg.split.auto is not None else ())

@@ -81,7 +81,8 @@ def build(plan: Union[Plan, DictConfig], *, rank: Optional[int] = None,
                                sync_bn=cfg.distributed.sync_bn,
                                timeout_s=cfg.distributed.timeout_s)
     executor = DistributedExecutor(pipeline.algorithms[0], rank, world_size, choose_backend(cfg),
-                                   replica, timeout_s=cfg.distributed.timeout_s)
+                                   replica, timeout_s=cfg.distributed.timeout_s,
+                                   checkpoint_async=cfg.train.checkpoint_async)
     return Assembly(data, pipeline, executor)
 
 
@@ -162,13 +163,13 @@ def evaluate(cfg: DictConfig, run_dir: Path, weights: Optional[Path] = None) -> 
     """Test metrics of a run: `weights` (a state_dict in the model's own names, default
     RUN_DIR/final.pt) or, where there is none, the run's last checkpoint. `cfg` is the run's
     recipe, resolved when the run started: nothing is chosen or measured again."""
-    from .checkpoint import load_file
+    from .checkpoint import open_checkpoint
     from .models import load_init_checkpoint
     run = build(resolved_plan(cfg, run_dir))
     weights = weights or run_dir / "final.pt"
     if weights.exists():
         load_init_checkpoint(run.pipeline.model, str(weights), what="--weights")  # weights only
     else:
-        run.executor.load_checkpoint(load_file(rundir.checkpoint_path(run_dir)))
+        run.executor.load_checkpoint(open_checkpoint(rundir.checkpoint_path(run_dir)))
     return run.executor.evaluate(run.data)  # type: ignore[return-value]
 

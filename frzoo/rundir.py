@@ -5,7 +5,8 @@ distributed run) finds its files through these helpers, so the layout is written
 
     RUN_DIR/recipe.yaml  partition.json  metrics.jsonl  summary.json  final.pt
     RUN_DIR/trace.json   (with `train.trace`: the timeline, frzoo.timeline)
-    RUN_DIR/checkpoints/last.pt
+    RUN_DIR/checkpoints/step-00000120/  (the newest complete checkpoint: frzoo.checkpoint_files)
+    RUN_DIR/checkpoints/last.pt         (a checkpoint of format 1, written before format 2)
     RUN_DIR/.lock        (held while a run writes into the folder)
     RUN_DIR/.torchrun-job  (under torchrun: the job writing the folder, for its restarts)
 """
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .checkpoint_files import DcpCheckpoint, published, remove_partial
 from .errors import FrzooError
 from .locks import folder_lock
 
@@ -26,8 +28,23 @@ from .locks import folder_lock
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
+def checkpoints_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
 def checkpoint_path(out_dir: Path) -> Path:
-    return out_dir / "checkpoints" / "last.pt"
+    """The newest complete checkpoint: a format-2 folder, else a format-1 `last.pt` (which may
+    not exist: nothing was saved yet)."""
+    found = published(checkpoints_dir(out_dir))
+    return found[-1] if found else checkpoints_dir(out_dir) / "last.pt"
+
+
+def saved_step(path: Path) -> int:
+    """The step of the checkpoint at `path` (either format)."""
+    if path.is_dir():
+        return int(DcpCheckpoint(path).meta["progress"]["step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=True)["progress"]["step"])
 
 
 def trace_path(out_dir: Path) -> Path:
@@ -91,10 +108,12 @@ def claim(out_dir: Path, resume: bool) -> Iterator[None]:
 
 
 def remove_partial_files(out_dir: Path) -> None:
-    """Delete the temporary files of writes a killed run never finished (see atomic_save)."""
+    """Delete the temporary files of writes a killed run never finished (see atomic_save), and
+    the folders of its unfinished checkpoint saves."""
     for folder in (out_dir, out_dir / "checkpoints"):
         for tmp in folder.glob(".*.tmp-*"):
             tmp.unlink(missing_ok=True)
+    remove_partial(checkpoints_dir(out_dir))
 
 
 def last_good_checkpoint(out_dir: Path) -> str:
@@ -103,6 +122,6 @@ def last_good_checkpoint(out_dir: Path) -> str:
     path = checkpoint_path(out_dir)
     if not path.exists():
         return "No checkpoint was written yet, so nothing is lost beyond this start"
-    step = torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"]
+    step = saved_step(path)
     return (f"The last good checkpoint is {path} (step {step}); resume with "
             f"`frzoo run --resume {out_dir}`")

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from . import metrics, rundir
 from .pipeline import Pipeline
-from .checkpoint import (atomic_save, check_compatible, checkpoint_state, export_state_dict,
-                         load_file)
+from .checkpoint import (OldCheckpoint, atomic_save, carries_layout, check_compatible,
+                         export_state_dict, layout_note, meta_entry, open_checkpoint)
+from .checkpoint_files import CheckpointWriter, partial_saves
 from .config import save_recipe, to_container
 from .data import DataModule
 from .errors import FrzooError, NonFiniteLossError
@@ -39,6 +40,7 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """The loop every process runs. Only the leader (the process holding the last part) logs and
     writes files; evaluation, checkpoints and timings are collective calls of the executor."""
+    run = None
     try:
         run = Run(cfg, out_dir, pipeline, data, executor, probe)
         run.start(resume, loggers)
@@ -50,6 +52,9 @@ def run_loop(cfg: DictConfig, out_dir: Path, resume: bool, *, pipeline: Pipeline
         raise FrzooError(f"run.out_dir '{out_dir}' cannot be written{where} ({exc.strerror}); "
                          f"training stopped. Free space. {rundir.last_good_checkpoint(out_dir)}."
                          ) from None
+    finally:
+        if run is not None and getattr(run, "writer", None) is not None:
+            run.writer.abandon()  # after a failure: the save in flight, if any, is not waited for
 
 
 def _run_loop(run: "Run", should_stop: Callable[[], bool]) -> Dict[str, Any]:
@@ -124,11 +129,11 @@ class Run:
         """Load the checkpoint (resume), write the run's files and open the loggers (leader)."""
         cfg, leader = self.cfg, self.executor.is_leader
         if resume:
-            state = load_file(rundir.checkpoint_path(self.out_dir))
-            check_compatible(state, self.recipe, self.partition,
-                             rundir.checkpoint_path(self.out_dir))
-            self.executor.load_checkpoint(state)
-            self.progress, self.resumed = state["progress"], True
+            self.load(rundir.checkpoint_path(self.out_dir))
+        self.writer = CheckpointWriter(rundir.checkpoints_dir(self.out_dir),
+                                       self.executor.checkpoint_group,
+                                       self.executor.publishes_checkpoints,
+                                       cfg.train.checkpoint_async)
         self.schedule = Schedule.of(cfg.train, self.data.steps_per_epoch(),
                                     self.progress.get("lr_steps"))
         self.progress["lr_steps"] = self.schedule.lr_steps  # kept: a resume keeps the curve
@@ -156,6 +161,31 @@ class Run:
                                    *loggers])
         # Trackers (W&B) open their run here: the partition is known, so it goes into the config.
         self.logger.start({"recipe": self.recipe, "partition": table, "step": step})
+
+    def load(self, path: Path) -> None:
+        """The newest complete checkpoint into the executor and the progress; says so where a
+        newer save never completed (it is deleted once the run has started: rundir)."""
+        checkpoint, leader = open_checkpoint(path), self.executor.is_leader
+        meta = checkpoint.meta
+        check_compatible(meta, self.recipe, path)
+        carry = carries_layout(meta, self.recipe, self.partition)
+        if not carry and isinstance(checkpoint, OldCheckpoint):
+            raise FrzooError(f"'{path}' is a checkpoint of format 1, which resumes only with the "
+                             f"split and algorithm it was written with; resume it once with its "
+                             f"own recipe (its next checkpoint is of format 2), then change them.")
+        self.executor.load_checkpoint(checkpoint, carry=carry)
+        self.progress, self.resumed = dict(meta["progress"]), True
+        partial = partial_saves(rundir.checkpoints_dir(self.out_dir))
+        if partial and leader:
+            log.info(f"the newest checkpoint save ({partial[-1]}) never completed (the run "
+                     f"stopped while writing it); resuming from the last complete one, {path} "
+                     f"(step {self.progress['step']}).")
+        if not carry:
+            self.progress.pop("part_seconds", None)  # the old parts' time totals
+            if leader:
+                k_parts, cls = len(self.partition), self.pipeline.algorithm_cls
+                log.info(layout_note(meta, self.recipe, self.partition,
+                                     [cls.staleness_of(k, k_parts) for k in range(k_parts)]))
 
     def restart_clock(self) -> None:
         self.tick = time.perf_counter()
@@ -234,13 +264,15 @@ class Run:
     def save_checkpoint(self) -> None:
         self.read_losses()
         self.clock.fields()  # the wall clock into the progress: a resumed run continues it
-        gathered = self.executor.gather_checkpoint()  # collective: every process calls it
-        if gathered is not None:
-            parts, executor_state = gathered
-            atomic_save(checkpoint_state(recipe=self.recipe, partition=self.partition,
-                                         parts=parts, executor_state=executor_state,
-                                         progress=self.progress),
-                        rundir.checkpoint_path(self.out_dir))
+        entries = self.executor.checkpoint_entries()  # this process's parts only
+        # counted on every process alike: the save's temporary folder has the same name on all
+        self.progress["saves"] = saves = self.progress.get("saves", 0) + 1
+        if self.executor.is_leader:
+            entries.update(meta_entry(recipe=self.recipe, partition=self.partition,
+                                      progress=self.progress,
+                                      replicas=self.cfg.distributed.replicas))
+        with self.executor.saving():  # every process writes its own entries
+            self.writer.save(entries, self.progress["step"], saves)
 
     def evaluate(self, step: int) -> None:
         evaluation = self.executor.evaluate(self.data)  # collective; metrics arrive on the leader
@@ -257,6 +289,8 @@ class Run:
 
     def finish(self, step: int, interrupted: bool) -> Dict[str, Any]:
         """The weights (collective export), then on the leader final.pt and summary.json."""
+        with self.executor.saving():  # the last save complete and published before the end
+            self.writer.wait()
         exported = self.executor.gather_export()  # collective
         summary = summary_of(self.cfg, self.progress, step, interrupted,
                              num_parts=len(self.pipeline.parts),

@@ -28,6 +28,7 @@ from frzoo.errors import FrzooError
 from frzoo.executors import fork_server
 from frzoo.executors.failures import Report, WorkerDied, blame, explain, shorten
 from frzoo.executors.launch import launch, lost_neighbour
+from frzoo.executors.part_state import read_checkpoint
 from frzoo.executors.topology import Layout
 from frzoo.executors.wire import PeerLost, PeerStalled
 from frzoo.run import train
@@ -61,8 +62,8 @@ def test_distributed_equals_local_bit_for_bit(tmp_path, algo, k, monkeypatch):
     assert list(scratch.iterdir()) == []  # the workers' wandb-media/-artifacts folders included
     assert same_weights(tmp_path / "local", tmp_path / "dist")
     # same outputs as a local run: checkpoint (with the delta in flight), metrics, summary
-    a = torch.load(tmp_path / "local" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "dist" / "checkpoints" / "last.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "local")
+    b = read_checkpoint(tmp_path / "dist")
     assert [len(m) for m in a["executor"]["mailboxes"]] == [len(m) for m in b["executor"]["mailboxes"]]
     for ma, mb in zip(a["executor"]["mailboxes"], b["executor"]["mailboxes"]):
         assert all(torch.equal(x, y) for x, y in zip(ma, mb))
@@ -124,7 +125,7 @@ def test_a_worker_that_raises_stops_the_job_and_names_part_rank_and_error(tmp_pa
             "executor=distributed", "train.checkpoint_every=2")
     assert time.time() - start < 60
     assert not multiprocessing.active_children()
-    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "r")
     assert state["progress"]["step"] == 5  # the last complete checkpoint (epoch end) survives
 
 
@@ -140,7 +141,7 @@ def test_a_killed_worker_stops_the_job_within_seconds(tmp_path):
     assert isinstance(info.value, FrzooError) and "\n" not in str(info.value)  # no traceback
     assert time.time() - start < 60
     assert not multiprocessing.active_children()
-    assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 5
+    assert read_checkpoint(tmp_path / "r")["progress"]["step"] == 5
 
 
 def test_a_user_error_in_a_worker_is_reported_as_such(tmp_path):

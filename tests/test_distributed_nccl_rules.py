@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from frzoo.executors.part_state import read_checkpoint
 from frzoo.pipeline import build_pipeline
 from frzoo.config import load_recipe
 from frzoo.data import build_data
@@ -86,8 +87,8 @@ def test_distributed_under_nccl_rules_equals_local_bit_for_bit(tmp_path, algo):
         summary = run(dist, SPLITS[k], f"algorithm.name={algo}", "executor=distributed")
         assert_same_tree(torch.load(local / "final.pt", weights_only=True),
                          torch.load(dist / "final.pt", weights_only=True), f"K={k} final.pt")
-        a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
-        b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+        a = read_checkpoint(local)
+        b = read_checkpoint(dist)
         for key in ("parts", "executor"):  # weights, optimizer state, history, mailboxes
             assert_same_tree(a[key], b[key], f"K={k} checkpoint {key}")
         for key in ("step", "best_test_acc1", "last_eval", "last_eval_step"):
@@ -117,8 +118,8 @@ def test_a_multi_tensor_cut_travels_in_one_message_and_equals_local_bit_for_bit(
     assert len(shapes[0]) == 2 and isinstance(shapes[0][0], list)  # two tensors cross cut 1
     assert_same_tree(torch.load(local / "final.pt", weights_only=True),
                      torch.load(dist / "final.pt", weights_only=True), "final.pt")
-    a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+    a = read_checkpoint(local)
+    b = read_checkpoint(dist)
     for key in ("parts", "executor"):  # weights, optimizer state, tuple histories, mailboxes
         assert_same_tree(a[key], b[key], f"checkpoint {key}")
     assert [type(d) for box in b["executor"]["mailboxes"] for d in box] == [list, torch.Tensor]
@@ -142,7 +143,6 @@ def test_synchronous_schedules_under_nccl_rules_equal_local_bit_for_bit(tmp_path
         run(dist, *extra, "executor=distributed")
         assert_same_tree(torch.load(local / "final.pt", weights_only=True),
                          torch.load(dist / "final.pt", weights_only=True), f"{algo} K={k}")
-        a = torch.load(local / "checkpoints" / "last.pt", weights_only=True)
-        b = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)
+        a, b = read_checkpoint(local), read_checkpoint(dist)
         assert_same_tree(a["parts"], b["parts"], f"{algo} K={k} checkpoint")
     assert not multiprocessing.active_children()

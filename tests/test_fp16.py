@@ -27,6 +27,7 @@ from frzoo.algorithms.bp import Backprop
 from frzoo.config import load_recipe
 from frzoo.errors import RecipeError
 from frzoo.executors import LocalExecutor
+from frzoo.executors.part_state import read_checkpoint
 from frzoo.loss_scale import LossScaler
 from frzoo.precision import prepare_part
 from frzoo.run import build, train
@@ -64,7 +65,7 @@ def skipped_steps(records: List[Dict[str, Any]], k: int) -> List[int]:
 
 
 def checkpoint(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    return read_checkpoint(out)
 
 
 def test_fp16_k1_features_replay_equals_fp16_backprop(tmp_path):

@@ -5,8 +5,8 @@ docs/reliability.md.
 Kills are made deterministic with a fault plugin (a `.py` file listed in the recipe's
 `plugins:`, as any user plugin): driven by FRZOO_FAULT=<where>:<n>, it writes a marker file and
 then sleeps at the n-th training step / evaluation / checkpoint write of the process, where the
-test SIGKILLs the job. At a checkpoint write it sleeps after writing half of the file, so the kill
-really leaves a half-written file behind. Without FRZOO_FAULT the plugin does nothing, which is
+test SIGKILLs the job. At a checkpoint write it sleeps after writing half of the process's
+entries, so the kill really leaves a half-written save behind. Without FRZOO_FAULT the plugin does nothing, which is
 how the resumed runs use it. No test hook lives in frzoo itself.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from frzoo.checkpoint import load_file
+from frzoo import rundir
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
 from frzoo.run import train
@@ -38,9 +39,9 @@ TINY = ["model.name=test_resnet", "data.name=synthetic", "data.num_train=48", "d
 
 FAULT_PLUGIN = '''
 """Test fault injection: pause (for a kill) at a chosen point, set by FRZOO_FAULT."""
-import io, os, time
+import dataclasses, os, time
 from pathlib import Path
-import torch
+from torch.distributed.checkpoint import FileSystemWriter
 import frzoo.executors.base as base
 from frzoo.algorithms.fr import FeaturesReplay
 
@@ -75,20 +76,16 @@ def add(self, logits, target):
     return _add(self, logits, target)
 base.EvalTotals.add = add
 
-_save = torch.save
-def save(obj, f, *args, **kwargs):
-    if ".last.pt.tmp-" in str(getattr(getattr(f, "fh", f), "name", "")):
-        seen["checkpoint"] += 1
-        if WHERE == "checkpoint" and seen["checkpoint"] == int(N):
-            buffer = io.BytesIO()
-            _save(obj, buffer, *args, **kwargs)
-            data = buffer.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            MARK.write_text(f"checkpoint {os.getpid()}")
-            time.sleep(600)
-    return _save(obj, f, *args, **kwargs)
-torch.save = save
+_write_data = FileSystemWriter.write_data
+def write_data(self, plan, planner):
+    seen["checkpoint"] += 1
+    if WHERE == "checkpoint" and seen["checkpoint"] == int(N):
+        _write_data(self, dataclasses.replace(plan, items=plan.items[: len(plan.items) // 2]),
+                    planner).wait()
+        MARK.write_text(f"checkpoint {os.getpid()}")
+        time.sleep(600)
+    return _write_data(self, plan, planner)
+FileSystemWriter.write_data = write_data
 '''
 
 
@@ -161,7 +158,7 @@ def killed_at(where: str, args: List[str], tmp_path: Path) -> None:
 
 
 def checkpoint_step(out: Path) -> int:
-    return load_file(out / "checkpoints" / "last.pt")["progress"]["step"]
+    return rundir.saved_step(rundir.checkpoint_path(out))
 
 
 def finish(out: Path) -> subprocess.CompletedProcess:
@@ -181,10 +178,13 @@ def test_local_job_killed_in_a_step_an_evaluation_and_a_checkpoint_write_resumes
     # This start evaluates the epoch-2 evaluation it missed and checkpoints (step 12) again,
     # then writes at 16; the third write is the one at step 18.
     killed_at("checkpoint:3", ["--resume", str(out)], tmp_path)
-    assert checkpoint_step(out) == 16  # the half-written file never replaced the last one
-    assert list((out / "checkpoints").glob(".last.pt.tmp-*"))  # ... and it was half written
+    assert checkpoint_step(out) == 16  # the half-written save never replaced the last one
+    assert list((out / "checkpoints").glob(".save-*.tmp"))  # ... and it was half written
     done = finish(out)
     assert done.returncode == 0, done.stderr
+    assert re.search(rf"never completed \(the run stopped while writing it\); resuming from "
+                     rf"the last complete one, {out}/checkpoints/step-00000016-\d+ \(step 16\)",
+                     done.stderr), done.stderr
     assert not list((out / "checkpoints").glob(".*tmp*"))  # the debris is removed on resume
     assert_same(reference, torch.load(out / "final.pt", weights_only=True))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -327,7 +327,7 @@ def test_a_second_signal_stops_at_once_with_one_line_naming_the_last_checkpoint(
     assert proc.returncode == 130, stderr
     lines = [line for line in stderr.splitlines() if "stopped" in line or "interrupted" in line]
     assert lines == [f"frzoo: stopped at once by a second SIGTERM; the steps since the last "
-                     f"checkpoint are lost. The last good checkpoint is {out}/checkpoints/last.pt "
+                     f"checkpoint are lost. The last good checkpoint is {rundir.checkpoint_path(out)} "
                      f"(step 6); resume with `frzoo run --resume {out}`."], stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     time.sleep(1.0)  # a worker notices within 0.5 s that its launcher is gone
@@ -411,8 +411,9 @@ def test_a_file_size_limit_fails_at_the_first_checkpoint_with_one_line(tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"could not write '{out}/checkpoints/last.pt' (File too large)" in errors[0]
-    assert not (out / "checkpoints" / "last.pt").exists()
+    assert f"could not write checkpoint '{out}/checkpoints/.save-000001.tmp' (File too large)" \
+        in errors[0]
+    assert not rundir.checkpoint_path(out).exists()
     assert not list((out / "checkpoints").glob(".*tmp*"))
 
 
@@ -436,8 +437,10 @@ def test_a_full_disk_stops_at_the_failing_write_and_keeps_the_last_checkpoint(sm
     with pytest.raises(FrzooError) as info:
         train(cfg, out)
     message = str(info.value)
-    assert f"could not write '{out}/checkpoints/last.pt' (No space left on device)" in message
-    assert "previous version is kept" in message and "\n" not in message
+    assert f"could not write checkpoint '{out}/checkpoints/.save-000002.tmp' (No space left on " \
+        f"device)" in message
+    assert f"the previous checkpoint {rundir.checkpoint_path(out)} is kept" in message
+    assert "\n" not in message
     assert checkpoint_step(out) == 4  # the first checkpoint, complete
     assert not list((out / "checkpoints").glob(".*tmp*"))
     assert not (out / ".lock").exists()

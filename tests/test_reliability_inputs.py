@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shutil
 import typing
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from frzoo import rundir
 from frzoo.algorithms.options import declared_options
 from frzoo.pipeline import build_pipeline, resolve_algorithm
 from frzoo.cli import main
@@ -60,13 +62,19 @@ def finished_run(tmp_path, capsys) -> Path:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(finished_run, tmp_path, capsys):
-    ckpt = finished_run / "checkpoints" / "last.pt"
+    index = rundir.checkpoint_path(finished_run) / ".metadata"  # DCP's index is a pickle
     evidence = tmp_path / "pwned"
-    torch.save({"format": 1, "evil": Payload(evidence)}, ckpt)  # a plain pickle payload
+    with open(index, "wb") as fh:
+        pickle.dump(Payload(evidence), fh)  # a plain pickle payload
     line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
-    assert str(ckpt) in line and "unreadable" in line
+    assert str(index) in line and "unreadable" in line
     line = one_line_error(capsys, "export", str(finished_run))
-    assert str(ckpt) in line
+    assert str(index) in line
+    old = finished_run / "checkpoints" / "last.pt"  # a format-1 checkpoint: torch.load's pickle
+    shutil.rmtree(index.parent)
+    torch.save({"format": 1, "evil": Payload(evidence)}, old)
+    line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
+    assert str(old) in line and "unreadable" in line
     init = tmp_path / "init.pt"
     with open(init, "wb") as fh:
         pickle.dump(Payload(evidence), fh)
@@ -76,24 +84,34 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(finished
     assert not evidence.exists()
 
 
-def test_a_truncated_checkpoint_is_one_line(finished_run, capsys):
-    ckpt = finished_run / "checkpoints" / "last.pt"
-    data = ckpt.read_bytes()
-    for size in (0, 100, len(data) // 2, len(data) - 10):
-        ckpt.write_bytes(data[:size])
+def test_a_truncated_or_corrupted_checkpoint_is_one_line_naming_the_file(finished_run, capsys):
+    folder = rundir.checkpoint_path(finished_run)
+    for name in ("__0_0.distcp", ".metadata"):
+        shard = folder / name
+        data = shard.read_bytes()
+        for size in (0, 100, len(data) // 2, len(data) - 10):
+            shard.write_bytes(data[:size])
+            line = one_line_error(capsys, "run", "--resume", str(finished_run),
+                                  "train.max_steps=4")
+            assert f"checkpoint file '{shard}' is unreadable" in line and "truncated" in line
+        shard.write_bytes(data[:64] + bytes(len(data) - 64))  # the rest zeroed
         line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
-        assert str(ckpt) in line and "truncated" in line
+        assert f"checkpoint file '{shard}' is unreadable" in line
+        shard.write_bytes(data)
 
 
-def test_a_checkpoint_of_another_architecture_says_what_differs(finished_run, tmp_path, capsys):
+def test_a_checkpoint_of_another_architecture_or_data_set_says_what_differs(finished_run, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["run", *TINY, "model.name=resnet10t", "model.kwargs.num_classes=10",
                  "split.points=null", f"run.out_dir={other}"]) == 0
     capsys.readouterr()
-    ckpt = finished_run / "checkpoints" / "last.pt"
-    ckpt.write_bytes((other / "checkpoints" / "last.pt").read_bytes())
+    ckpt = rundir.checkpoint_path(finished_run)
+    shutil.rmtree(ckpt)
+    shutil.copytree(rundir.checkpoint_path(other), ckpt)
     line = one_line_error(capsys, "run", "--resume", str(finished_run), "train.max_steps=4")
     assert str(ckpt) in line and "model.name: 'resnet10t' in the checkpoint, 'test_resnet' now" in line
+    line = one_line_error(capsys, "run", "--resume", str(finished_run), "data.name=digits")
+    assert str(ckpt) in line and "data.name: 'synthetic' in the checkpoint, 'digits' now" in line
     init = other / "final.pt"  # resnet10t weights as init_checkpoint of test_resnet
     line = one_line_error(capsys, "run", *TINY, f"model.init_checkpoint={init}",
                           f"run.out_dir={tmp_path}/third")

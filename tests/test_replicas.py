@@ -33,6 +33,7 @@ import torch
 from frzoo.config import load_recipe
 from frzoo.data import build_data, shard_rows
 from frzoo.errors import FrzooError, RecipeError
+from frzoo.executors.part_state import read_checkpoint
 from frzoo.executors.topology import Layout
 from frzoo.plan import choose_executor
 from frzoo.run import train
@@ -59,7 +60,7 @@ def weights(path: Path) -> dict:
 
 
 def checkpoint(path: Path) -> dict:
-    return torch.load(path / "checkpoints" / "last.pt", weights_only=True)
+    return read_checkpoint(path)
 
 
 def probe(folder: Path, monkeypatch) -> Path:

@@ -13,6 +13,7 @@ import yaml
 
 from support.wandb_offline import find_offline_runs, read_offline_run
 
+from frzoo import rundir
 from frzoo.cli import main
 from frzoo.config import load_recipe
 from frzoo.errors import FrzooError
@@ -284,5 +285,5 @@ def test_an_early_terminated_trial_stops_with_a_checkpoint_and_counts_as_stopped
     assert trial.state == "stopped" and not result.interrupted
     assert trial.summary["steps"] < 8 and trial.summary["interrupted"]
     assert trial.metric is not None and len(trial.history) == 1
-    assert (result.sweep_dir / "trials" / "t001" / "checkpoints" / "last.pt").is_file()
+    assert rundir.checkpoint_path(result.sweep_dir / "trials" / "t001").is_dir()
     assert "| stopped |" in result.leaderboard.read_text()

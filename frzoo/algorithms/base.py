@@ -191,6 +191,10 @@ class PartAlgorithm:
         self.seed = seed
         self.is_first = index == 0
         self.is_last = index == num_parts - 1
+        # The step this pipeline started at: 0, or the step a resume with another layout (split,
+        # K, algorithm) continues from, where no history or delta in flight carried over and the
+        # warm-up starts afresh (frzoo.executors.part_state, docs/checkpoints.md).
+        self.origin = 0
         # The builder parses the recipe's options once for all parts and passes them here; a
         # test or tool that builds the class directly gives them as keywords, checked the same way.
         if options is not None and given:
@@ -360,7 +364,7 @@ class DelayedPart(PartAlgorithm):
         return num_parts - index if index < num_parts - 1 else 0  # K - k + 1; the last part none
 
     def expects_delta(self, step: int) -> bool:
-        return not self.is_last and step - self.delay >= 0
+        return not self.is_last and step - self.delay >= self.origin
 
     def sends_delta(self, step: int) -> bool:
-        return not self.is_first and step - self.delay >= 0
+        return not self.is_first and step - self.delay >= self.origin

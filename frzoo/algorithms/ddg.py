@@ -72,7 +72,7 @@ class DecoupledBackprop(DelayedPart):
         if self.is_last:  # staleness 0: plain backprop of the loss computed in forward()
             return self._last_part_backward()
         stale_step = step - self.delay
-        if stale_step < 0:  # warm-up: no stale sample exists yet
+        if stale_step < self.origin:  # warm-up: no stale sample exists yet
             self._warmup_update(self.warmup)
             return None
         sample_step, x, out, weights = self.graphs.popleft()

@@ -90,7 +90,7 @@ class FeaturesReplay(DelayedPart):
             return self._last_part_backward()
 
         stale_step = step - self.delay  # the sample whose delta arrived: t - (K - k)
-        if stale_step < 0:  # warm-up: no stale sample exists yet
+        if stale_step < self.origin:  # warm-up: no stale sample exists yet
             self._warmup_update(self.warmup)
             return None
 

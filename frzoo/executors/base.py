@@ -1,8 +1,10 @@
 """What the trainer asks of an executor, whichever process layout runs the parts."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +37,21 @@ class Executor:
       ``horizon`` is the step at which the current run of consecutive steps ends (the next log
       point, epoch end or the end): steps up to it follow with nothing else in between, so an
       executor may prepare them ahead;
-    - ``evaluate``, ``timing_window``, ``gather_checkpoint``, ``gather_export`` and
-      ``gather_trace`` are collective: every process calls them at the same step, and the
-      leader gets the result;
-    - ``timed_parts`` says which timers time each of this process's parts (frzoo.timeline).
+    - ``evaluate``, ``timing_window``, ``gather_export`` and ``gather_trace`` are collective:
+      every process calls them at the same step, and the leader gets the result;
+    - ``timed_parts`` says which timers time each of this process's parts (frzoo.timeline);
+    - ``checkpoint_entries`` is this process's share of a checkpoint (its parts' entries,
+      frzoo.executors.part_state), which every process writes itself, at the same step, with
+      DCP on ``checkpoint_group`` (None: one process); ``load_checkpoint`` reads its parts'
+      entries from a checkpoint of either format (frzoo.checkpoint.open_checkpoint).
     """
 
     algorithms: List[PartAlgorithm]
     is_leader: bool = True
     stopped: bool = False  # set by train_step when a stop was requested (Ctrl-C) before this step
     accepts_stop: bool = True  # whether Ctrl-C in this process requests the stop
+    checkpoint_group: Any = None  # the gloo group DCP coordinates a save on (None: one process)
+    publishes_checkpoints: bool = True  # the process that renames a finished save into place
 
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
         raise NotImplementedError
@@ -59,8 +66,13 @@ class Executor:
     def timing_window(self) -> Optional[List[Dict[str, float]]]:
         raise NotImplementedError
 
-    def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
+    def checkpoint_entries(self) -> Dict[str, Tensor]:
         raise NotImplementedError
+
+    def saving(self) -> ContextManager[None]:
+        """Around a checkpoint save: how a failed collective of it is reported (one process:
+        nothing to report)."""
+        return contextlib.nullcontext()
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         raise NotImplementedError
@@ -72,7 +84,7 @@ class Executor:
         """`mine` (this process's spans) of every process on the leader; None elsewhere."""
         raise NotImplementedError
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+    def load_checkpoint(self, checkpoint: Any, carry: bool = True) -> None:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 from .. import rundir
@@ -133,7 +132,7 @@ def _decide(out_dir: Path, resume: bool, members: List[_Member]) -> bool:
     checkpoint = rundir.checkpoint_path(out_dir)
     agents = [m.agent for m in members]
     if not resume and restarts > 0 and checkpoint.exists() and _written_by(out_dir, agents):
-        step = torch.load(checkpoint, map_location="cpu", weights_only=True)["progress"]["step"]
+        step = rundir.saved_step(checkpoint)
         log.info(f"torchrun restart {restarts}: resuming from {checkpoint} (step {step})")
         resume = True
     rundir.check(out_dir, resume)

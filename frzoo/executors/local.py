@@ -22,6 +22,7 @@ from ..algorithms.base import ForwardResult, PartAlgorithm
 from ..loss_scale import NO_OVERFLOW
 from .base import (Batch, EvalTotals, Executor, PhaseClock, TimedPart, eval_forward,
                    load_part_state, micro_batches, part_state, read_windows)
+from .part_state import layout_state, load_layout, load_weights, part_entries
 
 
 class LocalExecutor(Executor):
@@ -158,7 +159,43 @@ class LocalExecutor(Executor):
         return [mine]  # every part is here
 
     # -- checkpointing: the parts, and what is in flight between them
+    def checkpoint_entries(self) -> Dict[str, Tensor]:
+        """Every part's entries (frzoo.executors.part_state); the deltas part k sent that part
+        k-1 has not used are part k-1's mailbox."""
+        out: Dict[str, Tensor] = {}
+        for k, algo in enumerate(self.algorithms):
+            sent = [activation.to_saved(d) for d in self.mailboxes[k - 1]] if k > 0 else []
+            scales = list(self.delta_scales[k - 1]) if k > 0 and self.scaled else []
+            out.update(part_entries(algo, 0, sent, scales))
+        return out
+
+    def load_checkpoint(self, checkpoint: Any, carry: bool = True) -> None:
+        """Every part's weights and optimizer state by name; with the layout the checkpoint was
+        written with (`carry`), the algorithms' state and the mailboxes too, else the warm-up
+        starts afresh at the checkpoint's step (frzoo.checkpoint.layout_note)."""
+        if isinstance(checkpoint, dict) or getattr(checkpoint, "legacy", None) is not None:
+            self.load_old_checkpoint(checkpoint if isinstance(checkpoint, dict)
+                                     else checkpoint.legacy)
+            return
+        for algo in self.algorithms:
+            load_weights(algo, checkpoint)
+            if not carry:
+                algo.origin = int(checkpoint.meta["progress"]["step"])
+        if not carry:
+            return
+        for k, algo in enumerate(self.algorithms):
+            state = layout_state(checkpoint, algo, 0, 1)
+            load_layout(algo, state)
+            if k > 0:
+                device = self.algorithms[k - 1].device
+                self.mailboxes[k - 1] = deque(activation.from_saved(d, device)
+                                              for d in state["sent"])
+                if self.scaled:
+                    self.delta_scales[k - 1] = deque(state["sent_scales"])
+
     def gather_checkpoint(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        """The state in format 1's form (one dict per part, the mailboxes): for tests and
+        tools that snapshot the parts in memory."""
         state: Dict[str, Any] = {"mailboxes": [[activation.to_saved(d) for d in box]
                                                for box in self.mailboxes]}
         if self.scaled:
@@ -168,7 +205,8 @@ class LocalExecutor(Executor):
     def gather_export(self) -> List[Dict[str, Tensor]]:
         return [a.part.original_state_dict() for a in self.algorithms]
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+    def load_old_checkpoint(self, state: Dict[str, Any]) -> None:
+        """A format-1 checkpoint's state (or :meth:`gather_checkpoint`'s, with its parts)."""
         for algo, part in zip(self.algorithms, state["parts"]):
             load_part_state(algo, part)
         self.load_state_dict(state["executor"])

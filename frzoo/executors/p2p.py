@@ -12,18 +12,23 @@ checkpoint shards) is left to frzoo.executors.replicas.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from datetime import timedelta
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..activation import from_saved, to_device, to_saved
 from ..algorithms.base import ForwardResult, PartAlgorithm
+from ..checkpoint_files import cause_of
 from ..metrics import LOSS_SCALE, PHASES, SKIPPED
 from .action_runner import ActionRunner
-from .base import Batch, Executor, TimedPart, load_part_state, part_state, read_windows
+from .base import Batch, Executor, TimedPart, load_part_state, read_windows
 from .control import ControlGroup
+from .part_state import layout_state, load_layout, load_weights, part_entries
 from .replicas import Replica
 from .schedule import PairSchedule
 from .topology import Layout
@@ -37,7 +42,8 @@ class DistributedExecutor(Executor):
     """The transport for one part in its own process (the schedule: frzoo.executors.schedule)."""
 
     def __init__(self, algorithm: PartAlgorithm, rank: int, world_size: int, backend: str,
-                 replica: Optional[Replica] = None, timeout_s: Optional[float] = None) -> None:
+                 replica: Optional[Replica] = None, timeout_s: Optional[float] = None,
+                 checkpoint_async: bool = False) -> None:
         self.algorithms = [algorithm]
         self.algo = algorithm
         # With data-parallel replicas (frzoo.executors.replicas) rank = replica * K + part:
@@ -59,6 +65,16 @@ class DistributedExecutor(Executor):
         self.stop_requested = False
         # Created here, on every rank in the same order (a collective call).
         self.control = ControlGroup(self.layout, timeout_s, self.wire.waiting)
+        # Checkpoint saves (DCP) coordinate on the control group: CPU objects on gloo, whatever
+        # the parts' backend, in the same order on every rank as its other messages. An
+        # asynchronous save runs them in a background thread, which must not interleave with the
+        # control group's messages: it gets a gloo group of its own (frzoo.checkpoint_files).
+        # Rank 0 renames a finished save into place. None (one rank): DCP without a group.
+        self.checkpoint_group = self.control.group
+        if checkpoint_async and self.layout.world > 1:
+            self.checkpoint_group = dist.new_group(backend="gloo", **(
+                {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}))
+        self.publishes_checkpoints = rank == 0
 
     # -- training
     def batches(self, data: Any, epoch: int, first_batch: int) -> Iterator[Optional[Batch]]:
@@ -144,30 +160,54 @@ class DistributedExecutor(Executor):
             dist.gather_object(obj, out, dst=self.layout.leader)
         return out
 
-    def gather_checkpoint(self) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
-        # The deltas this part made that the previous part has not used are the previous part's
-        # mailbox: sent or not, they are the state its next steps depend on.
-        if self.replica is not None:
+    def checkpoint_entries(self) -> Dict[str, Tensor]:
+        """This part's entries (frzoo.executors.part_state), written by this process. The
+        deltas this part made that the previous part has not used are the previous part's
+        mailbox: sent or not, they are the state its next steps depend on."""
+        if self.replica is not None:  # every copy writes replica 0's buffers (stored once)
             self.replica.share_buffers()
         unused, scales = self.pairs.unused_deltas(self.next_step)
-        gathered = self._gather((to_cpu(part_state(self.algo)), [to_saved(d) for d in unused],
-                                 scales))
-        if gathered is None:
-            return None
-        if self.replica is not None:  # one pipeline's state: the replicas' rows concatenated
-            return self.replica.merge_checkpoint([(p, u) for p, u, _ in gathered],
-                                                 type(self.algo).batch_state_keys)
-        state = {"mailboxes": [gathered[k + 1][1] for k in range(self.world - 1)] + [[]]}
-        if self.pairs.scaled:  # as the local executor stores them: per mailbox, each delta's scale
-            state["delta_scales"] = [gathered[k + 1][2] for k in range(self.world - 1)] + [[]]
-        return [p for p, _, _ in gathered], state
+        return part_entries(self.algo, self.layout.replica, [to_saved(d) for d in unused],
+                            scales)
 
     def gather_export(self) -> Optional[List[Dict[str, Tensor]]]:
         mine = self.algo.part.original_state_dict() if self.layout.replica == 0 else None
         gathered = self._gather(to_cpu(mine))
         return None if gathered is None else gathered[:self.world]  # replica 0's parts
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around a checkpoint save (or the wait for one): a peer lost or stalled in DCP's
+        collectives is a PeerFailure naming this rank, as any other wait (frzoo.executors.wire),
+        so that the launcher blames the process that failed first."""
+        with self.wire.waiting(None, "the other parts to save a checkpoint"):
+            try:
+                yield
+            except CheckpointException as exc:  # DCP collects the ranks' failures
+                cause = cause_of(exc, RuntimeError)
+                if cause is None:
+                    raise
+                raise cause from exc
+
+    def load_checkpoint(self, checkpoint: Any, carry: bool = True) -> None:
+        """This part's weights and optimizer state by name; with the layout the checkpoint was
+        written with (`carry`), its history (this replica's rows, whatever R wrote it) and the
+        deltas to send again, else the warm-up starts afresh at the checkpoint's step."""
+        if getattr(checkpoint, "legacy", None) is not None:
+            self.load_old_checkpoint(checkpoint.legacy)
+            return
+        load_weights(self.algo, checkpoint)
+        self.next_step = int(checkpoint.meta["progress"]["step"])
+        if not carry:
+            self.algo.origin = self.next_step
+            return
+        state = layout_state(checkpoint, self.algo, self.layout.replica, self.layout.replicas)
+        load_layout(self.algo, state)
+        self.pairs.load_mailbox(self.next_step, [from_saved(d, self.device) for d in state["sent"]],
+                                state["sent_scales"] if self.pairs.scaled else [])
+
+    def load_old_checkpoint(self, state: Dict[str, Any]) -> None:
+        """A format-1 checkpoint's state (one file, the whole pipeline)."""
         k = self.layout.part
         if self.replica is not None:  # this replica's rows of the global batch's state
             state = self.replica.shard_checkpoint(state, type(self.algo).batch_state_keys)

@@ -12,7 +12,7 @@ the points where the copies of its part meet:
   the gradient of the global batch's mean loss, and every delta a part sends down is the delta of
   the global batch's loss for its rows: the messages, histories and mailboxes of R replicas
   concatenated are those of one pipeline, which is what makes a checkpoint independent of R
-  (frzoo.executors.shards). In fp16 the buckets are unscaled before they are summed and carry
+  (frzoo.executors.shards, frzoo.executors.part_state). In fp16 the buckets are unscaled before they are summed and carry
   each copy's overflow flag, so the copies step or skip together.
 - BatchNorm (`distributed.sync_bn`): frzoo.executors.sync_bn.
 - metrics: the last parts' loss, logits and targets are gathered to the leader (replica 0's last
@@ -24,7 +24,7 @@ How many rows each replica's share of a batch has is the data module's answer
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..algorithms.base import ForwardResult
 from .gradient_sum import GradientSum
-from .shards import concat_shards, merge_part_states, shard_state, shard_tensors
+from .shards import shard_state, shard_tensors
 from .sync_bn import broadcast_buffers, sync_batch_norm
 from .topology import Layout
 from .wire import Waiting
@@ -162,18 +162,6 @@ class Replica:
     def share_buffers(self) -> None:
         with self.waiting("replica 0's buffers"):
             broadcast_buffers(self.algo.part, self.group, self.src)
-
-    def merge_checkpoint(self, gathered: Sequence[Tuple[Dict[str, Any], List[Tensor]]],
-                         batch_keys: Sequence[str]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-        """The leader's checkpoint from every rank's (part state, unused deltas): one
-        pipeline's, as a one-replica run writes it (the rows of all replicas concatenated)."""
-        k_parts, replicas = self.layout.parts, self.layout.replicas
-        copies = [[gathered[self.layout.rank_of(k, r)] for r in range(replicas)]
-                  for k in range(k_parts)]
-        parts = [merge_part_states([state for state, _ in c], batch_keys) for c in copies]
-        mailboxes = [concat_shards([unused for _, unused in copies[k + 1]])
-                     for k in range(k_parts - 1)] + [[]]
-        return parts, {"mailboxes": mailboxes}
 
     def shard_checkpoint(self, state: Dict[str, Any], batch_keys: Sequence[str]
                          ) -> Dict[str, Any]:
