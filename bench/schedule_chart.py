@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List, Tuple
 
-from frzoo.algorithms.actions import makes, needs
+from frzoo.algorithms.actions import makes, needs, simulate
 from frzoo.plugins import ALGORITHMS
 
 
@@ -23,26 +23,20 @@ SYMBOL = {"F": str, "B": lambda m: chr(ord("a") + m), "I": lambda m: chr(ord("A"
 
 
 def timeline(name: str, k: int, m: int, cost: Dict[str, int]) -> Tuple[List[str], int]:
-    """Each part's row of characters, and the step's length in time units."""
-    lists = ALGORITHMS.get(name).schedule(k, m)
+    """Each part's row of characters, and the step's length in time units: the actions in the
+    order `simulate` gives, each at its earliest start."""
     made: Dict[Tuple[str, int, int], int] = {}  # message -> the time it exists
-    free, heads = [0] * k, [0] * k
+    free = [0] * k
     rows: List[List[str]] = [[] for _ in range(k)]
-    while any(h < len(lst) for h, lst in zip(heads, lists)):
-        for part, lst in enumerate(lists):
-            while heads[part] < len(lst):
-                action = lst[heads[part]]
-                need = needs(part, action, k)
-                if need is not None and need not in made:
-                    break
-                start = max(free[part], made.get(need, 0) if need else 0)
-                length = cost.get(action.kind, 0)
-                rows[part] += ["."] * (start - len(rows[part])) + [SYMBOL[action.kind](action.micro)] * length
-                free[part] = start + length
-                out = makes(part, action, k)
-                if out is not None:
-                    made[(out.kind, out.micro, out.sender)] = free[part]
-                heads[part] += 1
+    for part, action in simulate(ALGORITHMS.get(name).schedule(k, m)):
+        need = needs(part, action, k)
+        start = max(free[part], made[need] if need else 0)
+        length = cost.get(action.kind, 0)
+        rows[part] += ["."] * (start - len(rows[part])) + [SYMBOL[action.kind](action.micro)] * length
+        free[part] = start + length
+        out = makes(part, action, k)
+        if out is not None:
+            made[(out.kind, out.micro, out.sender)] = free[part]
     end = max(free)
     return ["".join(r).ljust(end, ".") for r in rows], end
 
