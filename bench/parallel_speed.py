@@ -234,6 +234,8 @@ def frzoo_run(model_name: str, algorithm: str, split: List[str], steps: int,
                f"algorithm.name={algorithm}", f"train.max_steps={total}", "train.eval_every=0",
                f"train.log_every={LOG_EVERY}", "train.progress=false", "optimizer.nesterov=true",
                f"run.out_dir={tmp}/run", *split]
+        if os.environ.get("FRZOO_BENCH_MEMORY"):  # --memory: each part's peak activations
+            cmd.append("train.measure_memory=true")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code or None)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
@@ -315,11 +317,16 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench/results/parallel_speed.json")
+    parser.add_argument("--memory", action="store_true",
+                        help="frzoo rows also record each part's peak activation bytes "
+                             "(train.measure_memory=true; it costs time: a separate run)")
     parser.add_argument("--before", default=BEFORE,
                         help="git revision whose transport the transport_before rows run")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "CONFIG", "POINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory:
+        os.environ["FRZOO_BENCH_MEMORY"] = "1"
     if args.one:
         model_name, config, point = args.one
         print(json.dumps(run_one(model_name, config, STEPS.get(model_name, 6), point)))
