@@ -58,7 +58,7 @@ class Plan:
     @property
     def microbatches(self) -> int:
         """Micro-batches per step of a synchronous schedule (default K); 1 for the others."""
-        if not getattr(self.algorithm_cls, "runs_actions", False):
+        if not self.algorithm_cls.runs_actions:
             return 1
         return getattr(self.options, "microbatches", None) or self.num_parts
 
@@ -75,7 +75,7 @@ class Plan:
         lines = [self.executor_line,
                  f"algorithm {self.cfg.algorithm.name} ({self.algorithm_cls.__name__}): "
                  f"{self.options}" + (f"; {self.microbatches} micro-batches a step"
-                                      if getattr(self.algorithm_cls, "runs_actions", False)
+                                      if self.algorithm_cls.runs_actions
                                       else ""),
                  f"K={self.num_parts} parts x R={self.replicas} replica"
                  f"{'s' if self.replicas != 1 else ''} = {self.world_size} process"

@@ -169,6 +169,9 @@ class PartAlgorithm:
 
     #: True when part k needs part k+1's delta of the SAME iteration (plain backprop).
     synchronous: bool = False
+    #: True for a schedule of micro-batch actions (frzoo.algorithms.pipelines): the executors
+    #: run its `schedule` instead of forward()/backward().
+    runs_actions: bool = False
     #: Keys of state_dict() that hold lists of per-sample tensors, batch first (a history of
     #: inputs): with data-parallel replicas each copy of the part holds its rows of them, and a
     #: checkpoint stores them concatenated (frzoo.executors.replicas).

@@ -176,7 +176,8 @@ class SyncPipeline(PartAlgorithm):
     def forward(self, h_in: Input, target: Optional[Tensor], step: int) -> ForwardResult:
         raise TypeError(f"{type(self).__name__} runs a list of actions (runs_actions)")
 
-    backward = forward  # type: ignore[assignment]
+    def backward(self, delta: Any, step: int) -> Optional[Deltas]:
+        raise TypeError(f"{type(self).__name__} runs a list of actions (runs_actions)")
 
 
 def one_f_one_b(index: int, num_parts: int, microbatches: int, split: bool) -> List[Action]:

@@ -65,7 +65,7 @@ class LocalExecutor(Executor):
 
     def _train_step(self, batch: Optional[Batch], step: int) -> ForwardResult:
         assert batch is not None
-        if getattr(self.algorithms[0], "runs_actions", False):
+        if self.algorithms[0].runs_actions:
             return self._action_step(batch, step)
         x, y = batch
         h = activation.as_activation(x)

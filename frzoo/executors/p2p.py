@@ -60,7 +60,7 @@ class DistributedExecutor(Executor):
         self.pairs = PairSchedule(algorithm, self.layout, self.wire)
         # fr, bp, ddg: one fixed step (the schedule above); gpipe, 1f1b, zb1: a list of actions
         self.steps: Any = ActionRunner(algorithm, self.layout, self.wire, self.pairs) \
-            if getattr(algorithm, "runs_actions", False) else self.pairs
+            if algorithm.runs_actions else self.pairs
         self.next_step = 0
         self.stop_requested = False
         # Created here, on every rank in the same order (a collective call).

@@ -142,7 +142,7 @@ class Replica:
             self.loss.share = rows / global_rows
         if self.grads is not None:
             # the gradient hooks count this step's backward (a synchronous schedule's last one)
-            self.grads.arm(count=not getattr(self.algo, "runs_actions", False))
+            self.grads.arm(count=not self.algo.runs_actions)
 
     def gather_result(self, result: Any, rows: Sequence[int]) -> Any:
         """The step's ForwardResult for the global batch on the leader (`rows`: every replica's
